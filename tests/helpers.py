@@ -66,10 +66,10 @@ def hf_stepwise_logits(model, ids: list[int], n_prefill: int) -> list[np.ndarray
     with torch.no_grad():
         r = model(torch.tensor([ids[:n_prefill]]), use_cache=True)
         out.append(r.logits[0].numpy())
-        past = r.past_key_values
+        past = r.cache
         for t in ids[n_prefill:]:
-            r = model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
-            past = r.past_key_values
+            r = model(torch.tensor([[t]]), cache=past, use_cache=True)
+            past = r.cache
             out.append(r.logits[0].numpy())
     return out
 

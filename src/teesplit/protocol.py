@@ -215,13 +215,19 @@ def validate_request(header: dict[str, Any], tensors: list[np.ndarray]) -> tuple
     return rid, op, args
 
 
-def request(rid: int, op: str, args: dict[str, Any] | None = None,
-            tensors: Sequence[np.ndarray] = (), sid: int | None = None) -> list:
+def request(
+    rid: int,
+    op: str,
+    args: dict[str, Any] | None = None,
+    tensors: Sequence[np.ndarray] = (),
+    sid: int | None = None,
+) -> list:
     return encode({"id": rid, "op": op, "sid": sid, "args": args or {}}, tensors)
 
 
-def reply(rid: int, result: dict[str, Any] | None = None, tensors: Sequence[np.ndarray] = (),
-          gpu_s: float = 0.0) -> list:
+def reply(
+    rid: int, result: dict[str, Any] | None = None, tensors: Sequence[np.ndarray] = (), gpu_s: float = 0.0
+) -> list:
     return encode({"id": rid, "ok": True, "res": result or {}, "gpu_s": gpu_s}, tensors)
 
 
@@ -229,15 +235,17 @@ def error_reply(rid: int | None, code: str, message: str) -> list:
     return encode({"id": rid, "ok": False, "code": code, "msg": message})
 
 
-def parse_reply(frames: Sequence[Any], op: str, limits: Limits = DEFAULT_LIMITS
-                ) -> tuple[dict[str, Any], list[np.ndarray]]:
+def parse_reply(
+    frames: Sequence[Any], op: str, limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Decode a reply; raises RemoteError for an error reply, ProtocolError for a malformed one."""
     header, tensors = decode(frames, limits)
     ok = header.get("ok")
     if ok is False:
         code, msg = header.get("code"), header.get("msg")
-        raise RemoteError(code if isinstance(code, str) else "internal",
-                          msg if isinstance(msg, str) else "no message", op)
+        raise RemoteError(
+            code if isinstance(code, str) else "internal", msg if isinstance(msg, str) else "no message", op
+        )
     if ok is not True:
         raise ProtocolError("reply lacks a boolean 'ok'")
     if not isinstance(header.get("res", {}), dict):

@@ -83,8 +83,12 @@ def split_envelope(frames: list) -> tuple[list, list] | None:
     return None
 
 
-def serve(handler: RequestHandler, address: str, stop: threading.Event | None = None,
-          ready: threading.Event | None = None) -> None:
+def serve(
+    handler: RequestHandler,
+    address: str,
+    stop: threading.Event | None = None,
+    ready: threading.Event | None = None,
+) -> None:
     """Serve until `stop` is set or SIGINT/SIGTERM arrives (when run in the main thread)."""
     stop = stop or threading.Event()
     ctx = zmq.Context.instance()
@@ -108,12 +112,14 @@ def serve(handler: RequestHandler, address: str, stop: threading.Event | None = 
             if parts is None:
                 # No delimiter: not one of our clients. Answer on the identity alone if there is one.
                 if len(frames) >= 2:
-                    sock.send_multipart([frames[0], b"", *error_reply(None, "bad_message",
-                                                                      "missing empty delimiter frame")])
+                    sock.send_multipart(
+                        [frames[0], b"", *error_reply(None, "bad_message", "missing empty delimiter frame")]
+                    )
                 continue
             envelope, message = parts
             sock.send_multipart([*envelope, *handler.handle(message)], copy=False)
     finally:
         sock.close(0)
-        log.info("server on %s stopped after %d requests (%d errors)", address, handler.served,
-                 handler.errors)
+        log.info(
+            "server on %s stopped after %d requests (%d errors)", address, handler.served, handler.errors
+        )

@@ -49,8 +49,9 @@ def _bad(message: str, code: str = "bad_tensor") -> ProtocolError:
 
 
 class GPUComputeService:
-    def __init__(self, weights: Weights, device: torch.device, dtype: torch.dtype,
-                 max_elements: int = 1 << 28):
+    def __init__(
+        self, weights: Weights, device: torch.device, dtype: torch.dtype, max_elements: int = 1 << 28
+    ):
         self.w = weights
         self.config = weights.config
         self.device = device

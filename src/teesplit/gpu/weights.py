@@ -17,8 +17,9 @@ from tqdm import tqdm
 from teesplit.config import ModelConfig
 
 LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {m: "self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-           for m in LAYER_MODULES}
+_PARENT = {
+    m: "self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp" for m in LAYER_MODULES
+}
 
 
 class CheckpointError(ValueError):
@@ -58,16 +59,18 @@ def safetensor_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_weights(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
-                 progress: bool = True) -> Weights:
+def load_weights(
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype, progress: bool = True
+) -> Weights:
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     raw: dict[str, torch.Tensor] = {}
     files = safetensor_files(model_dir)
     handles = [safe_open(str(f), framework="pt") for f in files]
     keys = [(h, k) for h in handles for k in h.keys()]
-    for h, key in tqdm(keys, desc=f"loading {model_dir.name}", unit="tensor", disable=not progress,
-                       leave=False):
+    for h, key in tqdm(
+        keys, desc=f"loading {model_dir.name}", unit="tensor", disable=not progress, leave=False
+    ):
         if key.endswith("rotary_emb.inv_freq"):
             continue
         t = h.get_tensor(key)
@@ -101,12 +104,14 @@ def _assemble(config: ModelConfig, raw: dict[str, torch.Tensor]) -> Weights:
             weight[m] = _take(raw, f"{prefix}.weight", shape)
             if has_bias[m]:
                 bias[m] = _take(raw, f"{prefix}.bias", shape[:1])
-        layers.append(Layer(
-            weight=weight,
-            bias=bias,
-            input_norm=_take(raw, f"layers.{i}.input_layernorm.weight", (E,)),
-            post_attention_norm=_take(raw, f"layers.{i}.post_attention_layernorm.weight", (E,)),
-        ))
+        layers.append(
+            Layer(
+                weight=weight,
+                bias=bias,
+                input_norm=_take(raw, f"layers.{i}.input_layernorm.weight", (E,)),
+                post_attention_norm=_take(raw, f"layers.{i}.post_attention_layernorm.weight", (E,)),
+            )
+        )
     embed = _take(raw, "embed_tokens.weight", (V, E))
     norm = _take(raw, "norm.weight", (E,))
     if config.tie_word_embeddings:

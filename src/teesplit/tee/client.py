@@ -30,9 +30,13 @@ class Metrics:
         return Metrics(Counter(self.rpc), self.bytes_to_gpu, self.bytes_from_gpu, self.rpc_wall_s, self.gpu_s)
 
     def __sub__(self, other: Metrics) -> Metrics:
-        return Metrics(self.rpc - other.rpc, self.bytes_to_gpu - other.bytes_to_gpu,
-                       self.bytes_from_gpu - other.bytes_from_gpu, self.rpc_wall_s - other.rpc_wall_s,
-                       self.gpu_s - other.gpu_s)
+        return Metrics(
+            self.rpc - other.rpc,
+            self.bytes_to_gpu - other.bytes_to_gpu,
+            self.bytes_from_gpu - other.bytes_from_gpu,
+            self.rpc_wall_s - other.rpc_wall_s,
+            self.gpu_s - other.gpu_s,
+        )
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         """The stats JSON groups for a span of `wall_s` seconds of which these RPCs were part."""
@@ -71,8 +75,9 @@ class GPUClient:
     def address(self) -> str:
         return self.transport.address
 
-    def call(self, op: str, args: dict[str, Any] | None = None,
-             tensors: tuple[np.ndarray, ...] = ()) -> tuple[dict[str, Any], list[np.ndarray]]:
+    def call(
+        self, op: str, args: dict[str, Any] | None = None, tensors: tuple[np.ndarray, ...] = ()
+    ) -> tuple[dict[str, Any], list[np.ndarray]]:
         rid = self._next_id
         self._next_id += 1
         frames = request(rid, op, args, tensors)
@@ -117,13 +122,15 @@ class GPUClient:
 
     def embedding(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        return self._one("Embedding", {"dtype": self.wire_dtype_name}, ids,
-                         (*ids.shape, self.config.hidden_size))
+        return self._one(
+            "Embedding", {"dtype": self.wire_dtype_name}, ids, (*ids.shape, self.config.hidden_size)
+        )
 
     def linear(self, layer: int, module: str, x: np.ndarray) -> np.ndarray:
         out_features = self.config.linear_shapes[module][0]
-        return self._one("Linear", {"layer": layer, "module": module}, self._wire(x),
-                         (*x.shape[:-1], out_features))
+        return self._one(
+            "Linear", {"layer": layer, "module": module}, self._wire(x), (*x.shape[:-1], out_features)
+        )
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         _, out = self.call("Matmul", {}, (self._wire(a), self._wire(b)))

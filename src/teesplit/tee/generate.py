@@ -69,8 +69,9 @@ class GenerationResult:
 
 
 class Generator:
-    def __init__(self, model: TEELlamaModel, tokenizer: Any | None = None,
-                 eos_token_ids: set[int] | None = None):
+    def __init__(
+        self, model: TEELlamaModel, tokenizer: Any | None = None, eos_token_ids: set[int] | None = None
+    ):
         self.model = model
         self.tokenizer = tokenizer
         ids = set(model.config.eos_token_ids)
@@ -78,8 +79,9 @@ class Generator:
             ids |= set(tokenizer.eos_token_ids)
         self.eos_token_ids = ids if eos_token_ids is None else set(eos_token_ids)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None
+    ) -> GenerationResult:
         """Generate from `prompt_ids`; `on_text` receives each new piece of text as it is final."""
         params.validate()
         if not prompt_ids:
@@ -90,6 +92,7 @@ class Generator:
         stream = _TextStream(self.tokenizer, params.stop, on_text)
         tokens: list[int] = []
         finish = "length"
+        steps = 0  # decode forward passes
 
         m0, t0 = gpu.metrics.copy(), time.perf_counter()
         logits = self.model.forward(np.asarray([prompt_ids], dtype=np.int64), cache)
@@ -106,6 +109,7 @@ class Generator:
             if len(tokens) == params.max_new_tokens:
                 break
             logits = self.model.forward(np.asarray([[token]], dtype=np.int64), cache)
+            steps += 1
         stream.finish()
         m2, t2 = gpu.metrics.copy(), time.perf_counter()
 
@@ -118,7 +122,7 @@ class Generator:
             "finish_reason": finish,
             **(m2 - m0).summary(t2 - t0),
             "prefill": prefill,
-            "decode": {**decode, "tokens": max(len(tokens) - 1, 0)},
+            "decode": {**decode, "steps": steps},
         }
         return GenerationResult(list(prompt_ids), tokens, stream.text, finish, stats)
 
@@ -134,15 +138,17 @@ class _TextStream:
         self.text = ""  # everything decoded so far, cut at a stop string once one is found
         self.sent = 0  # characters already handed to on_text
         self.hold = max((len(s) for s in stop), default=1) - 1
+        self.stopped = False
 
     def push(self, token: int) -> bool:
         """Add one token; True when a stop string has been reached."""
         if self.decoder is None:
             return False
-        self.text += self.decoder.push(token)
+        self.text += self.decoder.add(token)
         for s in self.stop:
             cut = self.text.find(s, max(0, self.sent - len(s)))
             if cut >= 0:
+                self.stopped = True
                 self.text = self.text[:cut]
                 self._emit(len(self.text))
                 return True
@@ -150,10 +156,12 @@ class _TextStream:
         return False
 
     def finish(self) -> None:
-        if self.decoder is not None:
+        """End of generation: release held-back text (unless a stop string already cut it)."""
+        if self.decoder is not None and not self.stopped:
+            self.text += self.decoder.flush()
             self._emit(len(self.text))
 
     def _emit(self, upto: int) -> None:
         if upto > self.sent and self.on_text is not None:
-            self.on_text(self.text[self.sent:upto])
+            self.on_text(self.text[self.sent : upto])
         self.sent = max(self.sent, upto)

@@ -32,8 +32,8 @@ class KVCache:
             pad = ((0, 0), (0, 0), (0, grow - self.k[layer].shape[2]), (0, 0))
             self.k[layer] = np.pad(self.k[layer], pad)
             self.v[layer] = np.pad(self.v[layer], pad)
-        self.k[layer][:, :, self.offset:end] = k
-        self.v[layer][:, :, self.offset:end] = v
+        self.k[layer][:, :, self.offset : end] = k
+        self.v[layer][:, :, self.offset : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, T: int) -> None:
@@ -64,15 +64,17 @@ class TEELlamaModel:
         mask = self._mask(cache.offset, T)
         x = self.gpu.embedding(ids)  # (B, T, E)
         for i in range(self.config.num_layers):
-            x = x + self.attention(i, rms_norm(x, self.input_norms[i], self.config.rms_norm_eps),
-                                   cos, sin, mask, cache)
+            x = x + self.attention(
+                i, rms_norm(x, self.input_norms[i], self.config.rms_norm_eps), cos, sin, mask, cache
+            )
             x = x + self.mlp(i, rms_norm(x, self.post_attention_norms[i], self.config.rms_norm_eps))
         cache.advance(T)
         x = rms_norm(x, self.final_norm, self.config.rms_norm_eps)
         return self.gpu.lm_head(x if all_logits else x[:, -1:])
 
-    def attention(self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                  mask: np.ndarray | None, cache: KVCache) -> np.ndarray:
+    def attention(
+        self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray | None, cache: KVCache
+    ) -> np.ndarray:
         c = self.config
         B, T, _ = x.shape
         q = self.gpu.linear(i, "q_proj", x).reshape(B, T, c.num_heads, c.head_dim)

@@ -1,9 +1,9 @@
 """Plans: which operations run on which side, and what that costs in round trips (TRUSTED side).
 
-| plan | trusted side does                                       | GPU does                                   |
-|------|---------------------------------------------------------|--------------------------------------------|
-| v3   | RMSNorm, RoPE, Softmax, SiLU, residuals, repeat_kv      | Embedding, each Linear, QKᵀ and PV, LMHead |
-| v2   | as v3, plus the attention matmuls and the KV cache use  | Embedding, each Linear, LMHead             |
+| plan | trusted side does                                  | GPU does                                   |
+|------|----------------------------------------------------|--------------------------------------------|
+| v3   | RMSNorm, RoPE, Softmax, SiLU, residuals, repeat_kv | Embedding, each Linear, QKᵀ and PV, LMHead |
+| v2   | as v3, plus the attention matmuls                  | Embedding, each Linear, LMHead             |
 
 `v3` is the seed's V3.0 exactly (both attention operands are sent with every Matmul);
 `v2` is the seed's V2.1 placement.

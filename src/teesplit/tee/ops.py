@@ -1,0 +1,208 @@
+"""Non-linear operations of Llama / Mistral / Qwen2, as Hugging Face transformers 5.24 computes them.
+
+This module is on the TRUSTED side of the split: it must import only numpy and the standard library
+(never torch, transformers or ``teesplit.gpu``). Everything is float32, and the RoPE tables follow
+transformers' float32 operation order step by step so the two agree to rounding.
+
+Shapes: B batch, T tokens, S keys, H query heads, Hkv key/value heads, D head_dim, E hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+F32 = np.float32
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """LlamaRMSNorm over the last axis: x (..., E), weight (E,) -> float32 (..., E)."""
+    x = np.asarray(x, dtype=F32)
+    variance = np.mean(np.square(x), axis=-1, keepdims=True)
+    # transformers rounds the normalized value back to the input dtype before scaling; inputs here are
+    # float32, so that rounding is a no-op.
+    return np.asarray(weight, dtype=F32) * (x * (F32(1) / np.sqrt(variance + F32(eps))))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x) in float32, without overflow for any finite input."""
+    x = np.asarray(x, dtype=F32)
+    # exp(-|x|) never overflows, and its underflow to 0 is the right limit; for x >= 0 this is
+    # exactly torch's x / (1 + exp(-x)).
+    with np.errstate(under="ignore"):
+        e = np.exp(-np.abs(x))
+    return np.where(x >= 0, x, x * e) / (F32(1) + e)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Max-subtracted float32 softmax.
+
+    A slice that is entirely -inf (a query that may attend to nothing) yields all zeros, without
+    warnings, as torch's ``_safe_softmax`` (SDPA's math path) does; plain ``torch.softmax`` would give
+    NaN there. NaN or +inf inputs still produce NaN, as in torch.
+    """
+    x = np.asarray(x, dtype=F32)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(m == -np.inf, F32(0), m)  # keeps -inf - -inf from making NaN
+    with np.errstate(under="ignore"):  # tiny probabilities flush to 0, as they should
+        e = np.exp(x - m)
+    s = np.sum(e, axis=axis, keepdims=True)
+    return e / np.where(s == 0, F32(1), s)
+
+
+def repeat_kv(x: np.ndarray, n_rep: int) -> np.ndarray:
+    """(B, Hkv, S, D) -> (B, Hkv * n_rep, S, D); query head h reads kv head h // n_rep."""
+    return x if n_rep == 1 else np.repeat(x, n_rep, axis=1)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    return np.concatenate((-x[..., half:], x[..., :half]), axis=-1)
+
+
+def apply_rope(
+    q: np.ndarray, k: np.ndarray, cos: np.ndarray, sin: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """q (B, H, T, D), k (B, Hkv, T, D), cos/sin (B, T, D) -> rotated (q, k), like apply_rotary_pos_emb."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# --- rotary position embeddings -------------------------------------------------------------------
+
+
+def _powf(base: Any, exponent: np.ndarray) -> np.ndarray:
+    """float32 ``base ** exponent``, correctly rounded.
+
+    torch's CPU float32 pow (SLEEF, 1-ulp accurate) is not, so a few elements can differ by 1 ulp;
+    copying SLEEF bit for bit is not worth it in trusted code, and this choice is portable.
+    """
+    return (np.float64(F32(base)) ** np.asarray(exponent, dtype=F32).astype(np.float64)).astype(F32)
+
+
+def _exponents(dim: int) -> np.ndarray:
+    return np.arange(0, dim, 2, dtype=np.int64).astype(F32) / F32(dim)  # (D/2,)
+
+
+def _default_inv_freq(base: Any, dim: int) -> np.ndarray:
+    return F32(1) / _powf(base, _exponents(dim))
+
+
+def _dynamic_inv_freq(rope: dict[str, Any], dim: int, max_pos: int, seq_len: int | None) -> np.ndarray:
+    factor = rope["factor"]
+    if seq_len is None:
+        # At construction transformers computes the NTK base with Python floats ...
+        base = rope["rope_theta"] * ((factor * max_pos / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    else:
+        # ... but on growth seq_len is a tensor, which makes the whole expression float32.
+        ratio = F32(factor) * F32(max(seq_len, max_pos)) / F32(max_pos) - F32(factor - 1)
+        base = F32(rope["rope_theta"]) * _powf(ratio, F32(dim / (dim - 2)))
+    return _default_inv_freq(base, dim)
+
+
+def _llama3_inv_freq(rope: dict[str, Any], dim: int) -> np.ndarray:
+    inv_freq = _default_inv_freq(rope["rope_theta"], dim)
+    factor, low, high = F32(rope["factor"]), rope["low_freq_factor"], rope["high_freq_factor"]
+    old_ctx = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = F32(old_ctx / low), F32(old_ctx / high)
+
+    # torch evaluates `scalar / tensor` as `tensor.reciprocal() * scalar`, which rounds differently.
+    wavelen = (F32(1) / inv_freq) * F32(2 * math.pi)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = ((F32(1) / wavelen) * F32(old_ctx) - F32(low)) / F32(high - low)
+    smoothed = (F32(1) - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(is_medium, smoothed, scaled)
+
+
+def _yarn_parameters(rope: dict[str, Any], dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    base = rope["rope_theta"]
+    orig = rope["original_max_position_embeddings"]
+    factor = rope.get("factor")
+    if factor is None:
+        factor = max_pos / orig
+
+    def get_mscale(scale: float, mscale: float = 1) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = correction_dim(rope.get("beta_fast") or 32)
+    high = correction_dim(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+
+    pos_freqs = _powf(base, _exponents(dim))
+    extrapolation = F32(1) / pos_freqs
+    interpolation = F32(1) / (F32(factor) * pos_freqs)
+    ramp = np.clip((np.arange(dim // 2, dtype=F32) - F32(low)) / F32(high - low), 0, 1)
+    extrapolation_factor = F32(1) - ramp
+    inv_freq = interpolation * (F32(1) - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding:
+    """cos/sin tables like transformers' LlamaRotaryEmbedding, for one model.
+
+    For rope_type "dynamic" it is stateful exactly like transformers' ``dynamic_rope_update``: call it
+    once per model forward, with that forward's positions.
+    """
+
+    def __init__(self, head_dim: int, rope: dict[str, Any], max_position_embeddings: int):
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial rotary embeddings are not supported")
+        self.head_dim = head_dim
+        self.rope = dict(rope)
+        self.rope_type = rope["rope_type"]
+        self.max_position_embeddings = max_position_embeddings
+        self.attention_scaling = 1.0
+        theta = rope["rope_theta"]
+        if self.rope_type == "default":
+            inv_freq = _default_inv_freq(theta, head_dim)
+        elif self.rope_type == "linear":
+            inv_freq = _default_inv_freq(theta, head_dim) / F32(rope["factor"])
+        elif self.rope_type == "dynamic":
+            inv_freq = _dynamic_inv_freq(self.rope, head_dim, max_position_embeddings, None)
+        elif self.rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(self.rope, head_dim)
+        elif self.rope_type == "yarn":
+            inv_freq, self.attention_scaling = _yarn_parameters(self.rope, head_dim, max_position_embeddings)
+        else:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}")
+        self.inv_freq = inv_freq  # (D/2,) float32
+        self.original_inv_freq = inv_freq
+        self.max_seq_len_cached = max_position_embeddings
+
+    def _dynamic_update(self, seq_len: int) -> None:
+        cached = self.max_seq_len_cached
+        if seq_len > cached:  # grow: rescale for the longer sequence
+            self.inv_freq = _dynamic_inv_freq(self.rope, self.head_dim, self.max_position_embeddings, seq_len)
+            self.max_seq_len_cached = seq_len
+        # transformers tests the cached length as it was before this call, and only resets strictly below
+        if seq_len < self.max_position_embeddings and cached > self.max_position_embeddings:
+            self.inv_freq = self.original_inv_freq
+            self.max_seq_len_cached = self.max_position_embeddings
+
+    def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """positions (B, T) int -> cos, sin (B, T, D) float32, scaled by the attention factor."""
+        positions = np.asarray(positions)
+        if self.rope_type == "dynamic":
+            self._dynamic_update(int(positions.max()) + 1)
+        freqs = positions[..., None].astype(F32) * self.inv_freq  # (B, T, D/2)
+        scale = F32(self.attention_scaling)
+        cos, sin = np.cos(freqs) * scale, np.sin(freqs) * scale
+        return np.concatenate((cos, cos), axis=-1), np.concatenate((sin, sin), axis=-1)

@@ -1,0 +1,71 @@
+"""RPCs per decode token, pinned by formula: 9L+2 for v3 (seed V3.0) and 7L+2 for v2 (seed V2.1).
+
+The seed counts ~200 RPCs per token for a 22-layer model in V3.0 and ~154 in V2.1 (7 per
+layer, not counting the embedding and the LM head); we count those two calls as well.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import local_model, make_checkpoint
+
+from teesplit.tee.plans import get_plan
+
+
+@pytest.fixture(scope="module", params=[22, 30], ids=["22-layer", "30-layer-smollm2-depth"])
+def deep_checkpoint(request, tmp_path_factory):
+    L = request.param
+    path = make_checkpoint(
+        tmp_path_factory.mktemp(f"deep{L}"),
+        "llama",
+        num_hidden_layers=L,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return L, path
+
+
+@pytest.mark.parametrize("plan, per_layer", [("v3", 9), ("v2", 7)])
+def test_rpcs_per_decode_token(deep_checkpoint, plan, per_layer):
+    L, path = deep_checkpoint
+    model = local_model(path, plan)
+    cache = model.new_cache()
+    model.forward(np.array([[1, 2, 3, 4]]), cache)
+    m = model.gpu.metrics
+    before = m.copy()
+    model.forward(np.array([[5]]), cache)
+    model.forward(np.array([[6]]), cache)
+    per_token = {op: n / 2 for op, n in (m - before).rpc.items()}
+    assert sum(per_token.values()) == per_layer * L + 2 == get_plan(plan).rpcs_per_forward(L)
+    assert per_token["Linear"] == 7 * L
+    assert per_token["Embedding"] == per_token["LMHead"] == 1
+    assert per_token.get("Matmul", 0) == (2 * L if plan == "v3" else 0)
+    # A prefill costs the same number of round trips as one decode step, whatever its length.
+    assert sum(m.rpc.values()) - m.rpc["Init"] == 3 * (per_layer * L + 2)
+
+
+def test_seed_figures_for_22_layers():
+    assert get_plan("v3").rpcs_per_forward(22) == 200  # seed: "~200 (22 layers)"
+    assert get_plan("v2").rpcs_per_forward(22) == 154 + 2  # seed: "~154", plus Embedding and LMHead
+    assert get_plan("v3").rpcs_per_forward(30) == 272 and get_plan("v2").rpcs_per_forward(30) == 212
+
+
+def test_v3_sends_attention_operands_v2_does_not(deep_checkpoint):
+    L, path = deep_checkpoint
+    sent = {}
+    for plan in ("v3", "v2"):
+        model = local_model(path, plan)
+        cache = model.new_cache()
+        model.forward(np.array([[1, 2, 3]]), cache)
+        before = model.gpu.metrics.copy()
+        model.forward(np.array([[4]]), cache)
+        sent[plan] = (model.gpu.metrics - before).bytes_to_gpu
+    # v3 uploads q (H*D) and the repeated K^T (H*D*S), then P (H*S) and the repeated V (H*S*D)
+    # per layer, in float32: S = 4 cached + new tokens, H = 4, D = 8.
+    H, D, S = 4, 8, 4
+    matmul_payload = L * 4 * (H * D + H * D * S + H * S + H * S * D)
+    extra = sent["v3"] - sent["v2"]
+    assert matmul_payload <= extra < matmul_payload + L * 2 * 200  # plus two small headers per layer

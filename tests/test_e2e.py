@@ -1,0 +1,150 @@
+"""End to end: a real `teesplit serve` process on tcp:// and ipc://, driven by the real CLI in
+another process; a malformed request gets an error reply and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from teesplit.cli import free_tcp_address, start_server, stop_server
+from teesplit.protocol import PROTOCOL_VERSION, RemoteError, parse_reply, request
+
+PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module", params=["tcp", "ipc"])
+def server(request, smollm2_dir, tmp_path_factory):
+    if request.param == "tcp":
+        address = free_tcp_address()
+    else:
+        address = f"ipc://{tmp_path_factory.mktemp('ipc')}/gpu.sock"
+    proc = start_server(smollm2_dir, address, ["--device", "cpu", "--dtype", "float32", "--threads", "1"])
+    yield address
+    stop_server(proc)
+    assert proc.returncode == 0, "server should exit cleanly on SIGTERM"
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "teesplit", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(smollm2_dir):
+    """The same generation with the GPU service in-process (--server local)."""
+    from helpers import local_model
+
+    from teesplit.tee.generate import Generator, SamplingParams
+    from teesplit.tee.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(smollm2_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}])
+    return Generator(local_model(smollm2_dir, "v3"), tok).generate(ids, SamplingParams(max_new_tokens=12))
+
+
+@pytest.mark.parametrize("plan, per_layer", [("v3", 9), ("v2", 7)])
+def test_generate_through_server_process(server, smollm2_dir, expected, tmp_path, plan, per_layer):
+    stats_path = tmp_path / "stats.json"
+    r = run_cli(
+        "generate",
+        "--server",
+        server,
+        "--model",
+        str(smollm2_dir),
+        "--prompt",
+        PROMPT,
+        "--chat",
+        "--max-new-tokens",
+        "12",
+        "--plan",
+        plan,
+        "--stats",
+        "--stats-json",
+        str(stats_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected.text + "\n"
+    stats = json.loads(stats_path.read_text())
+    assert stats["plan"] == plan and stats["tokens"] == expected.tokens
+    assert stats["prompt_tokens"] == expected.prompt_tokens and stats["text"] == expected.text
+    for group in (stats, stats["prefill"], stats["decode"]):
+        assert set(group["time_s"]) == {"tee", "gpu", "transport", "total"}
+        assert group["bytes"]["to_gpu"] > 0 and group["bytes"]["from_gpu"] > 0
+    # One decode forward per generated token after the first, plus one more when EOS ended it.
+    n_decode = len(expected.tokens) - (expected.finish_reason == "length")
+    assert stats["decode"]["steps"] == n_decode
+    assert stats["decode"]["rpc"]["total"] == n_decode * (per_layer * 30 + 2)
+    assert stats["prefill"]["rpc"]["total"] == per_layer * 30 + 2
+    ops = {"Embedding", "Linear", "LMHead"} | ({"Matmul"} if plan == "v3" else set())
+    assert set(stats["rpc"]["by_op"]) == ops  # the one-time Init is not part of a generation
+    assert "RPCs by op" in r.stderr and "per decode step" in r.stderr
+
+
+def test_malformed_request_then_good_request(server):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server)
+    try:
+
+        def roundtrip(frames, op):
+            sock.send_multipart([b"", *frames])
+            assert sock.poll(30000), "server did not answer"
+            return parse_reply(sock.recv_multipart()[1:], op)
+
+        bad = [
+            [b"\xff\x00not msgpack"],
+            [
+                msgpack.packb(
+                    {
+                        "v": PROTOCOL_VERSION,
+                        "id": 1,
+                        "op": "Linear",
+                        "args": {"layer": 0, "module": "q_proj"},
+                        "t": [["float32", [1, 1, 576]]],
+                    }
+                ),
+                b"\x00" * 7,
+            ],
+            request(2, "Linear", {"layer": 99, "module": "q_proj"}, [np.zeros((1, 1, 576), np.float32)]),
+            request(3, "Embedding", {}, [np.array([[10**9]])]),
+        ]
+        for frames in bad:
+            with pytest.raises(RemoteError):
+                roundtrip(frames, "bad")
+        header, (y,) = roundtrip(
+            request(4, "Linear", {"layer": 0, "module": "k_proj"}, [np.ones((1, 1, 576), np.float32)]),
+            "Linear",
+        )
+        assert header["id"] == 4 and y.shape == (1, 1, 192) and np.isfinite(y).all()
+    finally:
+        sock.close(0)
+
+
+def test_ping_command(server):
+    r = run_cli("ping", server, "--count", "20")
+    assert r.returncode == 0, r.stderr
+    assert "median" in r.stdout
+
+
+def test_unreachable_server_fails_clearly(smollm2_dir):
+    r = run_cli(
+        "generate",
+        "--server",
+        free_tcp_address(),
+        "--model",
+        str(smollm2_dir),
+        "--prompt",
+        "hi",
+        "--timeout",
+        "1",
+        timeout=60,
+    )
+    assert r.returncode != 0
+    assert "no reply from the GPU server" in r.stderr
