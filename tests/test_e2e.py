@@ -148,3 +148,45 @@ def test_unreachable_server_fails_clearly(smollm2_dir):
     )
     assert r.returncode != 0
     assert "no reply from the GPU server" in r.stderr
+
+
+def test_generate_with_local_server(smollm2_dir, expected):
+    """--server local: the GPU service inside the runner's process (TDX passthrough)."""
+    r = run_cli(
+        "generate",
+        "--server",
+        "local",
+        "--model",
+        str(smollm2_dir),
+        "--prompt",
+        PROMPT,
+        "--chat",
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected.text + "\n"
+
+
+def test_demo_runs_a_server_and_prints_stats(smollm2_dir):
+    r = run_cli("demo", "--model", str(smollm2_dir), "--max-new-tokens", "8", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip(), "the demo should print the answer"
+    assert "RPCs by op" in r.stderr and "Matmul" in r.stderr
+    assert "serving" in r.stderr and "stopped after" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--plan", "v9"], "unknown plan"),
+        (["--top-p", "0"], "top_p"),
+        (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    ],
+)
+def test_bad_cli_input_is_a_clear_error(args, message):
+    r = run_cli("generate", "--server", "local", "--prompt", "hi", *args, timeout=60)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
