@@ -66,10 +66,10 @@ def hf_stepwise_logits(model, ids: list[int], n_prefill: int) -> list[np.ndarray
     with torch.no_grad():
         r = model(torch.tensor([ids[:n_prefill]]), use_cache=True)
         out.append(r.logits[0].numpy())
-        past = r.cache
+        # transformers >= 5.24 calls the cache `cache`; earlier releases `past_key_values`.
+        key = "cache" if hasattr(r, "cache") else "past_key_values"
         for t in ids[n_prefill:]:
-            r = model(torch.tensor([[t]]), cache=past, use_cache=True)
-            past = r.cache
+            r = model(torch.tensor([[t]]), use_cache=True, **{key: getattr(r, key)})
             out.append(r.logits[0].numpy())
     return out
 
