@@ -130,7 +130,9 @@ def compare_rotary(
     np.testing.assert_array_max_ulp(ours.inv_freq, ref.inv_freq.numpy(), maxulp=max_ulp)
     assert ours.attention_scaling == pytest.approx(ref.attention_scaling, rel=1e-12)
     angle = positions[..., None] * np.concatenate([ours.inv_freq, ours.inv_freq]).astype(np.float64)
-    tolerance = ATOL + angle_ulps * angle * 2.0**-23
+    # torch's float32 pow is not exactly rounded and its vectorized and scalar paths can differ, so
+    # inv_freq may be max_ulp off from run to run; the angle inherits that, plus its own rounding.
+    tolerance = ATOL + (angle_ulps + max_ulp + 1) * angle * 2.0**-23
     assert np.all(np.abs(cos - exp_cos.numpy()) <= tolerance)
     assert np.all(np.abs(sin - exp_sin.numpy()) <= tolerance)
 
