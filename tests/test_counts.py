@@ -28,7 +28,7 @@ def deep_checkpoint(request, tmp_path_factory):
     return L, path
 
 
-@pytest.mark.parametrize("plan, per_layer", [("v3", 9), ("v2", 7)])
+@pytest.mark.parametrize("plan, per_layer", [("v3", 9), ("v2", 7), ("v3-fused", 5), ("v2-fused", 4)])
 def test_rpcs_per_decode_token(deep_checkpoint, plan, per_layer):
     L, path = deep_checkpoint
     model = local_model(path, plan)
@@ -40,17 +40,25 @@ def test_rpcs_per_decode_token(deep_checkpoint, plan, per_layer):
     model.forward(np.array([[6]]), cache)
     per_token = {op: n / 2 for op, n in (m - before).rpc.items()}
     assert sum(per_token.values()) == per_layer * L + 2 == get_plan(plan).rpcs_per_forward(L)
-    assert per_token["Linear"] == 7 * L
-    assert per_token["Embedding"] == per_token["LMHead"] == 1
-    assert per_token.get("Matmul", 0) == (2 * L if plan == "v3" else 0)
+    expected = {
+        "v3": {"Linear": 7 * L, "Matmul": 2 * L},
+        "v2": {"Linear": 7 * L},
+        "v3-fused": {"QKV": L, "AttnScores": L, "AttnOut": L, "GateUp": L, "Linear": L},
+        "v2-fused": {"QKV": L, "GateUp": L, "Linear": 2 * L},
+    }[plan]
+    assert per_token == {**expected, "Embedding": 1, "LMHead": 1}
     # A prefill costs the same number of round trips as one decode step, whatever its length.
-    assert sum(m.rpc.values()) - m.rpc["Init"] == 3 * (per_layer * L + 2)
+    setup = m.rpc["Init"] + m.rpc["OpenSession"]
+    assert sum(m.rpc.values()) - setup == 3 * (per_layer * L + 2)
 
 
 def test_seed_figures_for_22_layers():
     assert get_plan("v3").rpcs_per_forward(22) == 200  # seed: "~200 (22 layers)"
     assert get_plan("v2").rpcs_per_forward(22) == 154 + 2  # seed: "~154", plus Embedding and LMHead
     assert get_plan("v3").rpcs_per_forward(30) == 272 and get_plan("v2").rpcs_per_forward(30) == 212
+    assert (
+        get_plan("v3-fused").rpcs_per_forward(30) == 152 and get_plan("v2-fused").rpcs_per_forward(30) == 122
+    )
 
 
 def test_v3_sends_attention_operands_v2_does_not(deep_checkpoint):

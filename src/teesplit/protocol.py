@@ -22,19 +22,38 @@ Reply header::
     code  str        stable error code (see ERROR_CODES), only when ok is false
     msg   str        human-readable error, only when ok is false
 
-Operations (seed V3.0 names; tensors listed in frame order; shapes use B batch, T tokens,
-E hidden, N output features, V vocabulary):
+Operations (seed V3.0 names first; tensors listed in frame order; shapes use B batch,
+T tokens, S cached + new tokens, E hidden, N output features, V vocabulary, K top-k):
 
-    Init       args {}                               -> res {config, rope}, t [norms (2L+1, E) f32]
-    Embedding  args {dtype?}     t [ids (B, T) i64]  -> t [hidden (B, T, E)]
-    Linear     args {layer, module} t [x (B, T, in)] -> t [y (B, T, N)]
-    Matmul     args {}           t [a (..., M, K), b (..., K, N)] -> t [a @ b (..., M, N)]
-    LMHead     args {}           t [x (B, T, E)]     -> t [logits (B, T, V)]
-    Ping       args {}                               -> res {}
+    Init         args {}                                 -> res {config, rope}, t [norms (2L+1, E) f32]
+    Embedding    args {dtype?}      t [ids (B, T) i64]   -> t [hidden (B, T, E)]
+    Linear       args {layer, module} t [x (B, T, in)]   -> t [y (B, T, N)]
+    Matmul       args {}            t [a (..., M, K), b (..., K, N)] -> t [a @ b (..., M, N)]
+    LMHead       args {top_k?}      t [x (B, T, E)]      -> t [logits (B, T, V)]
+                                   with top_k: t [values (B, T, K) f32, ids (B, T, K) i64]
+    Ping         args {reply_bytes?} t [payload?]        -> res {}, t [reply_bytes zero bytes?]
 
-Reply tensors come back in the dtype of the request's activation tensor (Embedding: `dtype`,
-default float32). Decoding checks every field before any tensor is materialized: the dtype
-whitelist, rank and element limits, and ``prod(shape) * itemsize == len(frame)``.
+  Fused operations (plans v3-fused and v2-fused):
+
+    QKV          args {layer} t [x (B, T, E)]            -> t [q|k|v (B, T, (H + 2 Hkv) D)]
+                 with sid: also t [pos (B,) i64]; v is written to the session's cache at
+                 pos and only q|k (B, T, (H + Hkv) D) comes back
+    GateUp       args {layer} t [x (B, T, E)]            -> t [gate|up (B, T, 2F)]
+    AttnScores   sid, args {layer} t [q (B, H, T, D), k (B, Hkv, T, D), pos (B,) i64]
+                 writes the rotated k at pos, returns q Kᵀ -> t [scores (B, H, T, S)],
+                 S = max(pos) + T
+    AttnOut      sid, args {layer} t [p (B, H, T, S)]    -> t [o_proj(p V) (B, T, E)]
+    OpenSession  args {batch, max_tokens}                -> res {sid, kv_bytes_per_token}
+    CloseSession sid                                     -> res {}
+
+Cache writes address positions explicitly, so a repeated request writes the same values to
+the same places: they are idempotent. Each row's cached length becomes pos + T.
+
+Reply activations come back in the wire dtype of the request's activation tensor (Embedding:
+`dtype`, default float32). The wire dtype "int8" is a per-row absmax format: one frame holding
+a float32 scale per row (rows = product of all but the last dimension) followed by the int8
+values; it decodes to float32. Decoding checks every field before any tensor is materialized:
+the dtype whitelist, rank and element limits, and that the frame length matches the shape.
 """
 
 from __future__ import annotations
@@ -57,17 +76,26 @@ DTYPES: dict[str, np.dtype] = {
     "int64": np.dtype(np.int64),
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+WIRE_DTYPES = (*FLOAT_DTYPES, "int8")  # activations on the wire; int8 is the per-row format
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 
-# Operation -> (argument name -> (type, required)), number of tensor frames.
-OPS: dict[str, tuple[dict[str, tuple[type, bool]], int]] = {
-    "Init": ({}, 0),
-    "Embedding": ({"dtype": (str, False)}, 1),
-    "Linear": ({"layer": (int, True), "module": (str, True)}, 1),
-    "Matmul": ({}, 2),
-    "LMHead": ({}, 1),
-    "Ping": ({}, 0),
+_LAYER = {"layer": (int, True)}
+# Operation -> (argument name -> (type, required)), (min, max) number of tensor frames.
+OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
+    "Init": ({}, (0, 0)),
+    "Embedding": ({"dtype": (str, False)}, (1, 1)),
+    "Linear": ({"layer": (int, True), "module": (str, True)}, (1, 1)),
+    "Matmul": ({}, (2, 2)),
+    "LMHead": ({"top_k": (int, False)}, (1, 1)),
+    "Ping": ({"reply_bytes": (int, False)}, (0, 1)),
+    "QKV": (_LAYER, (1, 2)),
+    "GateUp": (_LAYER, (1, 1)),
+    "AttnScores": (_LAYER, (3, 3)),
+    "AttnOut": (_LAYER, (1, 1)),
+    "OpenSession": ({"batch": (int, True), "max_tokens": (int, True)}, (0, 0)),
+    "CloseSession": ({}, (0, 0)),
 }
+SESSION_OPS = ("AttnScores", "AttnOut", "CloseSession")  # need a session id; QKV takes one optionally
 
 ERROR_CODES = (
     "bad_message",  # framing, msgpack, header schema
@@ -76,6 +104,7 @@ ERROR_CODES = (
     "bad_args",  # argument missing, wrong type or out of range
     "bad_tensor",  # dtype, shape or size wrong for the operation
     "too_large",  # a limit was exceeded
+    "no_session",  # the session id is unknown (closed, expired, or the server restarted)
     "internal",  # the server failed; the request may be retried
 )
 
@@ -111,6 +140,31 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+@dataclass(frozen=True)
+class Int8Rows:
+    """An activation quantized per row: x ≈ q * scale[..., None] (absmax / 127 per row)."""
+
+    q: np.ndarray  # int8, the original shape
+    scale: np.ndarray  # float32, shape[:-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+def quantize_int8(x: np.ndarray) -> Int8Rows:
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.abs(x).max(axis=-1) if x.shape[-1] else np.zeros(x.shape[:-1], np.float32)
+    scale = (amax / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
+    return Int8Rows(q, scale)
+
+
+def dequantize_int8(t: Int8Rows) -> np.ndarray:
+    return t.q.astype(np.float32) * t.scale[..., None]
+
+
 def dtype_name(dt: np.dtype) -> str:
     try:
         return _DTYPE_NAMES[np.dtype(dt)]
@@ -125,11 +179,25 @@ def tensor_frame(x: np.ndarray) -> memoryview:
     return memoryview(x.reshape(-1).view(np.uint8))
 
 
-def encode(header: dict[str, Any], tensors: Sequence[np.ndarray] = ()) -> list:
+def _frame_and_desc(t: np.ndarray | Int8Rows) -> tuple[Any, list]:
+    if isinstance(t, Int8Rows):
+        # One frame: the float32 row scales, then the int8 values (a small copy to join them).
+        body = np.concatenate(
+            [
+                np.ascontiguousarray(t.scale, np.float32).reshape(-1).view(np.uint8),
+                np.ascontiguousarray(t.q).reshape(-1).view(np.uint8),
+            ]
+        )
+        return memoryview(body), ["int8", list(t.q.shape)]
+    a = np.ascontiguousarray(t)
+    return tensor_frame(a), [dtype_name(a.dtype), list(a.shape)]
+
+
+def encode(header: dict[str, Any], tensors: Sequence[np.ndarray | Int8Rows] = ()) -> list:
     """Header dict plus tensors -> multipart frames. Fills in `v` and the tensor table."""
-    arrays = [np.ascontiguousarray(t) for t in tensors]
-    header = dict(header, v=PROTOCOL_VERSION, t=[[dtype_name(a.dtype), list(a.shape)] for a in arrays])
-    return [msgpack.packb(header, use_bin_type=True), *(tensor_frame(a) for a in arrays)]
+    parts = [_frame_and_desc(t) for t in tensors]
+    header = dict(header, v=PROTOCOL_VERSION, t=[d for _, d in parts])
+    return [msgpack.packb(header, use_bin_type=True), *(f for f, _ in parts)]
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -171,12 +239,14 @@ def _decode_tensor(i: int, desc: Any, frame: Any, limits: Limits) -> np.ndarray:
     if not (isinstance(desc, list) and len(desc) == 2 and isinstance(desc[1], list)):
         raise ProtocolError(f"tensor {i}: descriptor must be [dtype, [dims...]]")
     name, shape = desc
-    if name not in DTYPES:
-        raise ProtocolError(f"tensor {i}: dtype {name!r} not in {sorted(DTYPES)}", "bad_tensor")
+    if name not in DTYPES and name != "int8":
+        raise ProtocolError(f"tensor {i}: dtype {name!r} not in {sorted([*DTYPES, 'int8'])}", "bad_tensor")
     if len(shape) > limits.max_rank:
         raise ProtocolError(f"tensor {i}: rank {len(shape)} exceeds {limits.max_rank}", "bad_tensor")
     if not all(type(d) is int and d >= 0 for d in shape):
         raise ProtocolError(f"tensor {i}: dimensions must be non-negative integers", "bad_tensor")
+    if name == "int8":
+        return _decode_int8(i, shape, frame, limits)
     dt = DTYPES[name]
     nbytes = math.prod(shape) * dt.itemsize
     if nbytes > limits.max_tensor_bytes:
@@ -189,6 +259,30 @@ def _decode_tensor(i: int, desc: Any, frame: Any, limits: Limits) -> np.ndarray:
     return np.frombuffer(buf, dtype=dt).reshape(shape)
 
 
+def _decode_int8(i: int, shape: list[int], frame: Any, limits: Limits) -> np.ndarray:
+    if not shape:
+        raise ProtocolError(f"tensor {i}: an int8 tensor needs at least one dimension", "bad_tensor")
+    rows, n = math.prod(shape[:-1]), math.prod(shape)
+    nbytes = 4 * rows + n
+    if 4 * n > limits.max_tensor_bytes:  # it decodes to float32
+        raise ProtocolError(
+            f"tensor {i}: {4 * n} decoded bytes exceed {limits.max_tensor_bytes}", "too_large"
+        )
+    buf = _buffer(frame)
+    if len(buf) != nbytes:
+        raise ProtocolError(
+            f"tensor {i}: frame has {len(buf)} bytes, int8{tuple(shape)} needs {nbytes}", "bad_tensor"
+        )
+    scale = np.frombuffer(buf, np.float32, count=rows).reshape(shape[:-1])
+    q = np.frombuffer(buf, np.int8, offset=4 * rows).reshape(shape)
+    return dequantize_int8(Int8Rows(q, scale))
+
+
+def wire_name(header: dict[str, Any], index: int) -> str:
+    """The wire dtype name a decoded tensor arrived in (int8 tensors decode to float32)."""
+    return header["t"][index][0]
+
+
 def validate_request(header: dict[str, Any], tensors: list[np.ndarray]) -> tuple[int, str, dict[str, Any]]:
     """Check the request-level schema; returns (request id, op, args)."""
     rid = header.get("id")
@@ -197,7 +291,7 @@ def validate_request(header: dict[str, Any], tensors: list[np.ndarray]) -> tuple
     op = header.get("op")
     if op not in OPS:
         raise ProtocolError(f"unknown operation {op!r}; known: {', '.join(OPS)}", "unknown_op")
-    schema, n_tensors = OPS[op]
+    schema, (lo, hi) = OPS[op]
     args = header.get("args", {})
     if not isinstance(args, dict):
         raise ProtocolError(f"{op}: args must be a map", "bad_args")
@@ -210,8 +304,14 @@ def validate_request(header: dict[str, Any], tensors: list[np.ndarray]) -> tuple
     for key, (_, required) in schema.items():
         if required and key not in args:
             raise ProtocolError(f"{op}: missing argument {key!r}", "bad_args")
-    if len(tensors) != n_tensors:
-        raise ProtocolError(f"{op} takes {n_tensors} tensors, got {len(tensors)}", "bad_tensor")
+    if not lo <= len(tensors) <= hi:
+        want = lo if lo == hi else f"{lo} to {hi}"
+        raise ProtocolError(f"{op} takes {want} tensors, got {len(tensors)}", "bad_tensor")
+    sid = header.get("sid")
+    if sid is not None and (type(sid) is not int or not 0 <= sid < 2**63):
+        raise ProtocolError("session id must be a non-negative 64-bit integer or nil", "bad_args")
+    if op in SESSION_OPS and sid is None:
+        raise ProtocolError(f"{op} needs a session id (OpenSession first)", "no_session")
     return rid, op, args
 
 

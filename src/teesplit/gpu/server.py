@@ -10,21 +10,28 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+import torch
 import zmq
 
-from teesplit.gpu.service import GPUComputeService
+from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService
 from teesplit.protocol import (
     DEFAULT_LIMITS,
+    WIRE_DTYPES,
+    Int8Rows,
     Limits,
     ProtocolError,
     decode,
     error_reply,
     reply,
     validate_request,
+    wire_name,
 )
 
 log = logging.getLogger("teesplit.server")
@@ -44,7 +51,7 @@ class RequestHandler:
             if isinstance(header.get("id"), int):
                 rid = header["id"]
             rid, op, args = validate_request(header, tensors)
-            result, out, gpu_s = self._dispatch(op, args, tensors)
+            result, out, gpu_s = self._dispatch(op, args, header, tensors)
             self.served += 1
             return reply(rid, result, out, gpu_s)
         except ProtocolError as e:
@@ -55,24 +62,71 @@ class RequestHandler:
             log.error("internal error: %s", traceback.format_exc())
             return error_reply(rid, "internal", f"server error: {type(e).__name__}: {e}")
 
-    def _dispatch(self, op: str, args: dict[str, Any], t: list) -> tuple[dict, list, float]:
+    def _dispatch(
+        self, op: str, args: dict[str, Any], header: dict[str, Any], t: list
+    ) -> tuple[dict, list, float]:
         s = self.service
         if op == "Ping":
-            return {}, [], 0.0
+            n = args.get("reply_bytes", 0)
+            if not 0 <= n <= self.limits.max_tensor_bytes:
+                raise ProtocolError(
+                    f"Ping: reply_bytes must lie in [0, {self.limits.max_tensor_bytes}]", "bad_args"
+                )
+            return {}, ([np.zeros(n // 4, np.float32)] if n else []), 0.0
         if op == "Init":
             (result, tensors), dt = s.timed(s.init)
             return result, tensors, dt
+        if op == "OpenSession":
+            return s.open_session(args["batch"], args["max_tokens"]), [], 0.0
+        if op == "CloseSession":
+            s.close_session(header["sid"])
+            return {}, [], 0.0
+        sid = header.get("sid")
+        wire = wire_name(header, 0)
+        t0 = time.perf_counter()
         if op == "Embedding":
-            out, dt = s.timed(s.embedding, t[0], args.get("dtype", "float32"))
+            wire = args.get("dtype", "float32")
+            if wire not in WIRE_DTYPES:
+                raise ProtocolError(f"Embedding: dtype must be one of {WIRE_DTYPES}", "bad_args")
+            out = s.embedding(t[0])
         elif op == "Linear":
-            out, dt = s.timed(s.linear, args["layer"], args["module"], t[0])
+            out = s.linear(args["layer"], args["module"], t[0])
         elif op == "Matmul":
-            out, dt = s.timed(s.matmul, t[0], t[1])
+            out = s.matmul(t[0], t[1])
         elif op == "LMHead":
-            out, dt = s.timed(s.lm_head, t[0])
+            out = s.lm_head(t[0], args.get("top_k"))
+            if isinstance(out, tuple):  # top-k: float32 values and int64 ids, whatever the wire dtype
+                values, ids = out
+                result = [values.cpu().numpy(), ids.cpu().numpy()]
+                return {}, result, time.perf_counter() - t0
+        elif op == "QKV":
+            session = s.session(sid) if sid is not None else None
+            if (session is None) != (len(t) == 1):
+                raise ProtocolError("QKV: positions are given exactly when a session is", "bad_args")
+            out = s.qkv(args["layer"], t[0], session, t[1] if session else None)
+        elif op == "GateUp":
+            out = s.gate_up(args["layer"], t[0])
+        elif op == "AttnScores":
+            out = s.attn_scores(s.session(sid), args["layer"], t[0], t[1], t[2])
+        elif op == "AttnOut":
+            out = s.attn_out(s.session(sid), args["layer"], t[0])
         else:  # validate_request only admits known ops; this guards a missing branch
             raise ProtocolError(f"operation {op!r} is not implemented by this server", "unknown_op")
-        return {}, [out], dt
+        result = to_wire(out, wire)
+        return {}, [result], time.perf_counter() - t0
+
+
+def to_wire(t: torch.Tensor, wire: str) -> np.ndarray | Int8Rows:
+    """A result tensor -> numpy in the wire dtype (int8: quantized per row on the device)."""
+    if wire == "int8":
+        t = t.float()
+        scale = t.abs().amax(dim=-1) / 127.0
+        q = torch.round(t / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp_(-127, 127)
+        return Int8Rows(q.to(torch.int8).cpu().numpy(), scale.cpu().numpy())
+    t = t.to(TORCH_DTYPES[wire]).cpu()
+    if wire == "bfloat16":
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def split_envelope(frames: list) -> tuple[list, list] | None:

@@ -1,15 +1,20 @@
-"""GPUComputeService: the seed's V3.0 operations on the UNTRUSTED side. No sockets here.
+"""GPUComputeService: the operations of the UNTRUSTED side, and its per-session KV caches.
 
-Every method takes and returns numpy arrays (as decoded from the wire) and validates its
-arguments against the model before touching torch: requests come from a peer we do not
-trust. Computation runs in the service's compute dtype on its device; results go back in
-the dtype the request's activations arrived in.
+Every method takes numpy arrays as decoded from the wire, validates them against the model
+before touching torch (requests come from a peer we do not trust), computes in the service's
+compute dtype on its device and returns torch tensors; the request handler puts them on the
+wire in the dtype the request's activations arrived in.
+
+Shape letters: B batch, T new tokens, S cached + new tokens, H query heads, Hkv KV heads,
+G = H / Hkv, D head dim, E hidden, F MLP width, V vocabulary.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import ml_dtypes
@@ -25,56 +30,76 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 def to_torch(x: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """numpy (possibly read-only, possibly bfloat16) -> torch on `device`."""
-    if x.dtype == ml_dtypes.bfloat16:
-        x = x.view(np.int16)
-        with warnings.catch_warnings():  # read-only wire buffers: we never write into inputs
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(x).view(torch.bfloat16)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(x)
-    return t.to(device=device, dtype=dtype or t.dtype)
-
-
-def to_numpy(t: torch.Tensor, dtype_name: str) -> np.ndarray:
-    t = t.to(TORCH_DTYPES[dtype_name]).cpu()
-    if dtype_name == "bfloat16":
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+    bf16 = x.dtype == ml_dtypes.bfloat16
+    with warnings.catch_warnings():  # read-only wire buffers: we never write into inputs
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(x.view(np.int16) if bf16 else x)
+    if bf16:
+        t = t.view(torch.bfloat16)
+    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=False)
 
 
 def _bad(message: str, code: str = "bad_tensor") -> ProtocolError:
     return ProtocolError(message, code)
 
 
+def _float_dtype(x: np.ndarray, what: str) -> str:
+    for name in FLOAT_DTYPES:
+        if x.dtype == DTYPES[name]:
+            return name
+    raise _bad(f"{what}: dtype {x.dtype} is not a float wire dtype {FLOAT_DTYPES}")
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_sessions: int = 64
+    max_session_tokens: int = 8192  # per sequence
+    max_batch: int = 64
+    max_kv_bytes: int = 4 << 30  # all sessions together
+
+
+class Session:
+    """One runner's GPU-side state: rotated K and V for every layer, row lengths per layer."""
+
+    def __init__(self, sid: int, batch: int, max_tokens: int, num_layers: int):
+        self.sid = sid
+        self.batch = batch
+        self.max_tokens = max_tokens
+        self.kv: torch.Tensor | None = None  # (2, L, B, Hkv, capacity, D)
+        self.k_len = np.zeros((num_layers, batch), np.int64)
+        self.v_len = np.zeros((num_layers, batch), np.int64)
+        self.last_used = time.monotonic()
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.kv is None else self.kv.shape[4]
+
+
 class GPUComputeService:
     def __init__(
-        self, weights: Weights, device: torch.device, dtype: torch.dtype, max_elements: int = 1 << 28
+        self,
+        weights: Weights,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_elements: int = 1 << 28,
+        limits: SessionLimits = SessionLimits(),
     ):
         self.w = weights
         self.config = weights.config
         self.device = device
         self.dtype = dtype
         self.max_elements = max_elements  # cap on any result the peer can make us allocate
+        self.limits = limits
+        self.sessions: dict[int, Session] = {}
 
     # ---- helpers -------------------------------------------------------------------------
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _activation(self, x: np.ndarray, last_dim: int, what: str) -> tuple[torch.Tensor, str]:
-        name = _float_dtype(x, what)
-        if x.ndim != 3 or x.shape[-1] != last_dim:
-            raise _bad(f"{what}: expected shape (B, T, {last_dim}), got {x.shape}")
-        if x.shape[0] * x.shape[1] == 0:
-            raise _bad(f"{what}: empty batch")
-        return to_torch(x, self.device, self.dtype), name
-
-    def _check_result_size(self, shape: tuple[int, ...], what: str) -> None:
-        n = int(np.prod(shape, dtype=object))
-        if n > self.max_elements:
-            raise _bad(f"{what}: result of {n} elements exceeds the limit {self.max_elements}", "too_large")
 
     def timed(self, fn, *args, **kwargs) -> tuple[Any, float]:
         """Run one operation; return its result and the compute time including device copies."""
@@ -83,37 +108,50 @@ class GPUComputeService:
         self._sync()
         return out, time.perf_counter() - t0
 
+    def _activation(self, x: np.ndarray, last_dim: int, what: str) -> torch.Tensor:
+        _float_dtype(x, what)
+        if x.ndim != 3 or x.shape[-1] != last_dim:
+            raise _bad(f"{what}: expected shape (B, T, {last_dim}), got {x.shape}")
+        if x.shape[0] * x.shape[1] == 0:
+            raise _bad(f"{what}: empty batch")
+        return to_torch(x, self.device, self.dtype)
+
+    def _check_result_size(self, shape: tuple[int, ...], what: str) -> None:
+        n = int(np.prod(shape, dtype=object))
+        if n > self.max_elements:
+            raise _bad(f"{what}: result of {n} elements exceeds the limit {self.max_elements}", "too_large")
+
+    def _layer(self, layer: int, what: str):
+        if not 0 <= layer < self.config.num_layers:
+            raise _bad(f"{what}: layer {layer} out of range [0, {self.config.num_layers})", "bad_args")
+        return self.w.layers[layer]
+
     # ---- the seed's operations -------------------------------------------------------------
     def init(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """Model config, RoPE parameters and the stacked RMSNorm weights (2L+1, E)."""
         result = {"config": self.config.to_dict(), "rope": dict(self.config.rope)}
         return result, [self.w.norm_stack().numpy()]
 
-    def embedding(self, ids: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    def embedding(self, ids: np.ndarray) -> torch.Tensor:
         if ids.dtype != DTYPES["int64"] or ids.ndim != 2 or ids.size == 0:
             raise _bad(f"Embedding: ids must be non-empty int64 (B, T), got {ids.dtype}{ids.shape}")
-        if dtype not in FLOAT_DTYPES:
-            raise _bad(f"Embedding: dtype must be one of {FLOAT_DTYPES}", "bad_args")
         V = self.config.vocab_size
         if ids.min() < 0 or ids.max() >= V:
             raise _bad(f"Embedding: token ids must lie in [0, {V})", "bad_args")
         self._check_result_size((*ids.shape, self.config.hidden_size), "Embedding")
-        out = F.embedding(to_torch(ids, self.device), self.w.embed)
-        return to_numpy(out, dtype)
+        return F.embedding(to_torch(ids, self.device), self.w.embed)
 
-    def linear(self, layer: int, module: str, x: np.ndarray) -> np.ndarray:
-        if not 0 <= layer < self.config.num_layers:
-            raise _bad(f"Linear: layer {layer} out of range [0, {self.config.num_layers})", "bad_args")
+    def linear(self, layer: int, module: str, x: np.ndarray) -> torch.Tensor:
+        lw = self._layer(layer, "Linear")
         shapes = self.config.linear_shapes
         if module not in shapes:
             raise _bad(f"Linear: unknown module {module!r}; known: {', '.join(shapes)}", "bad_args")
         n_out, n_in = shapes[module]
-        xt, name = self._activation(x, n_in, f"Linear {module}")
+        xt = self._activation(x, n_in, f"Linear {module}")
         self._check_result_size((*x.shape[:2], n_out), "Linear")
-        lw = self.w.layers[layer]
-        return to_numpy(F.linear(xt, lw.weight[module], lw.bias.get(module)), name)
+        return F.linear(xt, lw.weight[module], lw.bias.get(module))
 
-    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def matmul(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
         name = _float_dtype(a, "Matmul a")
         if _float_dtype(b, "Matmul b") != name:
             raise _bad(f"Matmul: operands differ in dtype ({a.dtype} vs {b.dtype})")
@@ -122,17 +160,161 @@ class GPUComputeService:
         if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
             raise _bad(f"Matmul: shapes {a.shape} and {b.shape} do not multiply")
         self._check_result_size((*a.shape[:-1], b.shape[-1]), "Matmul")
-        out = torch.matmul(to_torch(a, self.device, self.dtype), to_torch(b, self.device, self.dtype))
-        return to_numpy(out, name)
+        return torch.matmul(to_torch(a, self.device, self.dtype), to_torch(b, self.device, self.dtype))
 
-    def lm_head(self, x: np.ndarray) -> np.ndarray:
-        xt, name = self._activation(x, self.config.hidden_size, "LMHead")
-        self._check_result_size((*x.shape[:2], self.config.vocab_size), "LMHead")
-        return to_numpy(F.linear(xt, self.w.lm_head), name)
+    def lm_head(self, x: np.ndarray, top_k: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        xt = self._activation(x, self.config.hidden_size, "LMHead")
+        V = self.config.vocab_size
+        if top_k is None:
+            self._check_result_size((*x.shape[:2], V), "LMHead")
+            return F.linear(xt, self.w.lm_head)
+        if not 1 <= top_k <= min(V, 1024):
+            raise _bad(f"LMHead: top_k must lie in [1, {min(V, 1024)}]", "bad_args")
+        self._check_result_size((*x.shape[:2], V), "LMHead")
+        values, ids = torch.topk(F.linear(xt, self.w.lm_head).float(), top_k, dim=-1)
+        return values, ids
 
+    # ---- fused projections -----------------------------------------------------------------
+    def qkv(
+        self, layer: int, x: np.ndarray, session: Session | None = None, pos: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """q|k|v in one product; with a session, v goes into its cache and only q|k come back."""
+        lw = self._layer(layer, "QKV")
+        xt = self._activation(x, self.config.hidden_size, "QKV")
+        c = self.config
+        self._check_result_size((*x.shape[:2], c.q_dim + 2 * c.kv_dim), "QKV")
+        y = F.linear(xt, lw.qkv_weight, lw.qkv_bias)  # (B, T, (H + 2 Hkv) D)
+        if session is None:
+            return y
+        B, T = x.shape[:2]
+        v = y[..., c.q_dim + c.kv_dim :].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        self._write(session, 1, layer, v, pos, "QKV")
+        return y[..., : c.q_dim + c.kv_dim]
 
-def _float_dtype(x: np.ndarray, what: str) -> str:
-    for name in FLOAT_DTYPES:
-        if x.dtype == DTYPES[name]:
-            return name
-    raise _bad(f"{what}: dtype {x.dtype} is not a float wire dtype {FLOAT_DTYPES}")
+    def gate_up(self, layer: int, x: np.ndarray) -> torch.Tensor:
+        lw = self._layer(layer, "GateUp")
+        xt = self._activation(x, self.config.hidden_size, "GateUp")
+        self._check_result_size((*x.shape[:2], 2 * self.config.intermediate_size), "GateUp")
+        return F.linear(xt, lw.gate_up_weight, lw.gate_up_bias)  # (B, T, 2F)
+
+    # ---- attention against the session's cache -----------------------------------------
+    def attn_scores(
+        self, session: Session, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray
+    ) -> torch.Tensor:
+        """Write the rotated k at pos, return q Kᵀ over every cached position: (B, H, T, S)."""
+        self._layer(layer, "AttnScores")
+        c = self.config
+        B, T = session.batch, (q.shape[2] if q.ndim == 4 else -1)
+        _float_dtype(q, "AttnScores q")
+        _float_dtype(k, "AttnScores k")
+        if (
+            q.shape != (B, c.num_heads, T, c.head_dim)
+            or k.shape != (B, c.num_kv_heads, T, c.head_dim)
+            or T < 1
+        ):
+            raise _bad(
+                f"AttnScores: expected q (B={B}, {c.num_heads}, T, {c.head_dim}) and k "
+                f"(B, {c.num_kv_heads}, T, {c.head_dim}), got {q.shape} and {k.shape}"
+            )
+        self._write(session, 0, layer, to_torch(k, self.device, self.dtype), pos, "AttnScores")
+        S = int(session.k_len[layer].max())
+        G = c.num_heads // c.num_kv_heads
+        keys = session.kv[0, layer, :, :, :S]  # (B, Hkv, S, D)
+        qt = to_torch(q, self.device, self.dtype).reshape(B, c.num_kv_heads, G * T, c.head_dim)
+        return torch.matmul(qt, keys.transpose(-1, -2)).view(B, c.num_heads, T, S)
+
+    def attn_out(self, session: Session, layer: int, p: np.ndarray) -> torch.Tensor:
+        """o_proj(P V) with V from the session's cache: (B, T, E)."""
+        lw = self._layer(layer, "AttnOut")
+        c = self.config
+        _float_dtype(p, "AttnOut p")
+        B = session.batch
+        S = int(session.v_len[layer].max())
+        if p.ndim != 4 or p.shape[0] != B or p.shape[1] != c.num_heads or p.shape[3] != S or p.shape[2] < 1:
+            raise _bad(f"AttnOut: expected p (B={B}, {c.num_heads}, T, S={S}), got {p.shape}")
+        T = p.shape[2]
+        G = c.num_heads // c.num_kv_heads
+        values = session.kv[1, layer, :, :, :S]  # (B, Hkv, S, D)
+        pt = to_torch(p, self.device, self.dtype).reshape(B, c.num_kv_heads, G * T, S)
+        o = torch.matmul(pt, values).view(B, c.num_heads, T, c.head_dim)  # (B, H, T, D)
+        o = o.transpose(1, 2).reshape(B, T, c.q_dim)
+        return F.linear(o, lw.weight["o_proj"], lw.bias.get("o_proj"))
+
+    def _write(
+        self, s: Session, which: int, layer: int, x: torch.Tensor, pos: np.ndarray | None, what: str
+    ) -> None:
+        """Write x (B, Hkv, T, D) at each row's position; the row's length becomes pos + T."""
+        lengths = s.k_len if which == 0 else s.v_len
+        if pos is None or pos.dtype != DTYPES["int64"] or pos.shape != (s.batch,):
+            raise _bad(f"{what}: positions must be int64 of shape ({s.batch},)")
+        T = x.shape[2]
+        if (pos < 0).any() or (pos > lengths[layer]).any():
+            raise _bad(f"{what}: positions must lie in [0, cached length]: no gaps in the cache", "bad_args")
+        end = int(pos.max()) + T
+        if end > s.max_tokens:
+            raise _bad(
+                f"{what}: session {s.sid} holds at most {s.max_tokens} tokens per sequence", "too_large"
+            )
+        self._reserve(s, end)
+        kv = s.kv[which, layer]  # (B, Hkv, capacity, D)
+        if (pos == pos[0]).all():
+            kv[:, :, pos[0] : pos[0] + T] = x
+        else:
+            for b in range(s.batch):  # ragged batch: one slice copy per row
+                kv[b, :, pos[b] : pos[b] + T] = x[b]
+        lengths[layer] = pos + T
+
+    def _reserve(self, s: Session, tokens: int) -> None:
+        if tokens <= s.capacity:
+            return
+        c = self.config
+        cap = min(max(tokens, 2 * s.capacity, 64), s.max_tokens)
+        shape = (2, c.num_layers, s.batch, c.num_kv_heads, cap, c.head_dim)
+        new_bytes = int(np.prod(shape)) * torch.empty((), dtype=self.dtype).element_size()
+        total = self.kv_bytes - s.nbytes + new_bytes
+        if total > self.limits.max_kv_bytes:
+            raise _bad(
+                f"KV cache of {total} bytes for all sessions would exceed the server's limit of "
+                f"{self.limits.max_kv_bytes} (--max-kv-bytes)",
+                "too_large",
+            )
+        kv = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: masked slots stay finite
+        if s.kv is not None:
+            kv[..., : s.capacity, :] = s.kv
+        s.kv = kv
+
+    # ---- sessions -----------------------------------------------------------------------------
+    @property
+    def kv_bytes(self) -> int:
+        return sum(s.nbytes for s in self.sessions.values())
+
+    def open_session(self, batch: int, max_tokens: int) -> dict[str, Any]:
+        lim = self.limits
+        if not 1 <= batch <= lim.max_batch:
+            raise _bad(f"OpenSession: batch must lie in [1, {lim.max_batch}]", "bad_args")
+        if not 1 <= max_tokens <= lim.max_session_tokens:
+            raise _bad(f"OpenSession: max_tokens must lie in [1, {lim.max_session_tokens}]", "bad_args")
+        if len(self.sessions) >= lim.max_sessions:
+            raise _bad(
+                f"OpenSession: the server already holds {lim.max_sessions} sessions (--max-sessions)",
+                "too_large",
+            )
+        sid = secrets.randbits(62)
+        self.sessions[sid] = Session(sid, batch, max_tokens, self.config.num_layers)
+        c = self.config
+        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * batch
+        return {
+            "sid": sid,
+            "kv_bytes_per_token": per_token * torch.empty((), dtype=self.dtype).element_size(),
+        }
+
+    def session(self, sid: int | None) -> Session:
+        s = self.sessions.get(sid) if sid is not None else None
+        if s is None:
+            raise _bad(f"unknown session {sid} (closed, expired, or the server restarted)", "no_session")
+        s.last_used = time.monotonic()
+        return s
+
+    def close_session(self, sid: int) -> None:
+        self.session(sid)
+        del self.sessions[sid]

@@ -28,10 +28,28 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Layer:
-    weight: dict[str, torch.Tensor]  # module -> (N, in)
+    weight: dict[str, torch.Tensor]  # module -> (N, in); q/k/v and gate/up are views of the fused
     bias: dict[str, torch.Tensor]  # module -> (N,), only modules that have one
     input_norm: torch.Tensor  # (E,), float32
     post_attention_norm: torch.Tensor  # (E,), float32
+    qkv_weight: torch.Tensor  # ((H + 2 Hkv) D, E): q, k, v stacked, so one product serves all three
+    qkv_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor  # (2F, E)
+    gate_up_bias: torch.Tensor | None
+
+
+def _fuse(weight: dict, bias: dict, modules: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack modules' weights (and biases) into one tensor; make the originals views of it."""
+    fused = torch.cat([weight[m] for m in modules])
+    fused_bias = torch.cat([bias[m] for m in modules]) if all(m in bias for m in modules) else None
+    start = 0
+    for m in modules:
+        n = weight[m].shape[0]
+        weight[m] = fused[start : start + n]
+        if fused_bias is not None:
+            bias[m] = fused_bias[start : start + n]
+        start += n
+    return fused, fused_bias
 
 
 @dataclass
@@ -104,10 +122,16 @@ def _assemble(config: ModelConfig, raw: dict[str, torch.Tensor]) -> Weights:
             weight[m] = _take(raw, f"{prefix}.weight", shape)
             if has_bias[m]:
                 bias[m] = _take(raw, f"{prefix}.bias", shape[:1])
+        qkv_weight, qkv_bias = _fuse(weight, bias, ("q_proj", "k_proj", "v_proj"))
+        gate_up_weight, gate_up_bias = _fuse(weight, bias, ("gate_proj", "up_proj"))
         layers.append(
             Layer(
                 weight=weight,
                 bias=bias,
+                qkv_weight=qkv_weight,
+                qkv_bias=qkv_bias,
+                gate_up_weight=gate_up_weight,
+                gate_up_bias=gate_up_bias,
                 input_norm=_take(raw, f"layers.{i}.input_layernorm.weight", (E,)),
                 post_attention_norm=_take(raw, f"layers.{i}.post_attention_layernorm.weight", (E,)),
             )

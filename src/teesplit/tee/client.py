@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from teesplit.config import ModelConfig
-from teesplit.protocol import ProtocolError, parse_reply, request
+from teesplit.protocol import (
+    DTYPES,
+    WIRE_DTYPES,
+    Int8Rows,
+    ProtocolError,
+    parse_reply,
+    quantize_int8,
+    request,
+)
 
 
 @dataclass
@@ -64,9 +72,10 @@ class InitResult:
 
 class GPUClient:
     def __init__(self, transport, wire_dtype: str = "float32"):
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {wire_dtype!r}")
         self.transport = transport
-        self.wire_dtype = np.dtype(wire_dtype)
-        self.wire_dtype_name = wire_dtype
+        self.wire_dtype = wire_dtype
         self.metrics = Metrics()
         self.config: ModelConfig | None = None  # known after init()
         self._next_id = 1
@@ -76,11 +85,11 @@ class GPUClient:
         return self.transport.address
 
     def call(
-        self, op: str, args: dict[str, Any] | None = None, tensors: tuple[np.ndarray, ...] = ()
+        self, op: str, args: dict[str, Any] | None = None, tensors: tuple = (), sid: int | None = None
     ) -> tuple[dict[str, Any], list[np.ndarray]]:
         rid = self._next_id
         self._next_id += 1
-        frames = request(rid, op, args, tensors)
+        frames = request(rid, op, args, tensors, sid)
         t0 = time.perf_counter()
         self.transport.send(frames)
         while True:
@@ -97,15 +106,20 @@ class GPUClient:
         m.bytes_from_gpu += _nbytes(reply_frames)
         return header.get("res", {}), out
 
-    def _one(self, op: str, args: dict[str, Any], x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        _, out = self.call(op, args, (x,))
+    def _call_one(
+        self, op: str, args: dict[str, Any], tensors: tuple, shape: tuple[int, ...], sid: int | None = None
+    ) -> np.ndarray:
+        """One RPC whose reply is one activation of a known shape, returned as float32."""
+        _, out = self.call(op, args, tensors, sid)
         if len(out) != 1 or out[0].shape != shape:
             got = [o.shape for o in out]
             raise ProtocolError(f"{op}: expected one tensor of shape {shape}, got {got}")
         return out[0].astype(np.float32, copy=False)
 
-    def _wire(self, x: np.ndarray) -> np.ndarray:
-        return x.astype(self.wire_dtype, copy=False)
+    def _wire(self, x: np.ndarray) -> np.ndarray | Int8Rows:
+        if self.wire_dtype == "int8":
+            return quantize_int8(x)
+        return x.astype(DTYPES[self.wire_dtype], copy=False)
 
     # ---- the seed's operations -------------------------------------------------------------
     def init(self) -> InitResult:
@@ -122,29 +136,82 @@ class GPUClient:
 
     def embedding(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        return self._one(
-            "Embedding", {"dtype": self.wire_dtype_name}, ids, (*ids.shape, self.config.hidden_size)
+        return self._call_one(
+            "Embedding", {"dtype": self.wire_dtype}, (ids,), (*ids.shape, self.config.hidden_size)
         )
 
     def linear(self, layer: int, module: str, x: np.ndarray) -> np.ndarray:
         out_features = self.config.linear_shapes[module][0]
-        return self._one(
-            "Linear", {"layer": layer, "module": module}, self._wire(x), (*x.shape[:-1], out_features)
+        return self._call_one(
+            "Linear", {"layer": layer, "module": module}, (self._wire(x),), (*x.shape[:-1], out_features)
         )
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        _, out = self.call("Matmul", {}, (self._wire(a), self._wire(b)))
-        shape = (*a.shape[:-1], b.shape[-1])
-        if len(out) != 1 or out[0].shape != shape:
-            raise ProtocolError(f"Matmul: expected one tensor of shape {shape}")
-        return out[0].astype(np.float32, copy=False)
+        return self._call_one("Matmul", {}, (self._wire(a), self._wire(b)), (*a.shape[:-1], b.shape[-1]))
 
     def lm_head(self, x: np.ndarray) -> np.ndarray:
-        return self._one("LMHead", {}, self._wire(x), (*x.shape[:-1], self.config.vocab_size))
+        return self._call_one("LMHead", {}, (self._wire(x),), (*x.shape[:-1], self.config.vocab_size))
 
-    def ping(self) -> float:
+    def lm_head_top_k(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Only the k largest logits and their token ids: (B, T, k) each."""
+        _, out = self.call("LMHead", {"top_k": k}, (self._wire(x),))
+        shape = (*x.shape[:-1], k)
+        if len(out) != 2 or out[0].shape != shape or out[1].shape != shape or out[1].dtype != np.int64:
+            raise ProtocolError(f"LMHead: expected top-{k} values and ids of shape {shape}")
+        ids = out[1]
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ProtocolError("LMHead: token ids out of the vocabulary")
+        return out[0].astype(np.float32, copy=False), ids
+
+    # ---- fused projections and the GPU-side KV cache -------------------------------------
+    def qkv(
+        self, layer: int, x: np.ndarray, sid: int | None = None, pos: np.ndarray | None = None
+    ) -> np.ndarray:
+        """q|k|v (B, T, (H + 2 Hkv) D); with a session, v stays in its cache and q|k come back."""
+        c = self.config
+        tensors = (self._wire(x),) if sid is None else (self._wire(x), np.asarray(pos, np.int64))
+        n = c.q_dim + c.kv_dim + (c.kv_dim if sid is None else 0)
+        return self._call_one("QKV", {"layer": layer}, tensors, (*x.shape[:-1], n), sid)
+
+    def gate_up(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self._call_one(
+            "GateUp", {"layer": layer}, (self._wire(x),), (*x.shape[:-1], 2 * self.config.intermediate_size)
+        )
+
+    def attn_scores(self, sid: int, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Store the rotated k at pos in the session's cache; q Kᵀ over the whole cache."""
+        B, H, T, _ = q.shape
+        S = int(np.max(pos)) + T
+        return self._call_one(
+            "AttnScores",
+            {"layer": layer},
+            (self._wire(q), self._wire(k), np.asarray(pos, np.int64)),
+            (B, H, T, S),
+            sid,
+        )
+
+    def attn_out(self, sid: int, layer: int, p: np.ndarray) -> np.ndarray:
+        """o_proj(P V) with V from the session's cache."""
+        B, _, T, _ = p.shape
+        return self._call_one(
+            "AttnOut", {"layer": layer}, (self._wire(p),), (B, T, self.config.hidden_size), sid
+        )
+
+    def open_session(self, batch: int, max_tokens: int) -> int:
+        res, _ = self.call("OpenSession", {"batch": batch, "max_tokens": max_tokens})
+        sid = res.get("sid")
+        if type(sid) is not int:
+            raise ProtocolError("OpenSession: reply lacks a session id")
+        return sid
+
+    def close_session(self, sid: int) -> None:
+        self.call("CloseSession", sid=sid)
+
+    def ping(self, payload_bytes: int = 0, reply_bytes: int = 0) -> float:
+        """Round-trip time of a Ping carrying payload_bytes up and reply_bytes back."""
+        tensors = (np.zeros(payload_bytes // 4, np.float32),) if payload_bytes else ()
         t0 = time.perf_counter()
-        self.call("Ping")
+        self.call("Ping", {"reply_bytes": reply_bytes} if reply_bytes else {}, tensors)
         return time.perf_counter() - t0
 
     def close(self) -> None:

@@ -38,10 +38,20 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from a (V,) row of logits: greedy, or temperature -> top-k -> top-p."""
+def sample(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None, ids: np.ndarray | None = None
+) -> int:
+    """One token id from a row of logits: greedy, or temperature -> top-k -> top-p.
+
+    With `ids`, `logits` are only the candidates' values (a top-k reply from the GPU) and
+    `ids` their token ids; candidates are put in id order so a seeded draw picks the same
+    token as it would from the full row."""
+    if ids is not None:
+        order = np.argsort(ids, kind="stable")
+        logits, ids = logits[order], ids[order]
     if params.temperature == 0:
-        return int(np.argmax(logits))
+        j = int(np.argmax(logits))
+        return int(ids[j]) if ids is not None else j
     z = logits.astype(np.float64) / params.temperature
     if 0 < params.top_k < z.size:
         kth = np.partition(z, -params.top_k)[-params.top_k]
@@ -56,7 +66,17 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         kept = np.zeros_like(probs)
         kept[keep] = probs[keep]
         probs = kept / kept.sum()
-    return int(min(np.searchsorted(np.cumsum(probs), rng.random(), side="right"), probs.size - 1))
+    j = int(min(np.searchsorted(np.cumsum(probs), rng.random(), side="right"), probs.size - 1))
+    return int(ids[j]) if ids is not None else j
+
+
+def candidates_needed(params: SamplingParams) -> int | None:
+    """How many top logits sampling can use (None: the whole row, for plain temperature/top-p)."""
+    if params.temperature == 0:
+        return 1
+    if 0 < params.top_k <= 1024:
+        return params.top_k
+    return None
 
 
 @dataclass
@@ -70,7 +90,11 @@ class GenerationResult:
 
 class Generator:
     def __init__(
-        self, model: TEELlamaModel, tokenizer: Any | None = None, eos_token_ids: set[int] | None = None
+        self,
+        model: TEELlamaModel,
+        tokenizer: Any | None = None,
+        eos_token_ids: set[int] | None = None,
+        compact_logits: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -78,53 +102,93 @@ class Generator:
         if tokenizer is not None:
             ids |= set(tokenizer.eos_token_ids)
         self.eos_token_ids = ids if eos_token_ids is None else set(eos_token_ids)
+        # Ask the GPU for only the top-k logits when sampling cannot use more (greedy, top-k).
+        self.compact_logits = compact_logits
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None
     ) -> GenerationResult:
         """Generate from `prompt_ids`; `on_text` receives each new piece of text as it is final."""
+        return self.generate_batch([prompt_ids], params, [on_text])[0]
+
+    def generate_batch(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        on_text: list[Callable[[str], None] | None] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for several prompts as one batch: one round trip per crossing for all rows."""
         params.validate()
-        if not prompt_ids:
+        if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("the prompt is empty")
-        gpu = self.model.gpu
-        rng = np.random.default_rng(params.seed)
-        cache = self.model.new_cache(batch=1)
-        stream = _TextStream(self.tokenizer, params.stop, on_text)
-        tokens: list[int] = []
-        finish = "length"
+        B = len(prompts)
+        lengths = np.array([len(p) for p in prompts], np.int64)
+        ids = np.zeros((B, int(lengths.max())), np.int64)  # right-padded; padding is never attended
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+        k = candidates_needed(params) if self.compact_logits else None
+        rngs = [np.random.default_rng(params.seed) for _ in range(B)]  # same seed: same draws as solo
+        streams = [_TextStream(self.tokenizer, params.stop, f) for f in (on_text or [None] * B)]
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        finish = ["length"] * B
+        active = np.ones(B, bool)
         steps = 0  # decode forward passes
-
+        gpu = self.model.gpu
         m0, t0 = gpu.metrics.copy(), time.perf_counter()
-        logits = self.model.forward(np.asarray([prompt_ids], dtype=np.int64), cache)
-        m1, t1 = gpu.metrics.copy(), time.perf_counter()
-        while len(tokens) < params.max_new_tokens:
-            token = sample(logits[0, -1], params, rng)
-            if token in self.eos_token_ids:
-                finish = "stop"
-                break
-            tokens.append(token)
-            if stream.push(token):
-                finish = "stop"
-                break
-            if len(tokens) == params.max_new_tokens:
-                break
-            logits = self.model.forward(np.asarray([[token]], dtype=np.int64), cache)
-            steps += 1
-        stream.finish()
+        cache = self.model.new_cache(B, max_tokens=int(lengths.max()) + params.max_new_tokens + 1)
+        try:
+            out = self.model.forward(ids, cache, n_new=lengths, top_k=k)
+            m1, t1 = gpu.metrics.copy(), time.perf_counter()
+            while True:
+                nxt = np.zeros((B, 1), np.int64)
+                for b in np.flatnonzero(active):
+                    if len(tokens[b]) == params.max_new_tokens:
+                        active[b] = False
+                        continue
+                    row = (out[0][b, -1], out[1][b, -1]) if k else (out[b, -1], None)
+                    token = sample(row[0], params, rngs[b], row[1])
+                    if token in self.eos_token_ids:
+                        finish[b], active[b] = "stop", False
+                        continue
+                    tokens[b].append(token)
+                    nxt[b, 0] = token
+                    if streams[b].push(token):
+                        finish[b], active[b] = "stop", False
+                    elif len(tokens[b]) == params.max_new_tokens:
+                        active[b] = False
+                if not active.any():
+                    break
+                # Finished rows ride along without advancing: their slot is rewritten each step.
+                out = self.model.forward(nxt, cache, n_new=active.astype(np.int64), top_k=k)
+                steps += 1
+        finally:
+            self.model.close_cache(cache)
+        for st in streams:
+            st.finish()
         m2, t2 = gpu.metrics.copy(), time.perf_counter()
-
-        prefill, decode = (m1 - m0).summary(t1 - t0), (m2 - m1).summary(t2 - t1)
-        stats = {
+        shared = {
             "plan": self.model.plan.name,
-            "prompt_tokens": list(prompt_ids),
-            "tokens": tokens,
-            "text": stream.text,
-            "finish_reason": finish,
+            "batch": B,
             **(m2 - m0).summary(t2 - t0),
-            "prefill": prefill,
-            "decode": {**decode, "steps": steps},
+            "prefill": (m1 - m0).summary(t1 - t0),
+            "decode": {**(m2 - m1).summary(t2 - t1), "steps": steps},
         }
-        return GenerationResult(list(prompt_ids), tokens, stream.text, finish, stats)
+        return [
+            GenerationResult(
+                list(p),
+                tokens[b],
+                streams[b].text,
+                finish[b],
+                {
+                    **shared,
+                    "prompt_tokens": list(p),
+                    "tokens": tokens[b],
+                    "text": streams[b].text,
+                    "finish_reason": finish[b],
+                },
+            )
+            for b, p in enumerate(prompts)
+        ]
 
 
 class _TextStream:

@@ -1,9 +1,14 @@
 """TEELlamaModel: the Llama/Mistral/Qwen2 forward pass as the trusted side runs it (TRUSTED side).
 
 Every line that crosses the trust boundary is a `self.gpu.` call; everything else here is
-numpy in float32 (numerics live in tee/ops.py). Shape letters: B batch, T new tokens,
-S cached + new tokens, H query heads, Hkv KV heads, D head dim, E hidden, F MLP width,
-V vocabulary.
+numpy in float32 (numerics live in tee/ops.py). The plan decides which calls are made.
+Shape letters: B batch, T new tokens, S cached + new tokens, H query heads, Hkv KV heads,
+G = H / Hkv, D head dim, E hidden, F MLP width, V vocabulary.
+
+Rows of a batch may hold sequences of different lengths: each row has its own cached length
+and positions, and a prompt shorter than the batch's longest is right-padded; the padding's
+keys sit after the row's real tokens, so the causal mask already hides them, and the next
+token of that row overwrites them.
 """
 
 from __future__ import annotations
@@ -16,28 +21,46 @@ from teesplit.tee.plans import Plan
 
 
 class KVCache:
-    """Per-layer rotated keys and values, preallocated and grown by doubling."""
+    """Trusted-side rotated keys and values per layer, preallocated and grown by doubling."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, capacity: int = 256):
         shape = (batch, num_kv_heads, capacity, head_dim)  # (B, Hkv, S_max, D)
         self.k = [np.zeros(shape, np.float32) for _ in range(num_layers)]
         self.v = [np.zeros(shape, np.float32) for _ in range(num_layers)]
-        self.offset = 0  # tokens already cached (same for every layer between forward passes)
+        self.lengths = np.zeros(batch, np.int64)  # cached tokens per row, between forward passes
 
-    def update_and_fetch(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def update_and_fetch(
+        self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         T = k.shape[2]
-        end = self.offset + T
+        end = int(pos.max()) + T
         if end > self.k[layer].shape[2]:
             grow = max(end, 2 * self.k[layer].shape[2])
             pad = ((0, 0), (0, 0), (0, grow - self.k[layer].shape[2]), (0, 0))
             self.k[layer] = np.pad(self.k[layer], pad)
             self.v[layer] = np.pad(self.v[layer], pad)
-        self.k[layer][:, :, self.offset : end] = k
-        self.v[layer][:, :, self.offset : end] = v
+        if (pos == pos[0]).all():
+            self.k[layer][:, :, pos[0] : pos[0] + T] = k
+            self.v[layer][:, :, pos[0] : pos[0] + T] = v
+        else:
+            for b, p in enumerate(pos):  # ragged batch: one slice per row
+                self.k[layer][b, :, p : p + T] = k[b]
+                self.v[layer][b, :, p : p + T] = v[b]
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def advance(self, T: int) -> None:
-        self.offset += T
+    def advance(self, n_new: np.ndarray) -> None:
+        self.lengths = self.lengths + n_new
+
+
+class GPUKVCache:
+    """The KV cache of plan v3-fused: the data lives in a GPU-server session; only lengths here."""
+
+    def __init__(self, sid: int, batch: int):
+        self.sid = sid
+        self.lengths = np.zeros(batch, np.int64)
+
+    def advance(self, n_new: np.ndarray) -> None:
+        self.lengths = self.lengths + n_new
 
 
 class TEELlamaModel:
@@ -50,71 +73,122 @@ class TEELlamaModel:
         self.post_attention_norms = init.norms[1:-1:2]  # (L, E)
         self.final_norm = init.norms[-1]  # (E,)
         self.rope = RotaryEmbedding(c.head_dim, c.rope, c.max_position_embeddings)
-        self.scale = c.head_dim**-0.5
+        self.scale = np.float32(c.head_dim**-0.5)
 
-    def new_cache(self, batch: int = 1) -> KVCache:
+    def new_cache(self, batch: int = 1, max_tokens: int = 4096) -> KVCache | GPUKVCache:
+        """A KV cache for `batch` sequences of up to `max_tokens` tokens each (prompt + generated)."""
         c = self.config
+        if (
+            self.plan.gpu_kv_cache
+        ):  # the GPU grows its cache on demand: max_tokens is a cap, not an allocation
+            return GPUKVCache(self.gpu.open_session(batch, max_tokens), batch)
         return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim)
 
-    def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """ids (B, T) -> logits (B, T, V), or (B, 1, V) for the last position only."""
+    def close_cache(self, cache: KVCache | GPUKVCache) -> None:
+        if isinstance(cache, GPUKVCache):
+            self.gpu.close_session(cache.sid)
+
+    def forward(
+        self,
+        ids: np.ndarray,
+        cache: KVCache | GPUKVCache,
+        n_new: np.ndarray | None = None,
+        all_logits: bool = False,
+        top_k: int | None = None,
+    ):
+        """ids (B, T) -> logits (B, T, V) if all_logits, else (B, 1, V) at each row's last real
+        token (row b has n_new[b] real tokens, default T). With top_k: (values, ids), (B, 1, k)."""
         B, T = ids.shape
-        positions = np.broadcast_to(np.arange(cache.offset, cache.offset + T), (B, T))
+        n_new = np.full(B, T, np.int64) if n_new is None else np.asarray(n_new, np.int64)
+        pos = cache.lengths  # (B,) where each row's new tokens start
+        positions = pos[:, None] + np.arange(T)  # (B, T)
         cos, sin = self.rope(positions)  # (B, T, D) each
-        mask = self._mask(cache.offset, T)
+        mask = self._mask(positions, int(pos.max()) + T)
         x = self.gpu.embedding(ids)  # (B, T, E)
         for i in range(self.config.num_layers):
-            x = x + self.attention(
-                i, rms_norm(x, self.input_norms[i], self.config.rms_norm_eps), cos, sin, mask, cache
-            )
-            x = x + self.mlp(i, rms_norm(x, self.post_attention_norms[i], self.config.rms_norm_eps))
-        cache.advance(T)
+            h = rms_norm(x, self.input_norms[i], self.config.rms_norm_eps)
+            x = x + self.attention(i, h, cos, sin, mask, cache, pos)
+            h = rms_norm(x, self.post_attention_norms[i], self.config.rms_norm_eps)
+            x = x + self.mlp(i, h)
+        cache.advance(n_new)
+        if not all_logits:
+            x = x[np.arange(B), n_new - 1][:, None]  # (B, 1, E)
         x = rms_norm(x, self.final_norm, self.config.rms_norm_eps)
-        return self.gpu.lm_head(x if all_logits else x[:, -1:])
+        if top_k is not None:
+            return self.gpu.lm_head_top_k(x, top_k)
+        return self.gpu.lm_head(x)
 
     def attention(
-        self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray | None, cache: KVCache
+        self,
+        i: int,
+        x: np.ndarray,
+        cos: np.ndarray,
+        sin: np.ndarray,
+        mask: np.ndarray | None,
+        cache: KVCache | GPUKVCache,
+        pos: np.ndarray,
     ) -> np.ndarray:
         c = self.config
         B, T, _ = x.shape
-        q = self.gpu.linear(i, "q_proj", x).reshape(B, T, c.num_heads, c.head_dim)
-        k = self.gpu.linear(i, "k_proj", x).reshape(B, T, c.num_kv_heads, c.head_dim)
-        v = self.gpu.linear(i, "v_proj", x).reshape(B, T, c.num_kv_heads, c.head_dim)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H|Hkv, T, D)
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        if self.plan.gpu_kv_cache:  # v stays on the GPU, in the session's cache
+            qk = self.gpu.qkv(i, x, cache.sid, pos)  # (B, T, (H + Hkv) D)
+            q, k = qk[..., : c.q_dim], qk[..., c.q_dim :]
+        elif self.plan.fused:
+            qkv = self.gpu.qkv(i, x)  # (B, T, (H + 2 Hkv) D)
+            q, k, v = np.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+        else:
+            q = self.gpu.linear(i, "q_proj", x)
+            k = self.gpu.linear(i, "k_proj", x)
+            v = self.gpu.linear(i, "v_proj", x)
+        q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = k.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
         q, k = apply_rope(q, k, cos, sin)
-        k, v = cache.update_and_fetch(i, k, v)  # (B, Hkv, S, D)
-        n_rep = c.num_heads // c.num_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, D)
-        kt = k.transpose(0, 1, 3, 2)  # (B, H, D, S)
-        if self.plan.attention_on_gpu:
-            scores = self.gpu.matmul(q, kt)  # (B, H, T, S)
-        else:
-            scores = q @ kt
-        scores = scores * np.float32(self.scale)
-        if mask is not None:
-            scores = scores + mask
-        p = softmax(scores)
-        if self.plan.attention_on_gpu:
-            out = self.gpu.matmul(p, v)  # (B, H, T, D)
-        else:
-            out = p @ v
+
+        if self.plan.gpu_kv_cache:
+            scores = self.gpu.attn_scores(cache.sid, i, q, k, pos)  # (B, H, T, S)
+            p = self._probs(scores, mask)
+            return self.gpu.attn_out(cache.sid, i, p)  # o_proj(P V): (B, T, E)
+
+        v = v.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
+        k, v = cache.update_and_fetch(i, k, v, pos)  # (B, Hkv, S, D)
+        S = k.shape[2]
+        if self.plan.fused:  # grouped attention: no repeat_kv copies
+            G = H // Hkv
+            scores = (q.reshape(B, Hkv, G * T, D) @ k.transpose(0, 1, 3, 2)).reshape(B, H, T, S)
+            p = self._probs(scores, mask)
+            out = (p.reshape(B, Hkv, G * T, S) @ v).reshape(B, H, T, D)
+        else:  # the seed's plans: repeat_kv, then both matmuls on the GPU (v3) or here (v2)
+            k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # (B, H, S, D)
+            kt = k.transpose(0, 1, 3, 2)  # (B, H, D, S)
+            scores = self.gpu.matmul(q, kt) if self.plan.attention_on_gpu else q @ kt
+            p = self._probs(scores, mask)
+            out = self.gpu.matmul(p, v) if self.plan.attention_on_gpu else p @ v  # (B, H, T, D)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)  # (B, T, H*D)
         return self.gpu.linear(i, "o_proj", out)
 
     def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
-        gate = self.gpu.linear(i, "gate_proj", x)  # (B, T, F)
-        up = self.gpu.linear(i, "up_proj", x)  # (B, T, F)
+        F = self.config.intermediate_size
+        if self.plan.fused:
+            gate_up = self.gpu.gate_up(i, x)  # (B, T, 2F)
+            gate, up = gate_up[..., :F], gate_up[..., F:]
+        else:
+            gate = self.gpu.linear(i, "gate_proj", x)  # (B, T, F)
+            up = self.gpu.linear(i, "up_proj", x)  # (B, T, F)
         return self.gpu.linear(i, "down_proj", silu(gate) * up)  # (B, T, E)
 
-    def _mask(self, offset: int, T: int) -> np.ndarray | None:
-        """Additive (T, S) mask: causal, and Mistral's sliding window when the config has one."""
-        S = offset + T
+    def _probs(self, scores: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        scores = scores * self.scale
+        return softmax(scores if mask is None else scores + mask)
+
+    def _mask(self, positions: np.ndarray, S: int) -> np.ndarray | None:
+        """Additive (B, 1, T, S) mask: key s is visible to the query at position p when s <= p
+        (and p - s < window for Mistral's sliding window). None when nothing is hidden."""
         window = self.config.sliding_window
-        if T == 1 and (window is None or S <= window):
-            return None  # one new token may see every cached position
-        q_pos = np.arange(offset, S)[:, None]
-        k_pos = np.arange(S)[None, :]
-        hidden = k_pos > q_pos
+        k_pos = np.arange(S)
+        hidden = k_pos[None, None, :] > positions[:, :, None]  # (B, T, S)
         if window is not None:
-            hidden |= q_pos - k_pos >= window
-        return np.where(hidden, np.float32(-np.inf), np.float32(0.0))
+            hidden |= positions[:, :, None] - k_pos[None, None, :] >= window
+        if not hidden.any():
+            return None
+        return np.where(hidden, np.float32(-np.inf), np.float32(0.0))[:, None]

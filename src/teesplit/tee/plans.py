@@ -1,12 +1,19 @@
 """Plans: which operations run on which side, and what that costs in round trips (TRUSTED side).
 
-| plan | trusted side does                                  | GPU does                                   |
-|------|----------------------------------------------------|--------------------------------------------|
-| v3   | RMSNorm, RoPE, Softmax, SiLU, residuals, repeat_kv | Embedding, each Linear, QKᵀ and PV, LMHead |
-| v2   | as v3, plus the attention matmuls                  | Embedding, each Linear, LMHead             |
+| plan     | trusted side does                         | GPU does                             | RT/layer |
+|----------|-------------------------------------------|--------------------------------------|----------|
+| v3       | RMSNorm, RoPE, Softmax, SiLU, residual,   | Embedding, each Linear, QKᵀ and PV,  | 9        |
+|          | repeat_kv                                 | LMHead                               |          |
+| v2       | as v3, plus the attention matmuls         | Embedding, each Linear, LMHead       | 7        |
+| v3-fused | as v3                                     | q|k|v, QKᵀ with a K/V cache, PV with | 5        |
+|          |                                           | o_proj, gate|up, down                |          |
+| v2-fused | as v2 (grouped attention: no repeat_kv)   | q|k|v, o_proj, gate|up, down         | 4        |
 
-`v3` is the seed's V3.0 exactly (both attention operands are sent with every Matmul);
-`v2` is the seed's V2.1 placement.
+`v3` is the seed's V3.0 exactly (both attention operands are sent with every Matmul); `v2`
+is the seed's V2.1 placement. The fused plans keep the placement and cross the boundary
+less: one call for q, k and v together, one for gate and up together, and in `v3-fused` a
+GPU-side session keeps the rotated K and V so decode uploads only the new token's q and k.
+Every plan adds one Embedding and one LMHead call per forward pass.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Plan:
     name: str
-    attention_on_gpu: bool  # QKᵀ and PV as Matmul RPCs (v3) or in the trusted side (v2)
+    attention_on_gpu: bool  # QKᵀ and PV on the GPU (v3 placement) or in the trusted side (v2)
+    fused: bool  # q|k|v and gate|up in one call each
+    gpu_kv_cache: bool  # rotated K and V live in a GPU-server session
     rpcs_per_layer: int  # round trips per layer per forward pass
     summary: str
 
@@ -27,8 +36,38 @@ class Plan:
 
 
 PLANS: dict[str, Plan] = {
-    "v3": Plan("v3", True, 9, "seed V3.0: q,k,v,o,gate,up,down Linear calls plus QKᵀ and PV Matmul calls"),
-    "v2": Plan("v2", False, 7, "seed V2.1: q,k,v,o,gate,up,down Linear calls; attention in the trusted side"),
+    "v3": Plan(
+        "v3",
+        True,
+        False,
+        False,
+        9,
+        "seed V3.0: q,k,v,o,gate,up,down Linear calls plus QKᵀ and PV Matmul calls",
+    ),
+    "v2": Plan(
+        "v2",
+        False,
+        False,
+        False,
+        7,
+        "seed V2.1: q,k,v,o,gate,up,down Linear calls; attention in the trusted side",
+    ),
+    "v3-fused": Plan(
+        "v3-fused",
+        True,
+        True,
+        True,
+        5,
+        "v3 placement: q|k|v, QKᵀ against a GPU-side K/V cache, PV + o_proj, gate|up, down",
+    ),
+    "v2-fused": Plan(
+        "v2-fused",
+        False,
+        True,
+        False,
+        4,
+        "v2 placement: q|k|v, o_proj, gate|up, down; attention in the trusted side",
+    ),
 }
 
 
