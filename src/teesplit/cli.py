@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from teesplit.protocol import ProtocolError, RemoteError
+from teesplit.protocol import WIRE_DTYPES, ProtocolError, RemoteError
 from teesplit.transport import GPUServerUnavailable
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -30,12 +30,13 @@ def build_service(
     dtype: str = "auto",
     threads: int | None = None,
     progress: bool = True,
+    limits=None,
 ):
     """Load the GPU side (imports torch). Returns (RequestHandler, description)."""
     import torch
 
     from teesplit.gpu.server import RequestHandler
-    from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService
+    from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService, SessionLimits
     from teesplit.gpu.weights import load_weights
 
     if threads:
@@ -51,7 +52,8 @@ def build_service(
     c = weights.config
     shape = f"{c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}"
     desc = f"{model_dir.name} ({shape}) on {device} {dtype}"
-    return RequestHandler(GPUComputeService(weights, dev, TORCH_DTYPES[dtype])), desc
+    service = GPUComputeService(weights, dev, TORCH_DTYPES[dtype], limits=limits or SessionLimits())
+    return RequestHandler(service), desc
 
 
 def connect_client(
@@ -85,21 +87,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from teesplit.gpu.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from teesplit.gpu.service import SessionLimits
+
     model_dir = resolve(args.model, args.cache_dir)
-    handler, desc = build_service(model_dir, args.device, args.dtype, args.threads)
+    limits = SessionLimits(
+        max_sessions=args.max_sessions,
+        max_session_tokens=args.max_session_tokens,
+        max_batch=args.max_batch,
+        max_kv_bytes=int(args.max_kv_gib * (1 << 30)),
+    )
+    handler, desc = build_service(model_dir, args.device, args.dtype, args.threads, limits=limits)
     logging.getLogger("teesplit.server").info("serving %s at %s", desc, args.bind)
     serve(handler, args.bind)
     return 0
 
 
 # ---- generate ------------------------------------------------------------------------------
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts_file:
+        text = sys.stdin.read() if args.prompts_file == "-" else Path(args.prompts_file).read_text()
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompts_file} holds no prompts (one per line)")
+        return prompts
+    if args.prompt is None:
+        raise ValueError("give --prompt TEXT or --prompts-file FILE")
+    return [args.prompt]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from teesplit.tee.generate import Generator, SamplingParams
+    from teesplit.tee.generate import Generator, SamplingParams, generate_pipelined
     from teesplit.tee.model import TEELlamaModel
     from teesplit.tee.plans import get_plan
     from teesplit.tee.tokenizer import Tokenizer
 
-    plan = get_plan(args.plan)
+    plan = None if args.plan == "auto" else get_plan(args.plan)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -109,26 +131,69 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     params.validate()
+    texts = read_prompts(args)
     model_dir = resolve(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     if args.chat:
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     else:
-        prompt_ids = tokenizer.encode(args.prompt)
-    client = connect_client(args.server, model_dir, args.timeout, device=args.device, dtype=args.dtype)
+        prompts = [tokenizer.encode(t) for t in texts]
+    # Pipelining needs a second connection to a server process; in-process there is nothing to overlap.
+    n_conn = 2 if args.pipeline and len(prompts) > 1 and args.server != "local" else 1
+    clients = [
+        connect_client(
+            args.server, model_dir, args.timeout, args.wire_dtype or "float32", args.device, args.dtype
+        )
+        for _ in range(n_conn)
+    ]
     try:
-        model = TEELlamaModel(client, plan)
-        _check_same_model(model.config, model_dir)
-        gen = Generator(model, tokenizer)
-        result = gen.generate(prompt_ids, params, on_text=_print_stream)
+        models = [TEELlamaModel(c, plan or get_plan("v2-fused")) for c in clients]
+        _check_same_model(models[0].config, model_dir)
+        if plan is None:
+            _choose_plan(models, prompts, params, args.wire_dtype)
+        gens = [Generator(m, tokenizer) for m in models]
+        if len(prompts) == 1:
+            results = [gens[0].generate(prompts[0], params, on_text=_print_stream)]
+            print(flush=True)
+        else:
+            if n_conn > 1:
+                results = generate_pipelined(gens, prompts, params)
+            else:
+                results = gens[0].generate_batch(prompts, params)
+            for i, (t, r) in enumerate(zip(texts, results, strict=True)):
+                print(f"=== [{i}] {t}\n{r.text}", flush=True)
     finally:
-        client.close()
-    print(flush=True)
+        for c in clients:
+            c.close()
     if args.stats:
-        print(format_stats(result.stats), file=sys.stderr)
+        print(format_stats(results[0].stats), file=sys.stderr)
     if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(result.stats, indent=2) + "\n")
+        out = (
+            results[0].stats
+            if len(results) == 1
+            else {"batch": len(results), "results": [r.stats for r in results]}
+        )
+        Path(args.stats_json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def _choose_plan(models, prompts, params, wire_dtype: str | None) -> None:
+    """--plan auto: measure the link once, pick plan and wire dtype, apply to every model."""
+    from teesplit.tee.adaptive import choose
+    from teesplit.tee.generate import candidates_needed
+
+    context = max(len(p) for p in prompts) + params.max_new_tokens // 2
+    wires = (wire_dtype,) if wire_dtype else ("float32", "float16")
+    choice = choose(models[0].gpu, models[0].config, context, candidates_needed(params), wires)
+    for m in models:
+        m.plan = choice.plan
+        m.gpu.wire_dtype = choice.wire_dtype
+    link = choice.link
+    print(
+        f"plan auto: link rtt {link.rtt_s * 1e6:.0f} µs, up {link.up_bytes_per_s / 1e6:.0f} MB/s, "
+        f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {choice.plan.name}, wire {choice.wire_dtype}",
+        file=sys.stderr,
+    )
 
 
 def _print_stream(text: str) -> None:
@@ -281,6 +346,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stop_server(proc)
 
 
+# ---- bench -----------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from teesplit.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 # ---- convert -------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     print(resolve(args.model, args.cache_dir))
@@ -324,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     device_args(s)
     s.add_argument("--bind", default=DEFAULT_ADDRESS, help="tcp://HOST:PORT or ipc://PATH")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--max-sessions", type=int, default=64, help="sessions (GPU-side KV caches) at once")
+    s.add_argument("--max-session-tokens", type=int, default=8192, help="tokens per sequence in a session")
+    s.add_argument("--max-batch", type=int, default=64, help="sequences per session")
+    s.add_argument("--max-kv-gib", type=float, default=4.0, help="KV-cache memory for all sessions, GiB")
     s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text through a GPU server (trusted runner)")
@@ -334,7 +410,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ADDRESS,
         help="GPU server address, or 'local' to run the GPU service in this process",
     )
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", default=None)
+    g.add_argument(
+        "--prompts-file",
+        default=None,
+        metavar="FILE",
+        help="one prompt per line, generated as one batch ('-' reads stdin)",
+    )
+    g.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="with --prompts-file: two micro-batches in flight on two connections",
+    )
+    g.add_argument(
+        "--wire-dtype",
+        choices=WIRE_DTYPES,
+        default=None,
+        help="activations on the wire (default float32; int8 = per-row absmax)",
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -342,7 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--plan", default="v3", help="v3 (seed V3.0) or v2 (seed V2.1)")
+    g.add_argument(
+        "--plan",
+        default="v3-fused",
+        help="v3 (seed V3.0), v2 (seed V2.1), v3-fused, v2-fused, or auto (measure the link)",
+    )
     g.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply")
     g.add_argument("--stats", action="store_true", help="print RPC/byte/time table to stderr")
     g.add_argument("--stats-json", default=None, metavar="FILE")
@@ -351,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start a local GPU server process and chat through it")
     model_args(d)
     d.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
-    d.add_argument("--plan", default="v3")
+    d.add_argument("--plan", default="v3-fused")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     d.set_defaults(func=cmd_demo)
@@ -361,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--count", type=int, default=100)
     pg.add_argument("--timeout", type=_positive_float, default=5.0)
     pg.set_defaults(func=cmd_ping)
+
+    b = sub.add_parser(
+        "bench", help="benchmark the plans against monolithic transformers (see --help)", add_help=False
+    )
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("convert", help="convert a GGUF model into the cache and print its directory")
     model_args(c)

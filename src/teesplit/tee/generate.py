@@ -6,6 +6,7 @@ token ids and activations the chosen plan sends to the GPU.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -229,3 +230,33 @@ class _TextStream:
         if upto > self.sent and self.on_text is not None:
             self.on_text(self.text[self.sent : upto])
         self.sent = max(self.sent, upto)
+
+
+def generate_pipelined(
+    generators: list[Generator], prompts: list[list[int]], params: SamplingParams
+) -> list[GenerationResult]:
+    """Split the prompts into one micro-batch per generator and run them concurrently.
+
+    Each generator has its own connection (its own DEALER socket), so while the GPU server
+    works on one micro-batch's request the trusted side computes the other's next step; numpy
+    and ZeroMQ release the GIL for that work."""
+    n = min(len(generators), len(prompts))
+    bounds = np.linspace(0, len(prompts), n + 1).astype(int)
+    chunks = [prompts[bounds[i] : bounds[i + 1]] for i in range(n)]
+    results: list[list[GenerationResult] | None] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = generators[i].generate_batch(chunks[i], params)
+        except BaseException as e:  # re-raised in the caller's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"micro-batch-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [r for chunk in results for r in chunk]

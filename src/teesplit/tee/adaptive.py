@@ -1,0 +1,134 @@
+"""`--plan auto`: measure the link, then pick the plan and wire dtype a cost model says is
+fastest per decode token (TRUSTED side).
+
+The model counts, per decode token: round trips x measured round-trip time, bytes each way
+/ measured bandwidth, and the attention work the plan leaves to the trusted side / its
+measured numpy speed. GPU compute is the same for every plan and is left out. The byte
+counts are the plans' actual tensor payloads (tests check them against the client's meter).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from teesplit.config import ModelConfig
+from teesplit.tee.client import GPUClient
+from teesplit.tee.plans import PLANS, Plan
+
+HEADER_UP, HEADER_DOWN = 110, 80  # typical msgpack header frame sizes, bytes
+WIRE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    rtt_s: float  # median round trip of an empty Ping
+    up_bytes_per_s: float
+    down_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    plan: Plan
+    wire_dtype: str
+    link: LinkStats
+    tee_flops: float
+    estimates_ms: dict[str, float]  # "plan/wire" -> estimated ms per decode token
+
+
+def measure_link(gpu: GPUClient, pings: int = 30, probe_bytes: int = 1 << 20) -> LinkStats:
+    rtt = float(np.median([gpu.ping() for _ in range(pings)]))
+    up = float(np.median([gpu.ping(payload_bytes=probe_bytes) for _ in range(5)]))
+    down = float(np.median([gpu.ping(reply_bytes=probe_bytes) for _ in range(5)]))
+    return LinkStats(rtt, probe_bytes / max(up - rtt, 1e-7), probe_bytes / max(down - rtt, 1e-7))
+
+
+def measure_tee_flops(context: int = 512) -> float:
+    """numpy float32 throughput on an attention-shaped product (B=1, 8 heads, one query)."""
+    q = np.ones((8, 1, 64), np.float32)
+    k = np.ones((8, 64, context), np.float32)
+    q @ k  # warm-up
+    t0, n = time.perf_counter(), 50
+    for _ in range(n):
+        q @ k
+    return n * 2 * q.size * context / max(time.perf_counter() - t0, 1e-9)
+
+
+def bytes_per_token(
+    plan: Plan, c: ModelConfig, context: int, wire: str, top_k: int | None = 1
+) -> tuple[int, int]:
+    """Tensor payload bytes (up to the GPU, back) of one decode token at `context` positions."""
+    w = WIRE_ITEMSIZE[wire]
+    E, F, S = c.hidden_size, c.intermediate_size, context
+    HD, KD, HS = c.q_dim, c.kv_dim, c.num_heads * context
+    if plan.name == "v3":
+        up = 3 * E + HD + HD * S + HS + HS * c.head_dim + HD + 2 * E + F
+        down = HD + 2 * KD + HS + HD + E + 2 * F + E
+    elif plan.name == "v2":
+        up, down = 3 * E + HD + 2 * E + F, HD + 2 * KD + E + 2 * F + E
+    elif plan.name == "v3-fused":
+        up, down = E + HD + KD + HS + E + F, HD + KD + HS + E + 2 * F + E
+    else:  # v2-fused
+        up, down = E + HD + E + F, HD + 2 * KD + E + 2 * F + E
+    up_b = c.num_layers * up * w + (16 if plan.gpu_kv_cache else 0) * c.num_layers + 8 + E * w
+    down_b = c.num_layers * down * w + E * w + (12 * top_k if top_k else c.vocab_size * w)
+    return up_b, down_b
+
+
+def tee_attention_flops(plan: Plan, c: ModelConfig, context: int) -> float:
+    """Attention work left to the trusted side per decode token (v2 placement: both products;
+    v3: the repeat_kv and transpose copies of K and V, counted as one flop per element)."""
+    per_layer = 2 * 2 * c.num_heads * context * c.head_dim
+    if plan.attention_on_gpu:
+        return 0.0 if plan.gpu_kv_cache else c.num_layers * per_layer / 2
+    return c.num_layers * per_layer
+
+
+def estimate_ms(
+    plan: Plan,
+    wire: str,
+    c: ModelConfig,
+    context: int,
+    link: LinkStats,
+    tee_flops: float,
+    top_k: int | None = 1,
+) -> float:
+    up, down = bytes_per_token(plan, c, context, wire, top_k)
+    n = plan.rpcs_per_forward(c.num_layers)
+    s = (
+        n * link.rtt_s
+        + (up + n * HEADER_UP) / link.up_bytes_per_s
+        + (down + n * HEADER_DOWN) / link.down_bytes_per_s
+        + tee_attention_flops(plan, c, context) / tee_flops
+    )
+    return 1000 * s
+
+
+def choose(
+    gpu: GPUClient | None,
+    c: ModelConfig,
+    context: int,
+    top_k: int | None = 1,
+    wires: tuple[str, ...] = ("float32", "float16"),
+    link: LinkStats | None = None,
+    tee_flops: float | None = None,
+    min_gain: float = 0.05,
+) -> Choice:
+    """Measure (unless given) and pick the cheapest plan; a narrower wire dtype than the first
+    of `wires` is taken only when it saves at least `min_gain` of the time, since it costs
+    precision."""
+    link = link or measure_link(gpu)
+    flops = tee_flops or measure_tee_flops(context)
+    est = {
+        f"{p.name}/{w}": estimate_ms(p, w, c, context, link, flops, top_k)
+        for p in PLANS.values()
+        for w in wires
+    }
+    plan = min(PLANS.values(), key=lambda p: est[f"{p.name}/{wires[0]}"])
+    wire = wires[0]
+    for w in wires[1:]:
+        if est[f"{plan.name}/{w}"] < (1 - min_gain) * est[f"{plan.name}/{wire}"]:
+            wire = w
+    return Choice(plan, wire, link, flops, est)
