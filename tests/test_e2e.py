@@ -190,3 +190,59 @@ def test_bad_cli_input_is_a_clear_error(args, message):
     r = run_cli("generate", "--server", "local", "--prompt", "hi", *args, timeout=60)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+BATCH = ["What is the capital of France?", "Name a color.", "Count from one to five."]
+
+
+@pytest.fixture(scope="module")
+def solo_texts(smollm2_dir):
+    from helpers import local_model
+
+    from teesplit.tee.generate import Generator, SamplingParams
+    from teesplit.tee.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(smollm2_dir)
+    gen = Generator(local_model(smollm2_dir, "v3-fused"), tok)
+    return [
+        gen.generate(
+            tok.apply_chat_template([{"role": "user", "content": p}]), SamplingParams(max_new_tokens=10)
+        ).text
+        for p in BATCH
+    ]
+
+
+@pytest.mark.parametrize("extra", [[], ["--pipeline"], ["--plan", "auto"], ["--wire-dtype", "float16"]])
+def test_prompts_file_batch_matches_solo_runs(server, smollm2_dir, solo_texts, tmp_path, extra):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(BATCH) + "\n\n")
+    stats_path = tmp_path / "stats.json"
+    r = run_cli(
+        "generate",
+        "--server",
+        server,
+        "--model",
+        str(smollm2_dir),
+        "--prompts-file",
+        str(f),
+        "--chat",
+        "--max-new-tokens",
+        "10",
+        "--stats-json",
+        str(stats_path),
+        *extra,
+    )
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(stats_path.read_text())
+    outs = [s["text"] for s in stats["results"]]
+    for i, (prompt, text) in enumerate(zip(BATCH, outs, strict=True)):
+        assert f"=== [{i}] {prompt}\n{text}" in r.stdout
+    assert stats["batch"] == 3 and len(stats["results"]) == 3
+    if "--wire-dtype" in extra:  # float16 activations: close, not necessarily identical
+        assert sum(a == b for a, b in zip(outs, solo_texts, strict=True)) >= 2
+    else:
+        assert outs == solo_texts
+    if "auto" in extra:
+        assert "plan auto: link rtt" in r.stderr
+    # --pipeline: two micro-batches on two connections, [0] and [1, 2]; otherwise one batch of 3.
+    assert [s["batch"] for s in stats["results"]] == ([1, 2, 2] if "--pipeline" in extra else [3, 3, 3])

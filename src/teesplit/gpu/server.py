@@ -155,20 +155,19 @@ def serve(
             signal.signal(sig, lambda *_: stop.set())
     if ready is not None:
         ready.set()
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
+    sock.setsockopt(zmq.RCVTIMEO, 100)  # wake up to check `stop`; no poll call per message
     try:
         while not stop.is_set():
-            if not poller.poll(100):
+            try:
+                frames = sock.recv_multipart(copy=False)
+            except zmq.Again:
                 continue
-            frames = sock.recv_multipart(copy=False)
             parts = split_envelope(frames)
             if parts is None:
                 # No delimiter: not one of our clients. Answer on the identity alone if there is one.
                 if len(frames) >= 2:
-                    sock.send_multipart(
-                        [frames[0], b"", *error_reply(None, "bad_message", "missing empty delimiter frame")]
-                    )
+                    err = error_reply(None, "bad_message", "missing empty delimiter frame")
+                    sock.send_multipart([frames[0], b"", *err])
                 continue
             envelope, message = parts
             sock.send_multipart([*envelope, *handler.handle(message)], copy=False)

@@ -11,6 +11,7 @@ G = H / Hkv, D head dim, E hidden, F MLP width, V vocabulary.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 import warnings
@@ -117,7 +118,7 @@ class GPUComputeService:
         return to_torch(x, self.device, self.dtype)
 
     def _check_result_size(self, shape: tuple[int, ...], what: str) -> None:
-        n = int(np.prod(shape, dtype=object))
+        n = math.prod(shape)
         if n > self.max_elements:
             raise _bad(f"{what}: result of {n} elements exceeds the limit {self.max_elements}", "too_large")
 

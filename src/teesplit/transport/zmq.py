@@ -23,19 +23,27 @@ class ZmqTransport:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.connect(address)
+        self._rcvtimeo = None
 
     def send(self, frames: list) -> None:
         self._sock.send_multipart([b"", *frames], copy=False)
 
     def recv(self, timeout_s: float | None = None) -> list:
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        # A receive timeout on the socket instead of a poll per message: one system call less
+        # on every round trip, which matters at ~100 round trips per token.
+        ms = max(1, int(timeout * 1000))
+        if ms != self._rcvtimeo:
+            self._sock.setsockopt(zmq.RCVTIMEO, ms)
+            self._rcvtimeo = ms
         while True:
-            if not self._sock.poll(int(timeout * 1000), zmq.POLLIN):
+            try:
+                frames = self._sock.recv_multipart(copy=False)
+            except zmq.Again:
                 raise GPUServerUnavailable(
                     f"no reply from the GPU server at {self.address} within {timeout:g} s "
                     "(is `teesplit serve` running there?)"
-                )
-            frames = self._sock.recv_multipart(copy=False)
+                ) from None
             if frames and len(frames[0].buffer) == 0:
                 return frames[1:]
             # A reply without our delimiter is not from a teesplit server; skip it.

@@ -1,0 +1,54 @@
+"""--plan auto: the byte model matches what the client's meter measures, and the choice follows
+the link (many cheap round trips vs. few expensive ones)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import local_model, make_checkpoint
+
+from teesplit.tee.adaptive import HEADER_DOWN, HEADER_UP, LinkStats, bytes_per_token, choose
+from teesplit.tee.plans import PLANS
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("auto"), "qwen2", num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("wire", ["float32", "float16"])
+def test_byte_model_matches_the_meter(ckpt, plan, wire):
+    model = local_model(ckpt, plan)
+    model.gpu.wire_dtype = wire
+    cache = model.new_cache()
+    model.forward(np.arange(1, 20)[None], cache, top_k=1)  # context 19, then one decode step at 20
+    before = model.gpu.metrics.copy()
+    model.forward(np.array([[7]]), cache, top_k=1)
+    used = model.gpu.metrics - before
+    n = sum(used.rpc.values())
+    up, down = bytes_per_token(PLANS[plan], model.config, 20, wire, top_k=1)
+    # The model counts tensor payloads; the meter adds one msgpack header per message.
+    assert 0 <= used.bytes_to_gpu - up <= n * 2 * HEADER_UP
+    assert 0 <= used.bytes_from_gpu - down <= n * 2 * HEADER_DOWN
+
+
+def test_choice_follows_the_link(ckpt):
+    c = local_model(ckpt, "v2").config
+    slow_rtt = LinkStats(rtt_s=5e-3, up_bytes_per_s=1e9, down_bytes_per_s=1e9)
+    thin_pipe = LinkStats(rtt_s=1e-6, up_bytes_per_s=1e5, down_bytes_per_s=1e5)
+    fast_cpu = 1e12
+    # Round trips dominate: the fewest crossings win (v2-fused: 4 per layer).
+    assert choose(None, c, 512, link=slow_rtt, tee_flops=fast_cpu).plan.name == "v2-fused"
+    # Bytes dominate: v3's context-sized uploads lose, and a narrower wire dtype is worth it.
+    pick = choose(None, c, 512, link=thin_pipe, tee_flops=fast_cpu)
+    assert pick.plan.name in ("v2-fused", "v2") and pick.wire_dtype == "float16"
+    # A slow trusted CPU and a fast link: attention goes to the GPU.
+    assert choose(None, c, 4096, link=LinkStats(1e-6, 1e10, 1e10), tee_flops=1e6).plan.attention_on_gpu
+
+
+def test_choose_measures_a_real_link(ckpt):
+    model = local_model(ckpt, "v2")
+    choice = choose(model.gpu, model.config, 64)
+    assert choice.plan.name in PLANS and choice.link.rtt_s > 0
+    assert set(choice.estimates_ms) == {f"{p}/{w}" for p in PLANS for w in ("float32", "float16")}
