@@ -46,6 +46,23 @@ T tokens, S cached + new tokens, E hidden, N output features, V vocabulary, K to
     OpenSession  args {batch, max_tokens}                -> res {sid, kv_bytes_per_token}
     CloseSession sid                                     -> res {}
 
+  Merged operations (plans v3-merged and v2-merged). RMSNorm(x) = (r x) ⊙ w with the row
+  scale r = 1 / rms(x) computed and applied by the trusted side; the GPU applies the gain w
+  (a diagonal linear map) inside the next product and returns it unscaled (z = W (w ⊙ x)),
+  so a Linear after a norm can ride in the same round trip as the Linear before it:
+
+    EmbedQKV      args {} t [ids (B, T) i64, pos?]        -> t [x0 (B, T, E), z_qkv of layer 0]
+    DownQKV       args {layer} t [m (B, T, F), x (B, T, E), pos?]
+                  y = down(m) -> t [y (B, T, E), z_qkv of layer+1 on (x + y)]
+    DownLMHead    args {top_k?} t [m, x, rows? (B,) i64]   last layer: y = down(m), then the LM
+                  head on (x + y) at the given rows -> t [y (B, R, E), z_logits or top-k
+                  values and ids of z (B, R, ...)]
+    OGateUp       args {layer} t [a (B, T, H D), x]       -> t [o = o_proj(a), z_gateup on (x + o)]
+    AttnOutGateUp sid, args {layer} t [p (B, H, T, S), x] -> t [o = o_proj(p V), z_gateup on (x + o)]
+
+  With a session, z_qkv holds q|k only; the v part waits in the session until AttnScores
+  brings the row scales (a fourth tensor r (B, T) f32), which turn it into v for the cache.
+
 Cache writes address positions explicitly, so a repeated request writes the same values to
 the same places: they are idempotent. Each row's cached length becomes pos + T.
 
@@ -90,12 +107,17 @@ OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
     "Ping": ({"reply_bytes": (int, False)}, (0, 1)),
     "QKV": (_LAYER, (1, 2)),
     "GateUp": (_LAYER, (1, 1)),
-    "AttnScores": (_LAYER, (3, 3)),
+    "AttnScores": (_LAYER, (3, 4)),
     "AttnOut": (_LAYER, (1, 1)),
     "OpenSession": ({"batch": (int, True), "max_tokens": (int, True)}, (0, 0)),
     "CloseSession": ({}, (0, 0)),
+    "EmbedQKV": ({}, (1, 2)),
+    "DownQKV": (_LAYER, (2, 3)),
+    "DownLMHead": ({"top_k": (int, False)}, (2, 3)),
+    "OGateUp": (_LAYER, (2, 2)),
+    "AttnOutGateUp": (_LAYER, (2, 2)),
 }
-SESSION_OPS = ("AttnScores", "AttnOut", "CloseSession")  # need a session id; QKV takes one optionally
+SESSION_OPS = ("AttnScores", "AttnOut", "AttnOutGateUp", "CloseSession")  # need a session id; QKV takes one optionally
 
 ERROR_CODES = (
     "bad_message",  # framing, msgpack, header schema
