@@ -117,7 +117,8 @@ OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
     "OGateUp": (_LAYER, (2, 2)),
     "AttnOutGateUp": (_LAYER, (2, 2)),
 }
-SESSION_OPS = ("AttnScores", "AttnOut", "AttnOutGateUp", "CloseSession")  # need a session id; QKV takes one optionally
+# Operations that need a session id; QKV, EmbedQKV and DownQKV take one optionally.
+SESSION_OPS = ("AttnScores", "AttnOut", "AttnOutGateUp", "CloseSession")
 
 ERROR_CODES = (
     "bad_message",  # framing, msgpack, header schema
