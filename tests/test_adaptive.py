@@ -38,11 +38,11 @@ def test_choice_follows_the_link(ckpt):
     slow_rtt = LinkStats(rtt_s=5e-3, up_bytes_per_s=1e9, down_bytes_per_s=1e9)
     thin_pipe = LinkStats(rtt_s=1e-6, up_bytes_per_s=1e5, down_bytes_per_s=1e5)
     fast_cpu = 1e12
-    # Round trips dominate: the fewest crossings win (v2-fused: 4 per layer).
-    assert choose(None, c, 512, link=slow_rtt, tee_flops=fast_cpu).plan.name == "v2-fused"
+    # Round trips dominate: the fewest crossings win (v2-merged: 2 per layer).
+    assert choose(None, c, 512, link=slow_rtt, tee_flops=fast_cpu).plan.name == "v2-merged"
     # Bytes dominate: v3's context-sized uploads lose, and a narrower wire dtype is worth it.
     pick = choose(None, c, 512, link=thin_pipe, tee_flops=fast_cpu)
-    assert pick.plan.name in ("v2-fused", "v2") and pick.wire_dtype == "float16"
+    assert pick.plan.name in ("v2-fused", "v2-merged", "v2") and pick.wire_dtype == "float16"
     # A slow trusted CPU and a fast link: attention goes to the GPU.
     assert choose(None, c, 4096, link=LinkStats(1e-6, 1e10, 1e10), tee_flops=1e6).plan.attention_on_gpu
 

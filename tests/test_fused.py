@@ -15,7 +15,7 @@ from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import get_plan
 from teesplit.transport.local import LocalTransport
 
-PLANS = ["v3", "v2", "v3-fused", "v2-fused"]
+PLANS = ["v3", "v2", "v3-fused", "v2-fused", "v3-merged", "v2-merged"]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,9 @@ def greedy(model, prompts, n=10, **kw):
 PROMPTS = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 11], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70], [1]]
 
 
-@pytest.mark.parametrize("plan", ["v3-fused", "v2-fused"])
+@pytest.mark.parametrize("plan", ["v3-fused", "v2-fused", "v3-merged", "v2-merged"])
 def test_fused_plans_give_the_same_tokens_as_plain(ckpt, plan):
-    plain = get_plan(plan.removesuffix("-fused")).name
+    plain = plan.split("-")[0]
     assert greedy(local_model(ckpt, plan), PROMPTS[:1], 20) == greedy(
         local_model(ckpt, plain), PROMPTS[:1], 20
     )
@@ -50,6 +50,7 @@ def test_ragged_batch_equals_each_prompt_alone(ckpt, plan):
     used = model.gpu.metrics - before
     setup = used.rpc["OpenSession"] + used.rpc["CloseSession"]
     assert sum(used.rpc.values()) - setup == 10 * get_plan(plan).rpcs_per_forward(3)
+    assert used.rpc["Init"] == 0
 
 
 def test_rows_finishing_early_stop_advancing(ckpt):

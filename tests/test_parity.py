@@ -62,7 +62,7 @@ def variant(request, tmp_path_factory):
     return path, ids, hf_stepwise_logits(load_hf(path), ids, n_prefill=12)
 
 
-@pytest.mark.parametrize("plan", ["v3", "v2", "v3-fused", "v2-fused"])
+@pytest.mark.parametrize("plan", ["v3", "v2", "v3-fused", "v2-fused", "v3-merged", "v2-merged"])
 def test_prefill_and_decode_match_transformers(variant, plan):
     path, ids, reference = variant
     got = split_stepwise_logits(local_model(path, plan), ids, n_prefill=12)

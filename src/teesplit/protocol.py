@@ -51,7 +51,7 @@ T tokens, S cached + new tokens, E hidden, N output features, V vocabulary, K to
   (a diagonal linear map) inside the next product and returns it unscaled (z = W (w ⊙ x)),
   so a Linear after a norm can ride in the same round trip as the Linear before it:
 
-    EmbedQKV      args {} t [ids (B, T) i64, pos?]        -> t [x0 (B, T, E), z_qkv of layer 0]
+    EmbedQKV      args {dtype?} t [ids (B, T) i64, pos?]  -> t [x0 (B, T, E), z_qkv of layer 0]
     DownQKV       args {layer} t [m (B, T, F), x (B, T, E), pos?]
                   y = down(m) -> t [y (B, T, E), z_qkv of layer+1 on (x + y)]
     DownLMHead    args {top_k?} t [m, x, rows? (B,) i64]   last layer: y = down(m), then the LM
@@ -111,7 +111,7 @@ OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
     "AttnOut": (_LAYER, (1, 1)),
     "OpenSession": ({"batch": (int, True), "max_tokens": (int, True)}, (0, 0)),
     "CloseSession": ({}, (0, 0)),
-    "EmbedQKV": ({}, (1, 2)),
+    "EmbedQKV": ({"dtype": (str, False)}, (1, 2)),
     "DownQKV": (_LAYER, (2, 3)),
     "DownLMHead": ({"top_k": (int, False)}, (2, 3)),
     "OGateUp": (_LAYER, (2, 2)),

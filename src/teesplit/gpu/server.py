@@ -107,13 +107,43 @@ class RequestHandler:
         elif op == "GateUp":
             out = s.gate_up(args["layer"], t[0])
         elif op == "AttnScores":
-            out = s.attn_scores(s.session(sid), args["layer"], t[0], t[1], t[2])
+            r = t[3] if len(t) == 4 else None
+            out = s.attn_scores(s.session(sid), args["layer"], t[0], t[1], t[2], r)
         elif op == "AttnOut":
             out = s.attn_out(s.session(sid), args["layer"], t[0])
+        elif op in MERGED_OPS:
+            return {}, self._merged(op, args, sid, wire, t), time.perf_counter() - t0
         else:  # validate_request only admits known ops; this guards a missing branch
             raise ProtocolError(f"operation {op!r} is not implemented by this server", "unknown_op")
         result = to_wire(out, wire)
         return {}, [result], time.perf_counter() - t0
+
+    def _merged(self, op: str, args: dict[str, Any], sid: int | None, wire: str, t: list) -> list:
+        """The merged plans' operations: two (or three, with top-k) tensors come back."""
+        s = self.service
+        session = s.session(sid) if sid is not None else None
+        if op == "EmbedQKV":
+            wire = args.get("dtype", "float32")  # the request's only tensors are ids and positions
+            if wire not in WIRE_DTYPES:
+                raise ProtocolError(f"EmbedQKV: dtype must be one of {WIRE_DTYPES}", "bad_args")
+            out = s.embed_qkv(t[0], session, t[1] if len(t) == 2 else None)
+        elif op == "DownQKV":
+            out = s.down_qkv(args["layer"], t[0], t[1], session, t[2] if len(t) == 3 else None)
+        elif op == "DownLMHead":
+            out = s.down_lm_head(t[0], t[1], t[2] if len(t) == 3 else None, args.get("top_k"))
+            if len(out) == 3:  # top-k: y in the wire dtype, float32 values and int64 ids
+                y, values, ids = out
+                return [to_wire(y, wire), values.cpu().numpy(), ids.cpu().numpy()]
+        elif op == "OGateUp":
+            out = s.o_gate_up(args["layer"], t[0], t[1])
+        else:  # AttnOutGateUp
+            if session is None:
+                raise ProtocolError("AttnOutGateUp needs a session id", "no_session")
+            out = s.attn_out_gate_up(session, args["layer"], t[0], t[1])
+        return [to_wire(o, wire) for o in out]
+
+
+MERGED_OPS = ("EmbedQKV", "DownQKV", "DownLMHead", "OGateUp", "AttnOutGateUp")
 
 
 def to_wire(t: torch.Tensor, wire: str) -> np.ndarray | Int8Rows:

@@ -69,6 +69,9 @@ class Session:
         self.kv: torch.Tensor | None = None  # (2, L, B, Hkv, capacity, D)
         self.k_len = np.zeros((num_layers, batch), np.int64)
         self.v_len = np.zeros((num_layers, batch), np.int64)
+        # Merged plans: per layer, the unscaled v (B, Hkv, T, D) and its positions, waiting for
+        # the trusted side's row scales (AttnScores) to become cache entries.
+        self.pending_v: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
         self.last_used = time.monotonic()
 
     @property
@@ -129,9 +132,11 @@ class GPUComputeService:
 
     # ---- the seed's operations -------------------------------------------------------------
     def init(self) -> tuple[dict[str, Any], list[np.ndarray]]:
-        """Model config, RoPE parameters and the stacked RMSNorm weights (2L+1, E)."""
-        result = {"config": self.config.to_dict(), "rope": dict(self.config.rope)}
-        return result, [self.w.norm_stack().numpy()]
+        """Model config, RoPE parameters, the stacked RMSNorm weights (2L+1, E), and the biases
+        the merged plans add on the trusted side (their names listed in `biases`)."""
+        biases = self.w.bias_stacks()
+        result = {"config": self.config.to_dict(), "rope": dict(self.config.rope), "biases": list(biases)}
+        return result, [self.w.norm_stack().numpy(), *(b.numpy() for b in biases.values())]
 
     def embedding(self, ids: np.ndarray) -> torch.Tensor:
         if ids.dtype != DTYPES["int64"] or ids.ndim != 2 or ids.size == 0:
@@ -199,11 +204,13 @@ class GPUComputeService:
         return F.linear(xt, lw.gate_up_weight, lw.gate_up_bias)  # (B, T, 2F)
 
     # ---- attention against the session's cache -----------------------------------------
-    def attn_scores(
-        self, session: Session, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray
-    ) -> torch.Tensor:
-        """Write the rotated k at pos, return q Kᵀ over every cached position: (B, H, T, S)."""
-        self._layer(layer, "AttnScores")
+    def attn_scores(self, session: Session, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray,
+                    r: np.ndarray | None = None) -> torch.Tensor:
+        """Write the rotated k at pos, return q Kᵀ over every cached position: (B, H, T, S).
+        With row scales r (B, T) (merged plans), first turn the pending v into cache entries."""
+        lw = self._layer(layer, "AttnScores")
+        if r is not None:
+            self._finish_pending_v(session, layer, lw, r, pos)
         c = self.config
         B, T = session.batch, (q.shape[2] if q.ndim == 4 else -1)
         _float_dtype(q, "AttnScores q")
@@ -246,16 +253,9 @@ class GPUComputeService:
     ) -> None:
         """Write x (B, Hkv, T, D) at each row's position; the row's length becomes pos + T."""
         lengths = s.k_len if which == 0 else s.v_len
-        if pos is None or pos.dtype != DTYPES["int64"] or pos.shape != (s.batch,):
-            raise _bad(f"{what}: positions must be int64 of shape ({s.batch},)")
         T = x.shape[2]
-        if (pos < 0).any() or (pos > lengths[layer]).any():
-            raise _bad(f"{what}: positions must lie in [0, cached length]: no gaps in the cache", "bad_args")
+        self._check_positions(s, lengths, layer, pos, T, what)
         end = int(pos.max()) + T
-        if end > s.max_tokens:
-            raise _bad(
-                f"{what}: session {s.sid} holds at most {s.max_tokens} tokens per sequence", "too_large"
-            )
         self._reserve(s, end)
         kv = s.kv[which, layer]  # (B, Hkv, capacity, D)
         if (pos == pos[0]).all():
@@ -283,6 +283,110 @@ class GPUComputeService:
         if s.kv is not None:
             kv[..., : s.capacity, :] = s.kv
         s.kv = kv
+
+    # ---- merged operations (plans v3-merged and v2-merged) ---------------------------------
+    def _gain(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm.to(self.dtype)
+
+    def _qkv_unscaled(self, layer: int, x: torch.Tensor, session: Session | None, pos: np.ndarray | None,
+                      what: str) -> torch.Tensor:
+        """z = Wqkv (w ⊙ x) without bias; with a session, v waits for its row scales."""
+        lw = self.w.layers[layer]
+        z = F.linear(x * self._gain(lw.input_norm), lw.qkv_weight)  # (B, T, (H + 2 Hkv) D)
+        if session is None:
+            return z
+        c = self.config
+        B, T = x.shape[:2]
+        self._check_positions(session, session.v_len, layer, pos, T, what)
+        zv = z[..., c.q_dim + c.kv_dim :].reshape(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        session.pending_v[layer] = (zv.contiguous(), pos.copy())
+        return z[..., : c.q_dim + c.kv_dim]
+
+    def _finish_pending_v(self, s: Session, layer: int, lw, r: np.ndarray, pos: np.ndarray) -> None:
+        pending = s.pending_v.get(layer)
+        if pending is None or pos is None or pending[1].shape != pos.shape or (pending[1] != pos).any():
+            raise _bad(f"AttnScores: no pending v for layer {layer} at these positions", "bad_args")
+        zv = pending[0]
+        B, _, T, _ = zv.shape
+        if r.dtype != DTYPES["float32"] or r.shape != (B, T) or not np.isfinite(r).all():
+            raise _bad(f"AttnScores: row scales r must be finite float32 ({B}, {T})")
+        c = self.config
+        v = zv * to_torch(r, self.device, self.dtype)[:, None, :, None]
+        if lw.qkv_bias is not None:
+            v = v + lw.qkv_bias[c.q_dim + c.kv_dim :].view(c.num_kv_heads, 1, c.head_dim)
+        self._write(s, 1, layer, v, pos, "AttnScores")
+
+    def _check_positions(self, s: Session, lengths: np.ndarray, layer: int, pos: np.ndarray | None, T: int,
+                         what: str) -> None:
+        if pos is None or pos.dtype != DTYPES["int64"] or pos.shape != (s.batch,):
+            raise _bad(f"{what}: positions must be int64 of shape ({s.batch},)")
+        if (pos < 0).any() or (pos > lengths[layer]).any():
+            raise _bad(f"{what}: positions must lie in [0, cached length]: no gaps in the cache", "bad_args")
+        if int(pos.max()) + T > s.max_tokens:
+            raise _bad(
+                f"{what}: session {s.sid} holds at most {s.max_tokens} tokens per sequence", "too_large"
+            )
+
+    def embed_qkv(self, ids: np.ndarray, session: Session | None = None, pos: np.ndarray | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.embedding(ids).to(self.dtype)  # (B, T, E)
+        return x, self._qkv_unscaled(0, x, session, pos, "EmbedQKV")
+
+    def down_qkv(self, layer: int, m: np.ndarray, x: np.ndarray, session: Session | None = None,
+                 pos: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """y = down(m) of `layer`, and the next layer's unscaled q|k|v on the residual x + y."""
+        if not 0 <= layer < self.config.num_layers - 1:
+            raise _bad(f"DownQKV: layer must lie in [0, {self.config.num_layers - 1})", "bad_args")
+        y, xn = self._down_residual(layer, m, x, "DownQKV")
+        return y, self._qkv_unscaled(layer + 1, xn, session, pos, "DownQKV")
+
+    def down_lm_head(self, m: np.ndarray, x: np.ndarray, rows: np.ndarray | None, top_k: int | None):
+        """Last layer: y = down(m); the LM head on w ⊙ (x + y) at each row's `rows` position."""
+        y, xn = self._down_residual(self.config.num_layers - 1, m, x, "DownLMHead")
+        if rows is not None:
+            B, T = x.shape[:2]
+            if rows.dtype != DTYPES["int64"] or rows.shape != (B,) or (rows < 0).any() or (rows >= T).any():
+                raise _bad(f"DownLMHead: rows must be int64 ({B},) within [0, {T})")
+            idx = torch.from_numpy(rows.copy()).to(self.device)
+            ar = torch.arange(B, device=self.device)
+            y, xn = y[ar, idx][:, None], xn[ar, idx][:, None]  # (B, 1, E)
+        self._check_result_size((*xn.shape[:2], self.config.vocab_size), "DownLMHead")
+        z = F.linear(xn * self._gain(self.w.norm), self.w.lm_head)  # (B, R, V), unscaled
+        if top_k is None:
+            return y, z
+        if not 1 <= top_k <= min(self.config.vocab_size, 1024):
+            raise _bad(f"DownLMHead: top_k must lie in [1, {min(self.config.vocab_size, 1024)}]", "bad_args")
+        values, ids = torch.topk(z.float(), top_k, dim=-1)  # the row scale is positive: same order
+        return y, values, ids
+
+    def _down_residual(self, layer: int, m: np.ndarray, x: np.ndarray, what: str):
+        lw = self.w.layers[layer]
+        mt = self._activation(m, self.config.intermediate_size, f"{what} m")
+        xt = self._activation(x, self.config.hidden_size, f"{what} x")
+        if m.shape[:2] != x.shape[:2]:
+            raise _bad(f"{what}: m {m.shape} and x {x.shape} differ in (B, T)")
+        y = F.linear(mt, lw.weight["down_proj"], lw.bias.get("down_proj"))
+        return y, xt + y
+
+    def o_gate_up(self, layer: int, a: np.ndarray, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """o = o_proj(a), and the unscaled gate|up on the residual x + o."""
+        lw = self._layer(layer, "OGateUp")
+        at = self._activation(a, self.config.q_dim, "OGateUp a")
+        xt = self._activation(x, self.config.hidden_size, "OGateUp x")
+        if a.shape[:2] != x.shape[:2]:
+            raise _bad(f"OGateUp: a {a.shape} and x {x.shape} differ in (B, T)")
+        o = F.linear(at, lw.weight["o_proj"], lw.bias.get("o_proj"))
+        return o, F.linear((xt + o) * self._gain(lw.post_attention_norm), lw.gate_up_weight)
+
+    def attn_out_gate_up(self, session: Session, layer: int, p: np.ndarray, x: np.ndarray
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """o = o_proj(P V) from the session's cache, and the unscaled gate|up on x + o."""
+        o = self.attn_out(session, layer, p)
+        xt = self._activation(x, self.config.hidden_size, "AttnOutGateUp x")
+        if tuple(xt.shape) != tuple(o.shape):
+            raise _bad(f"AttnOutGateUp: x must have shape {tuple(o.shape)}, got {x.shape}")
+        lw = self.w.layers[layer]
+        return o, F.linear((xt + o) * self._gain(lw.post_attention_norm), lw.gate_up_weight)
 
     # ---- sessions -----------------------------------------------------------------------------
     @property

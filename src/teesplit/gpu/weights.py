@@ -60,6 +60,21 @@ class Weights:
     norm: torch.Tensor  # (E,), float32
     lm_head: torch.Tensor  # (V, E); the embedding table itself when tied
 
+    def bias_stacks(self) -> dict[str, torch.Tensor]:
+        """Biases stacked over layers, float32 on the CPU, for the families that have them:
+        qkv (L, (H + 2 Hkv) D), o (L, E), gate_up (L, 2F), down (L, E)."""
+        out = {}
+        first = self.layers[0]
+        if first.qkv_bias is not None:
+            out["qkv"] = torch.stack([layer.qkv_bias for layer in self.layers])
+        if "o_proj" in first.bias:
+            out["o"] = torch.stack([layer.bias["o_proj"] for layer in self.layers])
+        if first.gate_up_bias is not None:
+            out["gate_up"] = torch.stack([layer.gate_up_bias for layer in self.layers])
+        if "down_proj" in first.bias:
+            out["down"] = torch.stack([layer.bias["down_proj"] for layer in self.layers])
+        return {k: v.float().cpu() for k, v in out.items()}
+
     def norm_stack(self) -> torch.Tensor:
         """All RMSNorm weights as one (2L+1, E) float32 tensor: in, post for each layer, final."""
         rows = [w for layer in self.layers for w in (layer.input_norm, layer.post_attention_norm)]

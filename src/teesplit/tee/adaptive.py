@@ -63,6 +63,18 @@ def bytes_per_token(
     w = WIRE_ITEMSIZE[wire]
     E, F, S = c.hidden_size, c.intermediate_size, context
     HD, KD, HS = c.q_dim, c.kv_dim, c.num_heads * context
+    L = c.num_layers
+    head = 12 * top_k if top_k else c.vocab_size * w
+    if plan.name == "v3-merged":
+        # ids+pos; per layer q, k, pos, r (float32) | p, x | m, x (+pos but the last); the last
+        # layer's rows. Back: x0, q|k; per layer scores | o, gate|up | y, next q|k (not the last).
+        up = 16 + L * ((HD + KD + HS + 2 * E + F) * w + 8 + 4) + (L - 1) * 8 + 8
+        down = (E + HD + KD) * w + L * (HS + E + 2 * F) * w + (L - 1) * (E + HD + KD) * w + E * w + head
+        return up, down
+    if plan.name == "v2-merged":
+        up = 8 + L * (HD + 2 * E + F) * w + 8
+        down = (E + HD + 2 * KD) * w + L * (E + 2 * F) * w + (L - 1) * (E + HD + 2 * KD) * w + E * w + head
+        return up, down
     if plan.name == "v3":
         up = 3 * E + HD + HD * S + HS + HS * c.head_dim + HD + 2 * E + F
         down = HD + 2 * KD + HS + HD + E + 2 * F + E
@@ -72,8 +84,8 @@ def bytes_per_token(
         up, down = E + HD + KD + HS + E + F, HD + KD + HS + E + 2 * F + E
     else:  # v2-fused
         up, down = E + HD + E + F, HD + 2 * KD + E + 2 * F + E
-    up_b = c.num_layers * up * w + (16 if plan.gpu_kv_cache else 0) * c.num_layers + 8 + E * w
-    down_b = c.num_layers * down * w + E * w + (12 * top_k if top_k else c.vocab_size * w)
+    up_b = L * up * w + (16 if plan.gpu_kv_cache else 0) * L + 8 + E * w
+    down_b = L * down * w + E * w + head
     return up_b, down_b
 
 

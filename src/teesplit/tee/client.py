@@ -68,6 +68,7 @@ def _nbytes(frames: list) -> int:
 class InitResult:
     config: ModelConfig
     norms: np.ndarray  # (2L+1, E) float32: input, post-attention for each layer, then final
+    biases: dict[str, np.ndarray]  # per-layer stacks for the families that have them (merged plans)
 
 
 class GPUClient:
@@ -129,10 +130,21 @@ class GPUClient:
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"Init: malformed config in reply: {e}") from None
         expected = (2 * config.num_layers + 1, config.hidden_size)
-        if len(tensors) != 1 or tensors[0].shape != expected:
+        names = res.get("biases", [])
+        c = config
+        widths = {"qkv": c.q_dim + 2 * c.kv_dim, "o": c.hidden_size, "gate_up": 2 * c.intermediate_size,
+                  "down": c.hidden_size}
+        if not isinstance(names, list) or not set(names) <= set(widths) or len(tensors) != 1 + len(names):
+            raise ProtocolError("Init: malformed bias list in reply")
+        if tensors[0].shape != expected:
             raise ProtocolError(f"Init: expected norm weights of shape {expected}")
+        biases = {}
+        for name, t in zip(names, tensors[1:], strict=True):
+            if t.shape != (c.num_layers, widths[name]):
+                raise ProtocolError(f"Init: bias {name!r} has shape {t.shape}")
+            biases[name] = t.astype(np.float32)
         self.config = config
-        return InitResult(config=config, norms=tensors[0].astype(np.float32))
+        return InitResult(config=config, norms=tensors[0].astype(np.float32), biases=biases)
 
     def embedding(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -178,17 +190,16 @@ class GPUClient:
             "GateUp", {"layer": layer}, (self._wire(x),), (*x.shape[:-1], 2 * self.config.intermediate_size)
         )
 
-    def attn_scores(self, sid: int, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Store the rotated k at pos in the session's cache; q Kᵀ over the whole cache."""
+    def attn_scores(self, sid: int, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray,
+                    r: np.ndarray | None = None) -> np.ndarray:
+        """Store the rotated k at pos in the session's cache; q Kᵀ over the whole cache. With the
+        row scales r (B, T) (merged plans), the session's pending v enters the cache first."""
         B, H, T, _ = q.shape
         S = int(np.max(pos)) + T
-        return self._call_one(
-            "AttnScores",
-            {"layer": layer},
-            (self._wire(q), self._wire(k), np.asarray(pos, np.int64)),
-            (B, H, T, S),
-            sid,
-        )
+        tensors = (self._wire(q), self._wire(k), np.asarray(pos, np.int64))
+        if r is not None:
+            tensors += (np.ascontiguousarray(r.reshape(B, T), np.float32),)
+        return self._call_one("AttnScores", {"layer": layer}, tensors, (B, H, T, S), sid)
 
     def attn_out(self, sid: int, layer: int, p: np.ndarray) -> np.ndarray:
         """o_proj(P V) with V from the session's cache."""
@@ -196,6 +207,71 @@ class GPUClient:
         return self._call_one(
             "AttnOut", {"layer": layer}, (self._wire(p),), (B, T, self.config.hidden_size), sid
         )
+
+    # ---- merged operations: z = W (w ⊙ x) comes back unscaled; see protocol.py -------------
+    def _call_many(self, op: str, args: dict[str, Any], tensors: tuple, shapes: list[tuple[int, ...]],
+                   sid: int | None = None) -> list[np.ndarray]:
+        _, out = self.call(op, args, tensors, sid)
+        if [o.shape for o in out] != shapes:
+            raise ProtocolError(f"{op}: expected tensors of shapes {shapes}, got {[o.shape for o in out]}")
+        return [o if o.dtype == np.int64 else o.astype(np.float32, copy=False) for o in out]
+
+    def _qkv_width(self, sid: int | None) -> int:
+        c = self.config
+        return c.q_dim + c.kv_dim + (0 if sid is not None else c.kv_dim)
+
+    def embed_qkv(self, ids: np.ndarray, sid: int | None = None, pos: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """x0 = embedding(ids) and layer 0's unscaled q|k|v (q|k with a session)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        tensors = (ids,) if sid is None else (ids, np.asarray(pos, np.int64))
+        B, T = ids.shape
+        x, z = self._call_many("EmbedQKV", {"dtype": self.wire_dtype}, tensors,
+                               [(B, T, self.config.hidden_size), (B, T, self._qkv_width(sid))], sid)
+        return x, z
+
+    def down_qkv(self, layer: int, m: np.ndarray, x: np.ndarray, sid: int | None = None,
+                 pos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """y = down(m) of `layer` and layer+1's unscaled q|k|v on x + y."""
+        tensors = (self._wire(m), self._wire(x))
+        if sid is not None:
+            tensors += (np.asarray(pos, np.int64),)
+        B, T = x.shape[:2]
+        y, z = self._call_many("DownQKV", {"layer": layer}, tensors,
+                               [(B, T, self.config.hidden_size), (B, T, self._qkv_width(sid))], sid)
+        return y, z
+
+    def down_lm_head(self, m: np.ndarray, x: np.ndarray, rows: np.ndarray | None, top_k: int | None):
+        """Last layer: y = down(m) and the unscaled logits (or their top-k) at `rows` of x + y."""
+        c = self.config
+        tensors = (self._wire(m), self._wire(x))
+        B, T = x.shape[:2]
+        R = T
+        if rows is not None:
+            tensors += (np.asarray(rows, np.int64),)
+            R = 1
+        if top_k is None:
+            return self._call_many("DownLMHead", {}, tensors, [(B, R, c.hidden_size), (B, R, c.vocab_size)])
+        y, values, ids = self._call_many("DownLMHead", {"top_k": top_k}, tensors,
+                                         [(B, R, c.hidden_size), (B, R, top_k), (B, R, top_k)])
+        if ids.dtype != np.int64 or (ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size)):
+            raise ProtocolError("DownLMHead: token ids out of the vocabulary")
+        return y, values, ids
+
+    def o_gate_up(self, layer: int, a: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """o = o_proj(a) and the unscaled gate|up on x + o."""
+        B, T = x.shape[:2]
+        shapes = [(B, T, self.config.hidden_size), (B, T, 2 * self.config.intermediate_size)]
+        o, z = self._call_many("OGateUp", {"layer": layer}, (self._wire(a), self._wire(x)), shapes)
+        return o, z
+
+    def attn_out_gate_up(self, sid: int, layer: int, p: np.ndarray, x: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """o = o_proj(P V) with V from the session, and the unscaled gate|up on x + o."""
+        B, T = x.shape[:2]
+        shapes = [(B, T, self.config.hidden_size), (B, T, 2 * self.config.intermediate_size)]
+        o, z = self._call_many("AttnOutGateUp", {"layer": layer}, (self._wire(p), self._wire(x)), shapes, sid)
+        return o, z
 
     def open_session(self, batch: int, max_tokens: int) -> int:
         res, _ = self.call("OpenSession", {"batch": batch, "max_tokens": max_tokens})

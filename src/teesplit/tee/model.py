@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from teesplit.tee.client import GPUClient
-from teesplit.tee.ops import RotaryEmbedding, apply_rope, repeat_kv, rms_norm, silu, softmax
+from teesplit.tee.ops import RotaryEmbedding, apply_rope, repeat_kv, rms_norm, rms_scale, silu, softmax
 from teesplit.tee.plans import Plan
 
 
@@ -72,6 +72,7 @@ class TEELlamaModel:
         self.input_norms = init.norms[0:-1:2]  # (L, E)
         self.post_attention_norms = init.norms[1:-1:2]  # (L, E)
         self.final_norm = init.norms[-1]  # (E,)
+        self.biases = init.biases  # merged plans add these after scaling: qkv, o, gate_up, down
         self.rope = RotaryEmbedding(c.head_dim, c.rope, c.max_position_embeddings)
         self.scale = np.float32(c.head_dim**-0.5)
 
@@ -104,6 +105,8 @@ class TEELlamaModel:
         positions = pos[:, None] + np.arange(T)  # (B, T)
         cos, sin = self.rope(positions)  # (B, T, D) each
         mask = self._mask(positions, int(pos.max()) + T)
+        if self.plan.merged:
+            return self._forward_merged(ids, cache, n_new, all_logits, top_k, pos, cos, sin, mask)
         x = self.gpu.embedding(ids)  # (B, T, E)
         for i in range(self.config.num_layers):
             h = rms_norm(x, self.input_norms[i], self.config.rms_norm_eps)
@@ -151,21 +154,67 @@ class TEELlamaModel:
             return self.gpu.attn_out(cache.sid, i, p)  # o_proj(P V): (B, T, E)
 
         v = v.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
+        if self.plan.fused:  # grouped attention here: no repeat_kv copies
+            return self.gpu.linear(i, "o_proj", self._local_attention(i, q, k, v, mask, cache, pos))
+        # The seed's plans: repeat_kv, then both matmuls on the GPU (v3) or here (v2).
         k, v = cache.update_and_fetch(i, k, v, pos)  # (B, Hkv, S, D)
-        S = k.shape[2]
-        if self.plan.fused:  # grouped attention: no repeat_kv copies
-            G = H // Hkv
-            scores = (q.reshape(B, Hkv, G * T, D) @ k.transpose(0, 1, 3, 2)).reshape(B, H, T, S)
-            p = self._probs(scores, mask)
-            out = (p.reshape(B, Hkv, G * T, S) @ v).reshape(B, H, T, D)
-        else:  # the seed's plans: repeat_kv, then both matmuls on the GPU (v3) or here (v2)
-            k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # (B, H, S, D)
-            kt = k.transpose(0, 1, 3, 2)  # (B, H, D, S)
-            scores = self.gpu.matmul(q, kt) if self.plan.attention_on_gpu else q @ kt
-            p = self._probs(scores, mask)
-            out = self.gpu.matmul(p, v) if self.plan.attention_on_gpu else p @ v  # (B, H, T, D)
+        k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # (B, H, S, D)
+        kt = k.transpose(0, 1, 3, 2)  # (B, H, D, S)
+        scores = self.gpu.matmul(q, kt) if self.plan.attention_on_gpu else q @ kt
+        p = self._probs(scores, mask)
+        out = self.gpu.matmul(p, v) if self.plan.attention_on_gpu else p @ v  # (B, H, T, D)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)  # (B, T, H*D)
         return self.gpu.linear(i, "o_proj", out)
+
+    def _forward_merged(self, ids, cache, n_new, all_logits, top_k, pos, cos, sin, mask):
+        """The merged plans: each call returns a Linear's output and the next Linear's unscaled
+        product z = W (w ⊙ residual); the trusted side applies the row scale r and the bias."""
+        c, eps = self.config, self.config.rms_norm_eps
+        B, T = ids.shape
+        H, Hkv, D, F = c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        sid = cache.sid if self.plan.gpu_kv_cache else None
+        x, z = self.gpu.embed_qkv(ids, sid, pos)  # (B, T, E), (B, T, (H + Hkv [+ Hkv]) D)
+        for i in range(c.num_layers):
+            r = rms_scale(x, eps)  # (B, T, 1)
+            qkv = r * z + self._bias("qkv", i, z.shape[-1])
+            q = qkv[..., : c.q_dim].reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+            k = qkv[..., c.q_dim : c.q_dim + c.kv_dim].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+            q, k = apply_rope(q, k, cos, sin)
+            if self.plan.gpu_kv_cache:
+                scores = self.gpu.attn_scores(sid, i, q, k, pos, r)  # r turns the pending v into V
+                o, z = self.gpu.attn_out_gate_up(sid, i, self._probs(scores, mask), x)
+            else:
+                v = qkv[..., c.q_dim + c.kv_dim :].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+                o, z = self.gpu.o_gate_up(i, self._local_attention(i, q, k, v, mask, cache, pos), x)
+            x = x + o
+            gate_up = rms_scale(x, eps) * z + self._bias("gate_up", i, 2 * F)
+            m = silu(gate_up[..., :F]) * gate_up[..., F:]  # (B, T, F)
+            if i < c.num_layers - 1:
+                y, z = self.gpu.down_qkv(i, m, x, sid, pos)
+                x = x + y
+        rows = None if all_logits else n_new - 1
+        out = self.gpu.down_lm_head(m, x, rows, top_k)
+        cache.advance(n_new)
+        x = (x if rows is None else x[np.arange(B), rows][:, None]) + out[0]  # (B, R, E)
+        r = rms_scale(x, eps)
+        if top_k is None:
+            return r * out[1]
+        return r * out[1], out[2]  # r > 0 keeps the top-k order
+
+    def _bias(self, name: str, i: int, width: int) -> np.ndarray | float:
+        b = self.biases.get(name)
+        return 0.0 if b is None else b[i, :width]
+
+    def _local_attention(self, i, q, k, v, mask, cache, pos) -> np.ndarray:
+        """Grouped attention in the trusted side over its KV cache: (B, T, H*D)."""
+        c = self.config
+        B, H, T, D = q.shape
+        k, v = cache.update_and_fetch(i, k, v, pos)  # (B, Hkv, S, D)
+        S, G = k.shape[2], H // c.num_kv_heads
+        scores = (q.reshape(B, c.num_kv_heads, G * T, D) @ k.transpose(0, 1, 3, 2)).reshape(B, H, T, S)
+        p = self._probs(scores, mask)
+        out = (p.reshape(B, c.num_kv_heads, G * T, S) @ v).reshape(B, H, T, D)
+        return out.transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)
 
     def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
         F = self.config.intermediate_size

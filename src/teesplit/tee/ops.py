@@ -17,13 +17,19 @@ import numpy as np
 F32 = np.float32
 
 
+def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:
+    """The non-linear half of RMSNorm: 1 / sqrt(mean(x^2) + eps) per row, (..., 1) float32."""
+    x = np.asarray(x, dtype=F32)
+    variance = np.mean(np.square(x), axis=-1, keepdims=True)
+    return F32(1) / np.sqrt(variance + F32(eps))
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """LlamaRMSNorm over the last axis: x (..., E), weight (E,) -> float32 (..., E)."""
     x = np.asarray(x, dtype=F32)
-    variance = np.mean(np.square(x), axis=-1, keepdims=True)
     # transformers rounds the normalized value back to the input dtype before scaling; inputs here are
     # float32, so that rounding is a no-op.
-    return np.asarray(weight, dtype=F32) * (x * (F32(1) / np.sqrt(variance + F32(eps))))
+    return np.asarray(weight, dtype=F32) * (x * rms_scale(x, eps))
 
 
 def silu(x: np.ndarray) -> np.ndarray:

@@ -14,6 +14,20 @@ is the seed's V2.1 placement. The fused plans keep the placement and cross the b
 less: one call for q, k and v together, one for gate and up together, and in `v3-fused` a
 GPU-side session keeps the rotated K and V so decode uploads only the new token's q and k.
 Every plan adds one Embedding and one LMHead call per forward pass.
+
+The merged plans go further. RMSNorm(x) = (r x) ⊙ w, where only the row scale
+r = 1 / rms(x) is non-linear. The trusted side computes r and applies it; the GPU applies the
+gain w (a diagonal, linear map) inside the product that follows and returns W (w ⊙ x)
+unscaled, which the trusted side multiplies by r (and adds the bias to). The GPU can then
+compute the Linear after a norm in the same round trip as the Linear before it, on the
+residual the trusted side sends along: down_proj with the next layer's q|k|v, o_proj with
+gate|up, the embedding with layer 0's q|k|v and the last down_proj with the LM head. The
+trusted side still does every residual add, RMSNorm's statistic and scaling, RoPE, softmax
+and SiLU; the GPU sees nothing it did not see before (the residual it receives is the
+normalized input it always received, times 1/r).
+
+| v3-merged | as v3 | QKᵀ (+ v from pending), PV + o_proj + gate|up, down + next q|k|v | 3 (3L + 1) |
+| v2-merged | as v2 | o_proj + gate|up, down + next q|k|v                              | 2 (2L + 1) |
 """
 
 from __future__ import annotations
@@ -29,10 +43,12 @@ class Plan:
     gpu_kv_cache: bool  # rotated K and V live in a GPU-server session
     rpcs_per_layer: int  # round trips per layer per forward pass
     summary: str
+    merged: bool = False  # a Linear after a norm rides with the Linear before it (see below)
 
     def rpcs_per_forward(self, num_layers: int) -> int:
-        """Round trips for one forward pass (one decode token): Embedding + layers + LMHead."""
-        return self.rpcs_per_layer * num_layers + 2
+        """Round trips for one forward pass (one decode token): the layers, plus Embedding and
+        LMHead (which the merged plans fold into the first and last layer's calls)."""
+        return self.rpcs_per_layer * num_layers + (1 if self.merged else 2)
 
 
 PLANS: dict[str, Plan] = {
@@ -67,6 +83,18 @@ PLANS: dict[str, Plan] = {
         False,
         4,
         "v2 placement: q|k|v, o_proj, gate|up, down; attention in the trusted side",
+    ),
+    "v3-merged": Plan(
+        "v3-merged",
+        True,
+        True,
+        True,
+        3,
+        "v3 placement: QKᵀ, PV + o_proj + gate|up, down + next q|k|v",
+        merged=True,
+    ),
+    "v2-merged": Plan(
+        "v2-merged", False, True, False, 2, "v2 placement: o_proj + gate|up, down + next q|k|v", merged=True
     ),
 }
 
