@@ -438,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--plan",
         default="v3-fused",
-        help="v3 (seed V3.0), v2 (seed V2.1), v3-fused, v2-fused, or auto (measure the link)",
+        help="v3 (seed V3.0), v2 (seed V2.1), v3-fused, v2-fused, v3-merged, v2-merged, "
+        "or auto (measure the link and choose)",
     )
     g.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply")
     g.add_argument("--stats", action="store_true", help="print RPC/byte/time table to stderr")
