@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import socket
 import subprocess
 import sys
@@ -84,11 +83,11 @@ def resolve(spec: str, cache_dir: str | None) -> Path:
 
 # ---- serve ---------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from teesplit.gpu.server import serve
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from teesplit.gpu.server import RequestHandler, configure_logging, log_event, serve
     from teesplit.gpu.service import SessionLimits
+    from teesplit.protocol import Limits
 
+    configure_logging(args.log_format)
     model_dir = resolve(args.model, args.cache_dir)
     limits = SessionLimits(
         max_sessions=args.max_sessions,
@@ -97,8 +96,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_kv_bytes=int(args.max_kv_gib * (1 << 30)),
     )
     handler, desc = build_service(model_dir, args.device, args.dtype, args.threads, limits=limits)
-    logging.getLogger("teesplit.server").info("serving %s at %s", desc, args.bind)
-    serve(handler, args.bind)
+    handler = RequestHandler(handler.service, Limits(max_tensor_bytes=int(args.max_message_mb * (1 << 20))))
+    log_event(
+        "server_start",
+        f"serving {desc} at {args.bind}",
+        address=args.bind,
+        model=desc,
+        max_sessions=limits.max_sessions,
+        max_session_tokens=limits.max_session_tokens,
+        max_batch=limits.max_batch,
+        max_kv_bytes=limits.max_kv_bytes,
+        max_tensor_bytes=handler.limits.max_tensor_bytes,
+        max_frame_bytes=handler.max_frame_bytes,
+        session_idle_timeout_s=args.session_idle_timeout,
+    )
+    serve(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None)
     return 0
 
 
@@ -146,6 +158,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         for _ in range(n_conn)
     ]
+    for c in clients:
+        c.retries = args.retries  # resend a request that got no reply, same id, fresh connection
     try:
         models = [TEELlamaModel(c, plan or get_plan("v2-fused")) for c in clients]
         _check_same_model(models[0].config, model_dir)
@@ -255,13 +269,15 @@ def cmd_ping(args: argparse.Namespace) -> int:
     from teesplit.tee.client import GPUClient
     from teesplit.transport.zmq import ZmqTransport
 
-    client = GPUClient(ZmqTransport(args.server, timeout_s=args.timeout))
+    client = GPUClient(ZmqTransport(args.server, timeout_s=args.timeout), retries=args.retries)
     try:
         rtts = sorted(client.ping() for _ in range(args.count))
+        res, _ = client.call("Ping")
     finally:
         client.close()
     med, p99 = rtts[len(rtts) // 2], rtts[min(len(rtts) - 1, int(0.99 * len(rtts)))]
-    print(f"{args.server}: {args.count} pings, median {med * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs")
+    sessions = f", {res['sessions']} sessions open" if type(res.get("sessions")) is int else ""
+    print(f"{args.server}: {args.count} pings, median {med * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs{sessions}")
     return 0
 
 
@@ -367,6 +383,20 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _non_negative_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return v
+
+
+def _non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="teesplit", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -400,6 +430,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-session-tokens", type=int, default=8192, help="tokens per sequence in a session")
     s.add_argument("--max-batch", type=int, default=64, help="sequences per session")
     s.add_argument("--max-kv-gib", type=float, default=4.0, help="KV-cache memory for all sessions, GiB")
+    s.add_argument(
+        "--max-message-mb",
+        type=_positive_float,
+        default=1024.0,
+        help="largest tensor a request may carry, MiB (larger: a too_large reply; over twice this, "
+        "ZeroMQ drops the connection before reading it; default %(default)g)",
+    )
+    s.add_argument(
+        "--session-idle-timeout",
+        type=_non_negative_float,
+        default=600.0,
+        metavar="S",
+        help="drop sessions unused for S seconds (0: never); the runner rebuilds a dropped session "
+        "(default %(default)g)",
+    )
+    s.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines as (default %(default)s)"
+    )
     s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text through a GPU server (trusted runner)")
@@ -442,6 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or auto (measure the link and choose)",
     )
     g.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply")
+    g.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=2,
+        help="resend a request that got no reply this many times (same request id, new connection; "
+        "default %(default)s)",
+    )
     g.add_argument("--stats", action="store_true", help="print RPC/byte/time table to stderr")
     g.add_argument("--stats-json", default=None, metavar="FILE")
     g.set_defaults(func=cmd_generate)
@@ -457,7 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("ping", help="measure the round trip to a GPU server")
     pg.add_argument("server")
     pg.add_argument("--count", type=int, default=100)
-    pg.add_argument("--timeout", type=_positive_float, default=5.0)
+    pg.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait for each reply")
+    pg.add_argument(
+        "--retries", type=_non_negative_int, default=0, help="resend an unanswered ping (default %(default)s)"
+    )
     pg.set_defaults(func=cmd_ping)
 
     b = sub.add_parser(
@@ -485,5 +543,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the generator has closed its GPU session on the way out
+        print("\ninterrupted", file=sys.stderr)
         return 130

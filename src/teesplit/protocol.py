@@ -25,7 +25,10 @@ Reply header::
 Operations (seed V3.0 names first; tensors listed in frame order; shapes use B batch,
 T tokens, S cached + new tokens, E hidden, N output features, V vocabulary, K top-k):
 
-    Init         args {}                                 -> res {config, rope}, t [norms (2L+1, E) f32]
+    Init         args {version?}                         -> res {config, rope, version,
+                                                            max_message_bytes}, t [norms (2L+1, E) f32]
+                 version: the runner's PROTOCOL_VERSION; a server speaking another one answers
+                 bad_version naming both (the reply's `version` is the server's own)
     Embedding    args {dtype?}      t [ids (B, T) i64]   -> t [hidden (B, T, E)]
     Linear       args {layer, module} t [x (B, T, in)]   -> t [y (B, T, N)]
     Matmul       args {}            t [a (..., M, K), b (..., K, N)] -> t [a @ b (..., M, N)]
@@ -99,7 +102,7 @@ _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 _LAYER = {"layer": (int, True)}
 # Operation -> (argument name -> (type, required)), (min, max) number of tensor frames.
 OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
-    "Init": ({}, (0, 0)),
+    "Init": ({"version": (int, False)}, (0, 0)),
     "Embedding": ({"dtype": (str, False)}, (1, 1)),
     "Linear": ({"layer": (int, True), "module": (str, True)}, (1, 1)),
     "Matmul": ({}, (2, 2)),
@@ -307,13 +310,21 @@ def wire_name(header: dict[str, Any], index: int) -> str:
 
 
 def validate_request(header: dict[str, Any], tensors: list[np.ndarray]) -> tuple[int, str, dict[str, Any]]:
-    """Check the request-level schema; returns (request id, op, args)."""
+    """Check the request-level schema; returns (request id, op, args).
+
+    What is left to the service, which knows the model: value ranges (layer, module, top_k,
+    batch, token ids, positions), shapes and dtypes per operation, session ids, and finiteness:
+    NaN or Inf in values about to be written into a session's KV cache (v from QKV, EmbedQKV or
+    DownQKV with a session, k from AttnScores; checked on the values themselves, in the
+    service's one cache-write path) is refused with "bad_tensor" before the write, because it
+    would poison every later step of that session. Elsewhere NaN in gives NaN back to the
+    sender only, and is allowed."""
     rid = header.get("id")
     if type(rid) is not int or not 0 <= rid < 2**63:
         raise ProtocolError("request id must be a non-negative 64-bit integer")
     op = header.get("op")
-    if op not in OPS:
-        raise ProtocolError(f"unknown operation {op!r}; known: {', '.join(OPS)}", "unknown_op")
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError(f"unknown operation {op!r:.80}; known: {', '.join(OPS)}", "unknown_op")
     schema, (lo, hi) = OPS[op]
     args = header.get("args", {})
     if not isinstance(args, dict):
@@ -335,6 +346,12 @@ def validate_request(header: dict[str, Any], tensors: list[np.ndarray]) -> tuple
         raise ProtocolError("session id must be a non-negative 64-bit integer or nil", "bad_args")
     if op in SESSION_OPS and sid is None:
         raise ProtocolError(f"{op} needs a session id (OpenSession first)", "no_session")
+    if op == "Init" and args.get("version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"Init: the runner speaks protocol version {args['version']}, this server speaks version "
+            f"{PROTOCOL_VERSION}; run the same teesplit release on both sides",
+            "bad_version",
+        )
     return rid, op, args
 
 

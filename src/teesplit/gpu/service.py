@@ -72,11 +72,13 @@ class Session:
         # Merged plans: per layer, the unscaled v (B, Hkv, T, D) and its positions, waiting for
         # the trusted side's row scales (AttnScores) to become cache entries.
         self.pending_v: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
-        self.last_used = time.monotonic()
+        self.opened = self.last_used = time.monotonic()  # last_used: for idle expiry
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+        """The cache plus the merged plans' pending v, which waits until the next AttnScores."""
+        pending = sum(zv.numel() * zv.element_size() for zv, _ in self.pending_v.values())
+        return pending + (0 if self.kv is None else self.kv.numel() * self.kv.element_size())
 
     @property
     def capacity(self) -> int:
@@ -255,6 +257,11 @@ class GPUComputeService:
         lengths = s.k_len if which == 0 else s.v_len
         T = x.shape[2]
         self._check_positions(s, lengths, layer, pos, T, what)
+        if not bool(torch.isfinite(x).all()):  # NaN/Inf would poison every later step of the session
+            raise _bad(
+                f"{what}: NaN or Inf in the values for session {s.sid}'s KV cache (layer {layer}); "
+                "refused (not written): send finite activations"
+            )
         end = int(pos.max()) + T
         self._reserve(s, end)
         kv = s.kv[which, layer]  # (B, Hkv, capacity, D)
@@ -272,7 +279,8 @@ class GPUComputeService:
         cap = min(max(tokens, 2 * s.capacity, 64), s.max_tokens)
         shape = (2, c.num_layers, s.batch, c.num_kv_heads, cap, c.head_dim)
         new_bytes = int(np.prod(shape)) * torch.empty((), dtype=self.dtype).element_size()
-        total = self.kv_bytes - s.nbytes + new_bytes
+        old_bytes = 0 if s.kv is None else s.kv.numel() * s.kv.element_size()
+        total = self.kv_bytes - old_bytes + new_bytes
         if total > self.limits.max_kv_bytes:
             raise _bad(
                 f"KV cache of {total} bytes for all sessions would exceed the server's limit of "
@@ -420,6 +428,14 @@ class GPUComputeService:
         s.last_used = time.monotonic()
         return s
 
-    def close_session(self, sid: int) -> None:
-        self.session(sid)
-        del self.sessions[sid]
+    def close_session(self, sid: int) -> Session:
+        return self.sessions.pop(self.session(sid).sid)
+
+    def expire_idle(self, max_idle_s: float, now: float | None = None) -> list[Session]:
+        """Drop the sessions unused for more than `max_idle_s` seconds; returns them. A later
+        request on one gets "no_session", and the runner rebuilds it from its token history."""
+        now = time.monotonic() if now is None else now
+        idle = [s for s in self.sessions.values() if now - s.last_used > max_idle_s]
+        for s in idle:
+            del self.sessions[s.sid]
+        return idle

@@ -12,18 +12,22 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import numpy as np
 
+from teesplit import protocol
 from teesplit.config import ModelConfig
 from teesplit.protocol import (
     DTYPES,
     WIRE_DTYPES,
     Int8Rows,
     ProtocolError,
+    RemoteError,
     parse_reply,
     quantize_int8,
     request,
 )
+from teesplit.transport import ConnectionLost, GPUServerUnavailable
 
 
 @dataclass
@@ -71,12 +75,42 @@ class InitResult:
     biases: dict[str, np.ndarray]  # per-layer stacks for the families that have them (merged plans)
 
 
+class ProtocolVersionMismatch(ProtocolError):
+    """The GPU server speaks another protocol version than this runner."""
+
+    def __init__(self, address: str, client_version: Any, server_version: Any):
+        super().__init__(
+            f"protocol version mismatch: this runner speaks version {client_version}, the GPU server "
+            f"at {address} speaks version {server_version}; run the same teesplit release on both sides",
+            "bad_version",
+        )
+        self.client_version = client_version
+        self.server_version = server_version
+
+
+def _reply_header(frames: list) -> dict[str, Any]:
+    """The raw header of a reply that did not parse (its id, its version), or {}."""
+    try:
+        header = msgpack.unpackb(getattr(frames[0], "buffer", frames[0]), raw=False)
+    except Exception:  # a malformed header: nothing to learn from it
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
 class GPUClient:
-    def __init__(self, transport, wire_dtype: str = "float32"):
+    def __init__(self, transport, wire_dtype: str = "float32", retries: int = 0):
+        """`retries`: how many times a request that got no reply (timeout or lost connection) is
+        sent again, on a fresh connection and with the same request id, before the call raises
+        GPUServerUnavailable."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {wire_dtype!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
         self.transport = transport
         self.wire_dtype = wire_dtype
+        self.retries = retries
+        self.retried = 0  # requests sent again after a failed try, over the client's life
+        self.max_message_bytes: int | None = None  # the server's cap per frame, known after init()
         self.metrics = Metrics()
         self.config: ModelConfig | None = None  # known after init()
         self._next_id = 1
@@ -88,17 +122,68 @@ class GPUClient:
     def call(
         self, op: str, args: dict[str, Any] | None = None, tensors: tuple = (), sid: int | None = None
     ) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """One request, one reply. A try that gets no reply (timeout, lost connection) is sent
+        again with the same request id on a fresh connection, `retries` times; the server
+        answers a repeated id from its reply cache. Replies to other ids are dropped."""
         rid = self._next_id
         self._next_id += 1
+        if op == "Init":  # the version handshake: the server answers with its own version
+            args = {**(args or {}), "version": protocol.PROTOCOL_VERSION}
         frames = request(rid, op, args, tensors, sid)
+        cap = self.max_message_bytes
+        biggest = max(len(getattr(f, "buffer", f)) for f in frames) if cap is not None else 0
+        if cap is not None and biggest > cap:
+            raise ProtocolError(
+                f"{op}: a frame of {biggest} bytes exceeds the GPU server's limit of {cap} bytes "
+                "(its --max-message-mb); use a smaller batch or prompt",
+                "too_large",
+            )
+        timeout = getattr(self.transport, "timeout_s", None)
+        tries = 1 + self.retries
+        lost = False
         t0 = time.perf_counter()
-        self.transport.send(frames)
-        while True:
-            reply_frames = self.transport.recv()
-            header, out = parse_reply(reply_frames, op)
-            if header.get("id") == rid:
+        for attempt in range(tries):
+            if attempt:
+                self.retried += 1
+                self.transport.reconnect()  # drops anything still queued for the failed try
+            self.transport.send(frames)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                while True:
+                    left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+                    reply_frames = self.transport.recv(left)
+                    try:
+                        header, out = parse_reply(reply_frames, op)
+                    except RemoteError:
+                        if _reply_header(reply_frames).get("id") != rid:
+                            continue  # a late error reply to an earlier request
+                        raise
+                    except ProtocolError as e:
+                        if e.code == "bad_version":
+                            theirs = _reply_header(reply_frames).get("v")
+                            ours = protocol.PROTOCOL_VERSION
+                            raise ProtocolVersionMismatch(self.address, ours, theirs) from None
+                        raise
+                    if header.get("id") == rid:
+                        break
+                    # A late reply to an earlier request (after a timeout): not ours, drop it.
                 break
-            # A late reply to an earlier request (after a timeout): not ours, drop it.
+            except ConnectionLost:
+                lost = True
+            except GPUServerUnavailable:
+                pass
+        else:
+            what = f"{tries} {'try' if tries == 1 else 'tries'}" + (f" of {timeout:g} s" if timeout else "")
+            raise GPUServerUnavailable(
+                f"no reply from the GPU server at {self.address} to {op} after {what}"
+                f"{' (the connection was lost)' if lost else ''}; is `teesplit serve` running there?"
+            )
+        if op == "Init":
+            res = header.get("res", {})
+            if "version" in res and res["version"] != protocol.PROTOCOL_VERSION:
+                raise ProtocolVersionMismatch(self.address, protocol.PROTOCOL_VERSION, res["version"])
+            if type(res.get("max_message_bytes")) is int and res["max_message_bytes"] > 0:
+                self.max_message_bytes = res["max_message_bytes"]
         m = self.metrics
         m.rpc_wall_s += time.perf_counter() - t0
         m.gpu_s += float(header.get("gpu_s", 0.0))

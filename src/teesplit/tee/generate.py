@@ -2,6 +2,13 @@
 
 The prompt, the sampling state and the generated text never leave this side except as the
 token ids and activations the chosen plan sends to the GPU.
+
+A generation survives a GPU server that restarts under it: the client resends a request that
+got no reply (`GPUClient.retries`), and when the server answers that it no longer knows the
+session (its KV cache is gone: "no_session"), the generator opens a new session and replays
+each row's tokens so far (prompt + generated) as one prefill, then goes on. Greedy output is
+the same tokens as an uninterrupted run. A server that stays unreachable ends the generation
+with GPUServerUnavailable.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from teesplit.protocol import ProtocolError, RemoteError
 from teesplit.tee.model import TEELlamaModel
+from teesplit.transport import GPUServerUnavailable
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class Generator:
         tokenizer: Any | None = None,
         eos_token_ids: set[int] | None = None,
         compact_logits: bool = True,
+        max_recoveries: int = 3,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -105,6 +115,7 @@ class Generator:
         self.eos_token_ids = ids if eos_token_ids is None else set(eos_token_ids)
         # Ask the GPU for only the top-k logits when sampling cannot use more (greedy, top-k).
         self.compact_logits = compact_logits
+        self.max_recoveries = max_recoveries  # lost GPU sessions rebuilt per generation
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None
@@ -135,11 +146,12 @@ class Generator:
         active = np.ones(B, bool)
         steps = 0  # decode forward passes
         gpu = self.model.gpu
+        retried0 = getattr(gpu, "retried", 0)
         # Opening and closing a GPU session are one round trip each, outside the measured phases.
-        cache = self.model.new_cache(B, max_tokens=int(lengths.max()) + params.max_new_tokens + 1)
+        run = _Run(self, int(lengths.max()) + params.max_new_tokens + 1, k, prompts, tokens)
         m0, t0 = gpu.metrics.copy(), time.perf_counter()
         try:
-            out = self.model.forward(ids, cache, n_new=lengths, top_k=k)
+            out = run.forward(ids, lengths)
             m1, t1 = gpu.metrics.copy(), time.perf_counter()
             while True:
                 nxt = np.zeros((B, 1), np.int64)
@@ -161,16 +173,21 @@ class Generator:
                 if not active.any():
                     break
                 # Finished rows ride along without advancing: their slot is rewritten each step.
-                out = self.model.forward(nxt, cache, n_new=active.astype(np.int64), top_k=k)
+                out = run.forward(nxt, active.astype(np.int64))
                 steps += 1
             for st in streams:
                 st.finish()
             m2, t2 = gpu.metrics.copy(), time.perf_counter()
+        except GPUServerUnavailable:
+            run.reachable = False  # closing the session would only wait out the tries again
+            raise
         finally:
-            self.model.close_cache(cache)
+            run.close()
         shared = {
             "plan": self.model.plan.name,
             "batch": B,
+            "recoveries": run.recoveries,
+            "retries": getattr(gpu, "retried", 0) - retried0,
             **(m2 - m0).summary(t2 - t0),
             "prefill": (m1 - m0).summary(t1 - t0),
             "decode": {**(m2 - m1).summary(t2 - t1), "steps": steps},
@@ -191,6 +208,52 @@ class Generator:
             )
             for b, p in enumerate(prompts)
         ]
+
+
+class _Run:
+    """The KV cache of one generation, and how to rebuild it when the GPU session is lost."""
+
+    def __init__(
+        self,
+        gen: Generator,
+        max_tokens: int,
+        top_k: int | None,
+        prompts: list[list[int]],
+        tokens: list[list[int]],
+    ):
+        self.model, self.max_recoveries = gen.model, gen.max_recoveries
+        self.max_tokens, self.top_k = max_tokens, top_k
+        self.prompts, self.tokens = prompts, tokens  # tokens: the generated ids, appended by the loop
+        self.cache = self.model.new_cache(len(prompts), max_tokens=max_tokens)
+        self.recoveries = 0
+        self.reachable = True
+
+    def forward(self, ids: np.ndarray, n_new: np.ndarray):
+        """model.forward; if the server lost the session (it restarted or expired it), open a new
+        one, replay every row's tokens fed so far plus these new ones, and return that result."""
+        while True:
+            fed = self.cache.lengths + n_new  # each row's tokens once this step is done
+            try:
+                return self.model.forward(ids, self.cache, n_new=n_new, top_k=self.top_k)
+            except RemoteError as e:
+                if e.code != "no_session" or self.recoveries >= self.max_recoveries:
+                    raise
+            self.recoveries += 1
+            rows = [(list(p) + t)[: int(n)] for p, t, n in zip(self.prompts, self.tokens, fed, strict=True)]
+            ids = np.zeros((len(rows), int(fed.max())), np.int64)
+            for b, row in enumerate(rows):
+                ids[b, : len(row)] = row
+            n_new = fed.astype(np.int64)
+            self.cache = self.model.new_cache(len(rows), max_tokens=self.max_tokens)
+
+    def close(self) -> None:
+        """Close the GPU session, if any; a failure here must not lose a finished generation."""
+        if not self.reachable:
+            return
+        try:
+            self.model.close_cache(self.cache)
+        except (RemoteError, ProtocolError, GPUServerUnavailable):
+            pass
 
 
 class _TextStream:

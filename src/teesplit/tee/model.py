@@ -192,7 +192,7 @@ class TEELlamaModel:
             if i < c.num_layers - 1:
                 y, z = self.gpu.down_qkv(i, m, x, sid, pos)
                 x = x + y
-        rows = None if all_logits else n_new - 1
+        rows = None if all_logits else np.maximum(n_new - 1, 0)  # a finished row (n_new 0) reads slot 0
         out = self.gpu.down_lm_head(m, x, rows, top_k)
         cache.advance(n_new)
         x = (x if rows is None else x[np.arange(B), rows][:, None]) + out[0]  # (B, R, E)
