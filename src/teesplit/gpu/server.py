@@ -407,12 +407,15 @@ def serve(
                 frames = sock.recv_multipart(copy=False)
             except zmq.Again:
                 continue
+            _serve_guarded(sock, handler, frames)
+        # Stopping: requests that already arrived are in flight too; answer them, briefly.
+        drain_until = time.monotonic() + linger_s
+        while time.monotonic() < drain_until:
             try:
-                _serve_one(sock, handler, frames)
-            except zmq.ZMQError as e:  # the peer vanished mid-reply, a full queue: keep serving
-                log_event("error", level=logging.WARNING, code="send_failed", msg=str(e))
-            except Exception as e:  # handle() never raises; this guards the envelope handling
-                log_event("error", level=logging.ERROR, code="internal", msg=f"{type(e).__name__}: {e}")
+                frames = sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            _serve_guarded(sock, handler, frames)
     finally:
         dropped = handler.drop_sessions("shutdown")
         sock.close(linger=int(linger_s * 1000))  # let the last reply leave
@@ -426,6 +429,15 @@ def serve(
             replayed=handler.replayed,
             sessions_dropped=dropped,
         )
+
+
+def _serve_guarded(sock: zmq.Socket, handler: RequestHandler, frames: list) -> None:
+    try:
+        _serve_one(sock, handler, frames)
+    except zmq.ZMQError as e:  # the peer vanished mid-reply, a full queue: keep serving
+        log_event("error", level=logging.WARNING, code="send_failed", msg=str(e))
+    except Exception as e:  # handle() never raises; this guards the envelope handling
+        log_event("error", level=logging.ERROR, code="internal", msg=f"{type(e).__name__}: {e}")
 
 
 def _serve_one(sock: zmq.Socket, handler: RequestHandler, frames: list) -> None:
