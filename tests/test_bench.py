@@ -37,6 +37,8 @@ def report(tmp_path_factory):
         "--pipeline",
         "--wire-tokens",
         "6",
+        "--runners",
+        "1,3",
         "--timeout",
         "60",
         "--out-dir",
@@ -59,6 +61,10 @@ def test_json_keys(report):
     for key in ("command", "settings", "machine", "model", "baseline", "runs", "auto", "batch", "targets"):
         assert key in result
     assert "tinyllama" not in result  # off in --quick
+    conc = result["concurrency"]
+    assert [r["runners"] for r in conc["rows"]] == [1, 3] and conc["transport"] == "ipc"
+    for r in conc["rows"]:
+        assert r["rpcs"] > 0 and 0 < r["rpc_p50_ms"] <= r["rpc_p99_ms"] and r["decode_tok_s"] > 0
     assert result["baseline"]["decode"]["ms_per_token"] > 0
     assert set(result["baseline"]["measured"]) == {"start", "end"}  # the faster of the two is used
     assert {c: set(e) >= {"prefill_tok_s", "decode_ms"} for c, e in result["baseline"]["contexts"].items()}

@@ -39,6 +39,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -101,6 +102,7 @@ class Settings:
     wide_transports: tuple[str, ...]  # transports measured at every context (the others: the first only)
     batches: tuple[int, ...]
     batch_prompt_tokens: int
+    runners: tuple[int, ...]  # concurrent runners (own connections) against one server
     pipeline: bool
     wire_tokens: int
     tinyllama: bool
@@ -176,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batches", type=_int_list, default=None, help="batch sizes (full 1,4,8; quick 1,8)")
     p.add_argument(
+        "--runners",
+        type=_int_list,
+        default=None,
+        help="concurrent runners, each on its own connection, against one server (full 1,4,16; quick 1,4)",
+    )
+    p.add_argument(
+        "--concurrency-only",
+        action="store_true",
+        help="measure only the concurrent-runner section; write concurrency.json and .md to --out-dir",
+    )
+    p.add_argument(
         "--pipeline",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -236,6 +249,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         wide_transports=_wide_transports(tuple(args.transports), quick),
         batches=tuple(args.batches or ((1, 8) if quick else (1, 4, 8))),
         batch_prompt_tokens=min(32, args.contexts[0]) if quick else args.contexts[0],
+        runners=tuple(args.runners or ((1, 4) if quick else (1, 4, 16))),
         pipeline=(not quick) if args.pipeline is None else args.pipeline,
         wire_tokens=_wire_tokens(args.wire_tokens, quick),
         tinyllama=(not quick) if args.tinyllama is None else args.tinyllama,
@@ -1178,6 +1192,106 @@ def md_auto(result: dict[str, Any]) -> list[str]:
     return ["## Auto plan", "", *_table(headers, rows)] if rows else []
 
 
+class _TimedClient(GPUClient):
+    """A GPUClient that keeps the wall time of every round trip (for latency percentiles)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.latencies: list[float] = []
+
+    def call(self, *args: Any, **kwargs: Any):
+        t0 = time.perf_counter()
+        try:
+            return super().call(*args, **kwargs)
+        finally:
+            self.latencies.append(time.perf_counter() - t0)
+
+
+def measure_concurrency(endpoint: Endpoint, vocab: int, s: Settings, log: Progress) -> dict[str, Any]:
+    """N runners (threads, each with its own connection and session) generating at once against
+    one server: aggregate decode tokens/s and per-RPC latency percentiles."""
+    from teesplit.transport.zmq import ZmqTransport
+
+    rows = []
+    params = SamplingParams(max_new_tokens=s.new_tokens)
+    for n in s.runners:
+        clients = [_TimedClient(ZmqTransport(endpoint.address, timeout_s=s.timeout_s)) for _ in range(n)]
+        try:
+            gens = [
+                Generator(TEELlamaModel(c, get_plan(BATCH_PLAN)), None, eos_token_ids=set()) for c in clients
+            ]
+            prompts = batch_prompts(vocab, n, 32)
+            for c in clients:
+                c.latencies.clear()  # Init is not part of the measurement
+            results: list[Any] = [None] * n
+
+            def go(i: int, gens=gens, prompts=prompts, results=results) -> None:
+                results[i] = gens[i].generate(prompts[i], params)
+
+            threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            if any(r is None for r in results):
+                raise RuntimeError("a concurrent runner failed; see the server log")
+            lat = np.array([x for c in clients for x in c.latencies])
+            decode_tokens = sum(r.stats["decode"]["steps"] for r in results)
+            decode_s = max(r.stats["decode"]["time_s"]["total"] for r in results)
+            row = {
+                "runners": n,
+                "decode_tok_s": decode_tokens / decode_s,
+                "end_to_end_tok_s": n * s.new_tokens / wall,
+                "rpc_p50_ms": 1000 * float(np.percentile(lat, 50)),
+                "rpc_p99_ms": 1000 * float(np.percentile(lat, 99)),
+                "rpcs": int(lat.size),
+            }
+        finally:
+            for c in clients:
+                c.close()
+        rows.append(row)
+        log(
+            f"{n} concurrent runner(s) ({BATCH_PLAN}, {endpoint.kind}): {row['decode_tok_s']:.1f} tok/s "
+            f"aggregate decode, RPC p50 {row['rpc_p50_ms']:.2f} ms, p99 {row['rpc_p99_ms']:.2f} ms"
+        )
+    return {
+        "plan": BATCH_PLAN,
+        "transport": endpoint.kind,
+        "prompt_tokens": 32,
+        "new_tokens": s.new_tokens,
+        "rows": rows,
+    }
+
+
+def md_concurrency(result: dict[str, Any]) -> list[str]:
+    c = result.get("concurrency")
+    if not c:
+        return []
+    rows = [
+        [
+            r["runners"],
+            f"{r['decode_tok_s']:.1f}",
+            f"{r['end_to_end_tok_s']:.1f}",
+            f"{r['rpc_p50_ms']:.2f}",
+            f"{r['rpc_p99_ms']:.2f}",
+            r["rpcs"],
+        ]
+        for r in c["rows"]
+    ]
+    headers = "runners|decode tok/s (aggregate)|end-to-end tok/s|RPC p50 ms|RPC p99 ms|RPCs"
+    title = (
+        f"## Concurrent runners ({c['plan']} over {c['transport']}, one server, "
+        f"{c['prompt_tokens']}-token prompts, {c['new_tokens']} tokens each)"
+    )
+    note = (
+        "(Each runner is a thread of one process with its own connection and GPU session; the "
+        "server answers requests one at a time, in arrival order.)"
+    )
+    return [title, "", *_table(headers, rows), note, ""]
+
+
 def md_batch(result: dict[str, Any]) -> list[str]:
     b = result.get("batch")
     if not b:
@@ -1244,7 +1358,17 @@ def md_tinyllama(result: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    sections = (md_header, md_targets, md_decode, md_contexts, md_traffic, md_auto, md_batch, md_wire)
+    sections = (
+        md_header,
+        md_targets,
+        md_decode,
+        md_contexts,
+        md_traffic,
+        md_auto,
+        md_batch,
+        md_concurrency,
+        md_wire,
+    )
     return "\n".join(line for section in (*sections, md_tinyllama) for line in section(result))
 
 
@@ -1261,6 +1385,7 @@ def resolve_model_dir(spec: str, log: Progress) -> Path:
 class Collected:
     runs: list[dict[str, Any]] = field(default_factory=list)
     batch: dict[str, Any] | None = None
+    concurrency: dict[str, Any] | None = None
 
 
 def run_transports(
@@ -1289,6 +1414,10 @@ def run_transports(
                     endpoint,
                     lambda e=endpoint: measure_batches(e, vocab, s, log, batch_baseline),
                     log,
+                )
+            if kind == batch_kind and s.runners and kind != "local":
+                got.concurrency = with_restart(
+                    endpoint, lambda e=endpoint: measure_concurrency(e, vocab, s, log), log
                 )
     return got
 
@@ -1350,6 +1479,8 @@ def main(argv: list[str] | None = None) -> int:
         render(Path(args.render))
         return 0
     s = settings_from_args(args)
+    if args.concurrency_only:
+        return run_concurrency_only(s, "teesplit bench " + shlex.join(argv))
     import torch
 
     if s.device == "cuda" and not torch.cuda.is_available():
@@ -1362,6 +1493,31 @@ def main(argv: list[str] | None = None) -> int:
             run(s, "teesplit bench" + (" " + shlex.join(argv) if argv else ""), tee_threads)
     finally:
         torch.set_num_threads(old_threads)
+    return 0
+
+
+def run_concurrency_only(s: Settings, command: str) -> int:
+    """Just the concurrent-runner section, over ipc: concurrency.json and concurrency.md."""
+    from teesplit.config import ModelConfig
+
+    log = Progress()
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model_dir(s.model, log)
+    vocab = ModelConfig.from_dir(model_dir).vocab_size
+    with (
+        tempfile.TemporaryDirectory(prefix="teesplit-bench-") as tmp,
+        running(Endpoint("ipc", model_dir, s, Path(tmp))) as endpoint,
+    ):
+        conc = measure_concurrency(endpoint, vocab, s, log)
+    out = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_info(s.device),
+        "concurrency": conc,
+    }
+    (s.out_dir / "concurrency.json").write_text(json.dumps(out, indent=2) + "\n")
+    (s.out_dir / "concurrency.md").write_text("\n".join(md_concurrency(out)) + "\n")
+    log(f"wrote {s.out_dir / 'concurrency.json'} and concurrency.md")
     return 0
 
 
@@ -1413,6 +1569,8 @@ def run(s: Settings, command: str, tee_threads: int | None) -> dict[str, Any]:
         result["auto"] = check_auto(got.runs)
         if got.batch:
             result["batch"] = got.batch
+        if got.concurrency:
+            result["concurrency"] = got.concurrency
         if s.wire_tokens:
             result["wire_dtypes"] = measure_wire_dtypes(model_dir, s, tmp, log)
         if s.tinyllama:
