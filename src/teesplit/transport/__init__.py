@@ -19,9 +19,3 @@ class GPUServerUnavailable(ConnectionError):
 class ConnectionLost(GPUServerUnavailable):
     """The connection dropped while a reply was awaited: that try has failed, stop waiting."""
 
-
-def connect(address: str, timeout_s: float = 60.0):
-    """A transport for `address` (tcp://host:port or ipc://path)."""
-    from teesplit.transport.zmq import ZmqTransport
-
-    return ZmqTransport(address, timeout_s=timeout_s)
