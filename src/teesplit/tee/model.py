@@ -79,9 +79,7 @@ class TEELlamaModel:
     def new_cache(self, batch: int = 1, max_tokens: int = 4096) -> KVCache | GPUKVCache:
         """A KV cache for `batch` sequences of up to `max_tokens` tokens each (prompt + generated)."""
         c = self.config
-        if (
-            self.plan.gpu_kv_cache
-        ):  # the GPU grows its cache on demand: max_tokens is a cap, not an allocation
+        if self.plan.gpu_kv_cache:  # the GPU grows it on demand: max_tokens is a cap, not an allocation
             return GPUKVCache(self.gpu.open_session(batch, max_tokens), batch)
         return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim)
 
@@ -115,7 +113,7 @@ class TEELlamaModel:
             x = x + self.mlp(i, h)
         cache.advance(n_new)
         if not all_logits:
-            x = x[np.arange(B), n_new - 1][:, None]  # (B, 1, E)
+            x = x[np.arange(B), np.maximum(n_new - 1, 0)][:, None]  # (B, 1, E); a finished row reads slot 0
         x = rms_norm(x, self.final_norm, self.config.rms_norm_eps)
         if top_k is not None:
             return self.gpu.lm_head_top_k(x, top_k)
