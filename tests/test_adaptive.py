@@ -52,3 +52,21 @@ def test_choose_measures_a_real_link(ckpt):
     choice = choose(model.gpu, model.config, 64)
     assert choice.plan.name in PLANS and choice.link.rtt_s > 0
     assert set(choice.estimates_ms) == {f"{p}/{w}" for p in PLANS for w in ("float32", "float16")}
+
+
+def test_slow_gpu_attention_keeps_attention_in_the_trusted_side(ckpt):
+    c = local_model(ckpt, "v2").config
+    link = LinkStats(rtt_s=1e-6, up_bytes_per_s=1e10, down_bytes_per_s=1e10)
+    # A device where each small attention product costs 1 ms (launch and sync), a quick CPU.
+    assert not choose(None, c, 512, link=link, tee_flops=1e10, gpu_attention_s=1e-3).plan.attention_on_gpu
+    # The same CPU made very slow: the GPU's attention wins again.
+    assert choose(None, c, 4096, link=link, tee_flops=1e3, gpu_attention_s=1e-3).plan.attention_on_gpu
+
+
+def test_gpu_attention_time_is_measured_from_the_server(ckpt):
+    from teesplit.tee.adaptive import measure_gpu_attention_s
+
+    model = local_model(ckpt, "v2")
+    t = measure_gpu_attention_s(model.gpu, model.config, 256)
+    assert 0 < t < 1.0
+    assert model.gpu.metrics.rpc["Matmul"] == 6

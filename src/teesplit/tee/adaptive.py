@@ -2,8 +2,10 @@
 fastest per decode token (TRUSTED side).
 
 The model counts, per decode token: round trips x measured round-trip time, bytes each way
-/ measured bandwidth, and the attention work the plan leaves to the trusted side / its
-measured numpy speed. GPU compute is the same for every plan and is left out. The byte
+/ measured bandwidth, the attention work the plan leaves to the trusted side / its measured
+numpy speed, and for plans that put attention on the GPU, two attention-shaped products per
+layer at the time the server reports for one. The Linear work is the same for every plan and
+is left out. The byte
 counts are the plans' actual tensor payloads (tests check them against the client's meter).
 """
 
@@ -98,6 +100,20 @@ def tee_attention_flops(plan: Plan, c: ModelConfig, context: int) -> float:
     return c.num_layers * per_layer
 
 
+def measure_gpu_attention_s(gpu: GPUClient, c: ModelConfig, context: int, tries: int = 5) -> float:
+    """The server's own compute time (as it reports it) for one attention-shaped product,
+    q (1, H, 1, D) @ Kᵀ (1, H, D, S): what each of a GPU-attention plan's two attention
+    products per layer costs on that device, launch and synchronization included."""
+    q = np.zeros((1, c.num_heads, 1, c.head_dim), np.float32)
+    kt = np.zeros((1, c.num_heads, c.head_dim, context), np.float32)
+    times = []
+    for _ in range(tries + 1):  # the first warms the device up
+        before = gpu.metrics.gpu_s
+        gpu.matmul(q, kt)
+        times.append(gpu.metrics.gpu_s - before)
+    return float(np.median(times[1:]))
+
+
 def estimate_ms(
     plan: Plan,
     wire: str,
@@ -106,14 +122,17 @@ def estimate_ms(
     link: LinkStats,
     tee_flops: float,
     top_k: int | None = 1,
+    gpu_attention_s: float = 0.0,
 ) -> float:
     up, down = bytes_per_token(plan, c, context, wire, top_k)
     n = plan.rpcs_per_forward(c.num_layers)
+    gpu_attention = 2 * c.num_layers * gpu_attention_s if plan.attention_on_gpu else 0.0
     s = (
         n * link.rtt_s
         + (up + n * HEADER_UP) / link.up_bytes_per_s
         + (down + n * HEADER_DOWN) / link.down_bytes_per_s
         + tee_attention_flops(plan, c, context) / tee_flops
+        + gpu_attention
     )
     return 1000 * s
 
@@ -127,14 +146,17 @@ def choose(
     link: LinkStats | None = None,
     tee_flops: float | None = None,
     min_gain: float = 0.05,
+    gpu_attention_s: float | None = None,
 ) -> Choice:
     """Measure (unless given) and pick the cheapest plan; a narrower wire dtype than the first
     of `wires` is taken only when it saves at least `min_gain` of the time, since it costs
     precision."""
     link = link or measure_link(gpu)
     flops = tee_flops or measure_tee_flops(context)
+    if gpu_attention_s is None:
+        gpu_attention_s = measure_gpu_attention_s(gpu, c, context) if gpu is not None else 0.0
     est = {
-        f"{p.name}/{w}": estimate_ms(p, w, c, context, link, flops, top_k)
+        f"{p.name}/{w}": estimate_ms(p, w, c, context, link, flops, top_k, gpu_attention_s)
         for p in PLANS.values()
         for w in wires
     }
