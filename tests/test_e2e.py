@@ -4,8 +4,10 @@ another process; a malformed request gets an error reply and the server keeps se
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -175,7 +177,10 @@ def test_demo_runs_a_server_and_prints_stats(smollm2_dir):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip(), "the demo should print the answer"
     assert "RPCs by op" in r.stderr and "AttnScores" in r.stderr
-    assert "serving" in r.stderr and "stopped after" in r.stderr
+    log = re.search(r"\(log: (\S+)\)", r.stderr).group(1)
+    server_log = Path(log).read_text()
+    assert "serving" in server_log and "stopped after" in server_log and "session_open" in server_log
+    assert "session_open" not in r.stderr  # the answer and the table are not interleaved with it
 
 
 @pytest.mark.parametrize(

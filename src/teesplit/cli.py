@@ -334,10 +334,18 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
     model_dir = resolve(args.model, args.cache_dir)
     address = free_tcp_address()
-    print(f"starting a GPU server process for {model_dir.name} at {address} ...", file=sys.stderr)
-    proc = start_server(model_dir, address, ["--device", args.device])
+    # The server's own log goes to a file, so its session lines do not interleave with the answer.
+    log_path = Path(tempfile.gettempdir()) / f"teesplit-demo-server-{address.rsplit(':', 1)[1]}.log"
+    print(
+        f"starting a GPU server process for {model_dir.name} at {address} (log: {log_path}) ...",
+        file=sys.stderr,
+    )
+    with open(log_path, "w") as log:
+        proc = start_server(model_dir, address, ["--device", args.device], stderr=log)
     try:
         print(f"> {args.prompt}", file=sys.stderr)
         gen_args = build_parser().parse_args(
