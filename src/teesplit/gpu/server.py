@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import zmq
 
-from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService
+from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService, TopK
 from teesplit.protocol import (
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,
@@ -56,6 +56,8 @@ RCV_QUEUE = 32  # requests queued per connection before ZeroMQ stops reading fro
 MAX_PING_REPLY_BYTES = 64 << 20
 ERROR_LOGS_PER_S = 20
 UNCACHED_OPS = ("Ping", "Init")  # cheap, stateless and possibly large: recomputed on a resend
+# Operations that read or write a session's cache when given a session id; others ignore it.
+SESSION_USERS = ("QKV", "AttnScores", "AttnOut", "EmbedQKV", "DownQKV", "AttnOutGateUp")
 
 
 # ---- structured logs -----------------------------------------------------------------------------
@@ -274,10 +276,12 @@ class RequestHandler:
         sid = header.get("sid")
         wire = wire_name(header, 0)
         t0 = time.perf_counter()
-        if op == "Embedding":
+        if op in ("Embedding", "EmbedQKV"):  # their only tensors are token ids and positions
             wire = args.get("dtype", "float32")
             if wire not in WIRE_DTYPES:
-                raise ProtocolError(f"Embedding: dtype must be one of {WIRE_DTYPES}", "bad_args")
+                raise ProtocolError(f"{op}: dtype must be one of {WIRE_DTYPES}", "bad_args")
+        session = s.session(sid) if sid is not None and op in SESSION_USERS else None
+        if op == "Embedding":
             out = s.embedding(t[0])
         elif op == "Linear":
             out = s.linear(args["layer"], args["module"], t[0])
@@ -285,55 +289,42 @@ class RequestHandler:
             out = s.matmul(t[0], t[1])
         elif op == "LMHead":
             out = s.lm_head(t[0], args.get("top_k"))
-            if isinstance(out, tuple):  # top-k: float32 values and int64 ids, whatever the wire dtype
-                values, ids = out
-                result = [values.cpu().numpy(), ids.cpu().numpy()]
-                return {}, result, time.perf_counter() - t0
         elif op == "QKV":
-            session = s.session(sid) if sid is not None else None
             if (session is None) != (len(t) == 1):
                 raise ProtocolError("QKV: positions are given exactly when a session is", "bad_args")
             out = s.qkv(args["layer"], t[0], session, t[1] if session else None)
         elif op == "GateUp":
             out = s.gate_up(args["layer"], t[0])
         elif op == "AttnScores":
-            r = t[3] if len(t) == 4 else None
-            out = s.attn_scores(s.session(sid), args["layer"], t[0], t[1], t[2], r)
+            out = s.attn_scores(session, args["layer"], t[0], t[1], t[2], t[3] if len(t) == 4 else None)
         elif op == "AttnOut":
-            out = s.attn_out(s.session(sid), args["layer"], t[0])
-        elif op in MERGED_OPS:
-            return {}, self._merged(op, args, sid, wire, t), time.perf_counter() - t0
-        else:  # validate_request only admits known ops; this guards a missing branch
-            raise ProtocolError(f"operation {op!r} is not implemented by this server", "unknown_op")
-        result = to_wire(out, wire)
-        return {}, [result], time.perf_counter() - t0
-
-    def _merged(self, op: str, args: dict[str, Any], sid: int | None, wire: str, t: list) -> list:
-        """The merged plans' operations: two (or three, with top-k) tensors come back."""
-        s = self.service
-        session = s.session(sid) if sid is not None else None
-        if op == "EmbedQKV":
-            wire = args.get("dtype", "float32")  # the request's only tensors are ids and positions
-            if wire not in WIRE_DTYPES:
-                raise ProtocolError(f"EmbedQKV: dtype must be one of {WIRE_DTYPES}", "bad_args")
+            out = s.attn_out(session, args["layer"], t[0])
+        elif op == "EmbedQKV":
             out = s.embed_qkv(t[0], session, t[1] if len(t) == 2 else None)
         elif op == "DownQKV":
             out = s.down_qkv(args["layer"], t[0], t[1], session, t[2] if len(t) == 3 else None)
         elif op == "DownLMHead":
             out = s.down_lm_head(t[0], t[1], t[2] if len(t) == 3 else None, args.get("top_k"))
-            if len(out) == 3:  # top-k: y in the wire dtype, float32 values and int64 ids
-                y, values, ids = out
-                return [to_wire(y, wire), values.cpu().numpy(), ids.cpu().numpy()]
         elif op == "OGateUp":
             out = s.o_gate_up(args["layer"], t[0], t[1])
-        else:  # AttnOutGateUp
-            if session is None:
-                raise ProtocolError("AttnOutGateUp needs a session id", "no_session")
+        elif op == "AttnOutGateUp":
             out = s.attn_out_gate_up(session, args["layer"], t[0], t[1])
-        return [to_wire(o, wire) for o in out]
+        else:  # validate_request only admits known ops; this guards a missing branch
+            raise ProtocolError(f"operation {op!r} is not implemented by this server", "unknown_op")
+        return {}, reply_tensors(out, wire), time.perf_counter() - t0
 
 
-MERGED_OPS = ("EmbedQKV", "DownQKV", "DownLMHead", "OGateUp", "AttnOutGateUp")
+def reply_tensors(out: torch.Tensor | TopK | tuple, wire: str) -> list:
+    """An operation's result(s) -> reply tensors: activations in the wire dtype; a top-k result
+    as float32 values and int64 ids, whatever the wire dtype."""
+    parts = out if isinstance(out, tuple) and not isinstance(out, TopK) else (out,)
+    tensors: list = []
+    for part in parts:
+        if isinstance(part, TopK):
+            tensors += [part.values.cpu().numpy(), part.ids.cpu().numpy()]
+        else:
+            tensors.append(to_wire(part, wire))
+    return tensors
 
 
 def to_wire(t: torch.Tensor, wire: str) -> np.ndarray | Int8Rows:

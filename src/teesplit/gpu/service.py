@@ -16,7 +16,7 @@ import secrets
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -44,11 +44,26 @@ def _bad(message: str, code: str = "bad_tensor") -> ProtocolError:
     return ProtocolError(message, code)
 
 
+def _top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor | TopK:
+    """The logits, or with k only their k largest per row (values in float32)."""
+    if k is None:
+        return logits
+    values, ids = torch.topk(logits.float(), k, dim=-1)
+    return TopK(values, ids)
+
+
 def _float_dtype(x: np.ndarray, what: str) -> str:
     for name in FLOAT_DTYPES:
         if x.dtype == DTYPES[name]:
             return name
     raise _bad(f"{what}: dtype {x.dtype} is not a float wire dtype {FLOAT_DTYPES}")
+
+
+class TopK(NamedTuple):
+    """The k largest logits of each row: float32 values (B, R, k) and their int64 ids."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -170,17 +185,16 @@ class GPUComputeService:
         self._check_result_size((*a.shape[:-1], b.shape[-1]), "Matmul")
         return torch.matmul(to_torch(a, self.device, self.dtype), to_torch(b, self.device, self.dtype))
 
-    def lm_head(self, x: np.ndarray, top_k: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def lm_head(self, x: np.ndarray, top_k: int | None = None) -> torch.Tensor | TopK:
+        self._check_top_k(top_k, "LMHead")
         xt = self._activation(x, self.config.hidden_size, "LMHead")
-        V = self.config.vocab_size
-        if top_k is None:
-            self._check_result_size((*x.shape[:2], V), "LMHead")
-            return F.linear(xt, self.w.lm_head)
-        if not 1 <= top_k <= min(V, 1024):
-            raise _bad(f"LMHead: top_k must lie in [1, {min(V, 1024)}]", "bad_args")
-        self._check_result_size((*x.shape[:2], V), "LMHead")
-        values, ids = torch.topk(F.linear(xt, self.w.lm_head).float(), top_k, dim=-1)
-        return values, ids
+        self._check_result_size((*x.shape[:2], self.config.vocab_size), "LMHead")
+        return _top_k(F.linear(xt, self.w.lm_head), top_k)
+
+    def _check_top_k(self, top_k: int | None, what: str) -> None:
+        limit = min(self.config.vocab_size, 1024)
+        if top_k is not None and not 1 <= top_k <= limit:
+            raise _bad(f"{what}: top_k must lie in [1, {limit}]", "bad_args")
 
     # ---- fused projections -----------------------------------------------------------------
     def qkv(
@@ -206,8 +220,15 @@ class GPUComputeService:
         return F.linear(xt, lw.gate_up_weight, lw.gate_up_bias)  # (B, T, 2F)
 
     # ---- attention against the session's cache -----------------------------------------
-    def attn_scores(self, session: Session, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray,
-                    r: np.ndarray | None = None) -> torch.Tensor:
+    def attn_scores(
+        self,
+        session: Session,
+        layer: int,
+        q: np.ndarray,
+        k: np.ndarray,
+        pos: np.ndarray,
+        r: np.ndarray | None = None,
+    ) -> torch.Tensor:
         """Write the rotated k at pos, return q Kᵀ over every cached position: (B, H, T, S).
         With row scales r (B, T) (merged plans), first turn the pending v into cache entries."""
         lw = self._layer(layer, "AttnScores")
@@ -296,8 +317,9 @@ class GPUComputeService:
     def _gain(self, norm: torch.Tensor) -> torch.Tensor:
         return norm.to(self.dtype)
 
-    def _qkv_unscaled(self, layer: int, x: torch.Tensor, session: Session | None, pos: np.ndarray | None,
-                      what: str) -> torch.Tensor:
+    def _qkv_unscaled(
+        self, layer: int, x: torch.Tensor, session: Session | None, pos: np.ndarray | None, what: str
+    ) -> torch.Tensor:
         """z = Wqkv (w ⊙ x) without bias; with a session, v waits for its row scales."""
         lw = self.w.layers[layer]
         z = F.linear(x * self._gain(lw.input_norm), lw.qkv_weight)  # (B, T, (H + 2 Hkv) D)
@@ -324,8 +346,9 @@ class GPUComputeService:
             v = v + lw.qkv_bias[c.q_dim + c.kv_dim :].view(c.num_kv_heads, 1, c.head_dim)
         self._write(s, 1, layer, v, pos, "AttnScores")
 
-    def _check_positions(self, s: Session, lengths: np.ndarray, layer: int, pos: np.ndarray | None, T: int,
-                         what: str) -> None:
+    def _check_positions(
+        self, s: Session, lengths: np.ndarray, layer: int, pos: np.ndarray | None, T: int, what: str
+    ) -> None:
         if pos is None or pos.dtype != DTYPES["int64"] or pos.shape != (s.batch,):
             raise _bad(f"{what}: positions must be int64 of shape ({s.batch},)")
         if (pos < 0).any() or (pos > lengths[layer]).any():
@@ -335,13 +358,20 @@ class GPUComputeService:
                 f"{what}: session {s.sid} holds at most {s.max_tokens} tokens per sequence", "too_large"
             )
 
-    def embed_qkv(self, ids: np.ndarray, session: Session | None = None, pos: np.ndarray | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_qkv(
+        self, ids: np.ndarray, session: Session | None = None, pos: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.embedding(ids).to(self.dtype)  # (B, T, E)
         return x, self._qkv_unscaled(0, x, session, pos, "EmbedQKV")
 
-    def down_qkv(self, layer: int, m: np.ndarray, x: np.ndarray, session: Session | None = None,
-                 pos: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def down_qkv(
+        self,
+        layer: int,
+        m: np.ndarray,
+        x: np.ndarray,
+        session: Session | None = None,
+        pos: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """y = down(m) of `layer`, and the next layer's unscaled q|k|v on the residual x + y."""
         if not 0 <= layer < self.config.num_layers - 1:
             raise _bad(f"DownQKV: layer must lie in [0, {self.config.num_layers - 1})", "bad_args")
@@ -350,6 +380,7 @@ class GPUComputeService:
 
     def down_lm_head(self, m: np.ndarray, x: np.ndarray, rows: np.ndarray | None, top_k: int | None):
         """Last layer: y = down(m); the LM head on w ⊙ (x + y) at each row's `rows` position."""
+        self._check_top_k(top_k, "DownLMHead")
         y, xn = self._down_residual(self.config.num_layers - 1, m, x, "DownLMHead")
         if rows is not None:
             B, T = x.shape[:2]
@@ -360,12 +391,7 @@ class GPUComputeService:
             y, xn = y[ar, idx][:, None], xn[ar, idx][:, None]  # (B, 1, E)
         self._check_result_size((*xn.shape[:2], self.config.vocab_size), "DownLMHead")
         z = F.linear(xn * self._gain(self.w.norm), self.w.lm_head)  # (B, R, V), unscaled
-        if top_k is None:
-            return y, z
-        if not 1 <= top_k <= min(self.config.vocab_size, 1024):
-            raise _bad(f"DownLMHead: top_k must lie in [1, {min(self.config.vocab_size, 1024)}]", "bad_args")
-        values, ids = torch.topk(z.float(), top_k, dim=-1)  # the row scale is positive: same order
-        return y, values, ids
+        return y, _top_k(z, top_k)  # the row scale is positive: the top-k of z are the top-k
 
     def _down_residual(self, layer: int, m: np.ndarray, x: np.ndarray, what: str):
         lw = self.w.layers[layer]
@@ -386,8 +412,9 @@ class GPUComputeService:
         o = F.linear(at, lw.weight["o_proj"], lw.bias.get("o_proj"))
         return o, F.linear((xt + o) * self._gain(lw.post_attention_norm), lw.gate_up_weight)
 
-    def attn_out_gate_up(self, session: Session, layer: int, p: np.ndarray, x: np.ndarray
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def attn_out_gate_up(
+        self, session: Session, layer: int, p: np.ndarray, x: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """o = o_proj(P V) from the session's cache, and the unscaled gate|up on x + o."""
         o = self.attn_out(session, layer, p)
         xt = self._activation(x, self.config.hidden_size, "AttnOutGateUp x")

@@ -196,11 +196,32 @@ class GPUClient:
         self, op: str, args: dict[str, Any], tensors: tuple, shape: tuple[int, ...], sid: int | None = None
     ) -> np.ndarray:
         """One RPC whose reply is one activation of a known shape, returned as float32."""
+        return self._call_many(op, args, tensors, [shape], sid)[0]
+
+    def _call_many(
+        self,
+        op: str,
+        args: dict[str, Any],
+        tensors: tuple,
+        shapes: list[tuple[int, ...]],
+        sid: int | None = None,
+        top_k_ids: bool = False,
+    ) -> list[np.ndarray]:
+        """One RPC whose reply tensors have known shapes: activations come back as float32; with
+        `top_k_ids` the last tensor is token ids, which must lie in the vocabulary."""
         _, out = self.call(op, args, tensors, sid)
-        if len(out) != 1 or out[0].shape != shape:
-            got = [o.shape for o in out]
-            raise ProtocolError(f"{op}: expected one tensor of shape {shape}, got {got}")
-        return out[0].astype(np.float32, copy=False)
+        if [o.shape for o in out] != shapes:
+            raise ProtocolError(f"{op}: expected tensors of shapes {shapes}, got {[o.shape for o in out]}")
+        acts = out[:-1] if top_k_ids else out
+        if any(o.dtype == np.int64 for o in acts):
+            raise ProtocolError(f"{op}: expected float tensors, got {[str(o.dtype) for o in acts]}")
+        result = [o.astype(np.float32, copy=False) for o in acts]
+        if top_k_ids:
+            ids = out[-1]
+            if ids.dtype != np.int64 or (ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size)):
+                raise ProtocolError(f"{op}: token ids out of the vocabulary")
+            result.append(ids)
+        return result
 
     def _wire(self, x: np.ndarray) -> np.ndarray | Int8Rows:
         if self.wire_dtype == "int8":
@@ -217,8 +238,12 @@ class GPUClient:
         expected = (2 * config.num_layers + 1, config.hidden_size)
         names = res.get("biases", [])
         c = config
-        widths = {"qkv": c.q_dim + 2 * c.kv_dim, "o": c.hidden_size, "gate_up": 2 * c.intermediate_size,
-                  "down": c.hidden_size}
+        widths = {
+            "qkv": c.q_dim + 2 * c.kv_dim,
+            "o": c.hidden_size,
+            "gate_up": 2 * c.intermediate_size,
+            "down": c.hidden_size,
+        }
         if not isinstance(names, list) or not set(names) <= set(widths) or len(tensors) != 1 + len(names):
             raise ProtocolError("Init: malformed bias list in reply")
         if tensors[0].shape != expected:
@@ -251,14 +276,11 @@ class GPUClient:
 
     def lm_head_top_k(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Only the k largest logits and their token ids: (B, T, k) each."""
-        _, out = self.call("LMHead", {"top_k": k}, (self._wire(x),))
         shape = (*x.shape[:-1], k)
-        if len(out) != 2 or out[0].shape != shape or out[1].shape != shape or out[1].dtype != np.int64:
-            raise ProtocolError(f"LMHead: expected top-{k} values and ids of shape {shape}")
-        ids = out[1]
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise ProtocolError("LMHead: token ids out of the vocabulary")
-        return out[0].astype(np.float32, copy=False), ids
+        values, ids = self._call_many(
+            "LMHead", {"top_k": k}, (self._wire(x),), [shape, shape], top_k_ids=True
+        )
+        return values, ids
 
     # ---- fused projections and the GPU-side KV cache -------------------------------------
     def qkv(
@@ -275,8 +297,9 @@ class GPUClient:
             "GateUp", {"layer": layer}, (self._wire(x),), (*x.shape[:-1], 2 * self.config.intermediate_size)
         )
 
-    def attn_scores(self, sid: int, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray,
-                    r: np.ndarray | None = None) -> np.ndarray:
+    def attn_scores(
+        self, sid: int, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray, r: np.ndarray | None = None
+    ) -> np.ndarray:
         """Store the rotated k at pos in the session's cache; q Kᵀ over the whole cache. With the
         row scales r (B, T) (merged plans), the session's pending v enters the cache first."""
         B, H, T, _ = q.shape
@@ -294,36 +317,41 @@ class GPUClient:
         )
 
     # ---- merged operations: z = W (w ⊙ x) comes back unscaled; see protocol.py -------------
-    def _call_many(self, op: str, args: dict[str, Any], tensors: tuple, shapes: list[tuple[int, ...]],
-                   sid: int | None = None) -> list[np.ndarray]:
-        _, out = self.call(op, args, tensors, sid)
-        if [o.shape for o in out] != shapes:
-            raise ProtocolError(f"{op}: expected tensors of shapes {shapes}, got {[o.shape for o in out]}")
-        return [o if o.dtype == np.int64 else o.astype(np.float32, copy=False) for o in out]
-
     def _qkv_width(self, sid: int | None) -> int:
         c = self.config
         return c.q_dim + c.kv_dim + (0 if sid is not None else c.kv_dim)
 
-    def embed_qkv(self, ids: np.ndarray, sid: int | None = None, pos: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def embed_qkv(
+        self, ids: np.ndarray, sid: int | None = None, pos: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """x0 = embedding(ids) and layer 0's unscaled q|k|v (q|k with a session)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         tensors = (ids,) if sid is None else (ids, np.asarray(pos, np.int64))
         B, T = ids.shape
-        x, z = self._call_many("EmbedQKV", {"dtype": self.wire_dtype}, tensors,
-                               [(B, T, self.config.hidden_size), (B, T, self._qkv_width(sid))], sid)
+        x, z = self._call_many(
+            "EmbedQKV",
+            {"dtype": self.wire_dtype},
+            tensors,
+            [(B, T, self.config.hidden_size), (B, T, self._qkv_width(sid))],
+            sid,
+        )
         return x, z
 
-    def down_qkv(self, layer: int, m: np.ndarray, x: np.ndarray, sid: int | None = None,
-                 pos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def down_qkv(
+        self, layer: int, m: np.ndarray, x: np.ndarray, sid: int | None = None, pos: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """y = down(m) of `layer` and layer+1's unscaled q|k|v on x + y."""
         tensors = (self._wire(m), self._wire(x))
         if sid is not None:
             tensors += (np.asarray(pos, np.int64),)
         B, T = x.shape[:2]
-        y, z = self._call_many("DownQKV", {"layer": layer}, tensors,
-                               [(B, T, self.config.hidden_size), (B, T, self._qkv_width(sid))], sid)
+        y, z = self._call_many(
+            "DownQKV",
+            {"layer": layer},
+            tensors,
+            [(B, T, self.config.hidden_size), (B, T, self._qkv_width(sid))],
+            sid,
+        )
         return y, z
 
     def down_lm_head(self, m: np.ndarray, x: np.ndarray, rows: np.ndarray | None, top_k: int | None):
@@ -337,11 +365,8 @@ class GPUClient:
             R = 1
         if top_k is None:
             return self._call_many("DownLMHead", {}, tensors, [(B, R, c.hidden_size), (B, R, c.vocab_size)])
-        y, values, ids = self._call_many("DownLMHead", {"top_k": top_k}, tensors,
-                                         [(B, R, c.hidden_size), (B, R, top_k), (B, R, top_k)])
-        if ids.dtype != np.int64 or (ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size)):
-            raise ProtocolError("DownLMHead: token ids out of the vocabulary")
-        return y, values, ids
+        shapes = [(B, R, c.hidden_size), (B, R, top_k), (B, R, top_k)]
+        return self._call_many("DownLMHead", {"top_k": top_k}, tensors, shapes, top_k_ids=True)
 
     def o_gate_up(self, layer: int, a: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """o = o_proj(a) and the unscaled gate|up on x + o."""
@@ -350,8 +375,9 @@ class GPUClient:
         o, z = self._call_many("OGateUp", {"layer": layer}, (self._wire(a), self._wire(x)), shapes)
         return o, z
 
-    def attn_out_gate_up(self, sid: int, layer: int, p: np.ndarray, x: np.ndarray
-                         ) -> tuple[np.ndarray, np.ndarray]:
+    def attn_out_gate_up(
+        self, sid: int, layer: int, p: np.ndarray, x: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """o = o_proj(P V) with V from the session, and the unscaled gate|up on x + o."""
         B, T = x.shape[:2]
         shapes = [(B, T, self.config.hidden_size), (B, T, 2 * self.config.intermediate_size)]
