@@ -53,15 +53,20 @@ def test_no_weights_at_all(tmp_path):
         load_weights(path, torch.device("cpu"), torch.float32, progress=False)
 
 
+TINY_HF = {  # the smallest config.json fields a Llama needs
+    "model_type": "llama",
+    "vocab_size": 10,
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+}
+
+
 def test_legacy_rope_fields_are_normalized():
     cfg = ModelConfig.from_hf(
         {
-            "model_type": "llama",
-            "vocab_size": 10,
-            "hidden_size": 8,
-            "intermediate_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
+            **TINY_HF,
             "num_key_value_heads": 1,
             "rope_theta": 500000,
             "max_position_embeddings": 1024,
@@ -96,13 +101,5 @@ def test_legacy_rope_fields_are_normalized():
     ],
 )
 def test_bad_configs_are_rejected(change, match):
-    base = {
-        "model_type": "llama",
-        "vocab_size": 10,
-        "hidden_size": 8,
-        "intermediate_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    }
     with pytest.raises(ConfigError, match=match):
-        ModelConfig.from_hf({**base, **change})
+        ModelConfig.from_hf({**TINY_HF, **change})
