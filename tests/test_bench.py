@@ -41,6 +41,8 @@ def report(tmp_path_factory):
         "1,3",
         "--timeout",
         "60",
+        "--sections",
+        "none",  # each section has its own test (tests/test_bench_sections.py and the issues' tests)
         "--out-dir",
         str(out),
     ]

@@ -109,6 +109,7 @@ class Settings:
     quick: bool
     out_dir: Path
     timeout_s: float
+    sections: tuple[str, ...] = ()  # teesplit.benchsections modules measured in this run
 
 
 def _int_list(s: str) -> tuple[int, ...]:
@@ -130,6 +131,14 @@ def _choice_list(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
         return values
 
     return parse
+
+
+def _section_list(s: str) -> tuple[str, ...]:
+    from teesplit.benchsections import discover
+
+    if s.strip() == "none":
+        return ()
+    return _choice_list(tuple(discover()))(s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency-only",
         action="store_true",
         help="measure only the concurrent-runner section; write concurrency.json and .md to --out-dir",
+    )
+    p.add_argument(
+        "--sections",
+        type=_section_list,
+        default=None,
+        help="extra sections measured after the plans (teesplit/benchsections; default: all; 'none')",
+    )
+    p.add_argument(
+        "--only-sections",
+        type=_section_list,
+        default=None,
+        metavar="SECTIONS",
+        help="measure only these sections (no plans); write NAME.json and NAME.md per section",
     )
     p.add_argument(
         "--pipeline",
@@ -256,7 +278,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         quick=quick,
         out_dir=Path(args.out_dir or f"benchmarks/results/{args.device}{'-quick' if quick else ''}"),
         timeout_s=args.timeout,
+        sections=_chosen_sections(args),
     )
+
+
+def _chosen_sections(args: argparse.Namespace) -> tuple[str, ...]:
+    from teesplit.benchsections import discover
+
+    if args.only_sections is not None:
+        return args.only_sections
+    return tuple(discover()) if args.sections is None else args.sections
 
 
 # ---- progress ------------------------------------------------------------------------------
@@ -809,7 +840,7 @@ def measure_tinyllama(s: Settings, tmp: Path, log: Progress) -> dict[str, Any]:
 
 
 # ---- targets -------------------------------------------------------------------------------
-def _target(name: str, goal: str, measured: float | None, threshold: float, unit: str = "x") -> dict:
+def target(name: str, goal: str, measured: float | None, threshold: float, unit: str = "x") -> dict:
     if measured is None:
         return {"name": name, "goal": goal, "measured": None, "passed": None, "detail": "not measured"}
     passed = measured >= threshold
@@ -843,13 +874,13 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     fused_big, v3_big = _at(rows, "v3-fused", big), _at(rows, "v3", big)
     fused_ipc_big = _at(rows, "v3-fused", big, "ipc")
     targets = [
-        _target(
+        target(
             "decode",
             f"v3-fused over ipc decodes at >= {TARGET_DECODE_RATIO}x monolithic tokens/s",
             fused_ipc and fused_ipc["decode"]["ratio_to_baseline"],
             TARGET_DECODE_RATIO,
         ),
-        _target(
+        target(
             "bytes",
             f"at context {big}, v3-fused sends >= {TARGET_BYTES_RATIO:g}x fewer bytes per decode token "
             "than v3",
@@ -859,7 +890,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     batch = {r["batch"]: r for r in result.get("batch", {}).get("rows", []) if r["connections"] == 1}
     targets.append(
-        _target(
+        target(
             "batch",
             f"batch 8 gives >= {TARGET_BATCH_RATIO:g}x the aggregate decode tokens/s of batch 1 "
             f"({BATCH_PLAN}, {result.get('batch', {}).get('transport', 'ipc')})",
@@ -868,7 +899,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     targets.append(
-        _target(
+        target(
             "prefill",
             f"v3-fused over ipc prefills {big} tokens at >= {TARGET_PREFILL_RATIO}x monolithic tokens/s",
             fused_ipc_big and fused_ipc_big["prefill_ratio_to_baseline"],
@@ -887,7 +918,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{a['fastest_plan']} {a['fastest_ms_per_token']:.1f} ({a['slower_by']:+.0%})",
             }
         )
-    return targets
+    return targets + section_targets(result)
 
 
 # ---- machine -------------------------------------------------------------------------------
@@ -1369,7 +1400,43 @@ def render_markdown(result: dict[str, Any]) -> str:
         md_concurrency,
         md_wire,
     )
-    return "\n".join(line for section in (*sections, md_tinyllama) for line in section(result))
+    lines = [line for section in (*sections, md_tinyllama) for line in section(result)]
+    return "\n".join(lines + md_sections(result))
+
+
+def md_sections(result: dict[str, Any]) -> list[str]:
+    from teesplit.benchsections import discover
+
+    data = result.get("sections") or {}
+    known = discover() if data else {}
+    lines = []
+    for name, d in data.items():
+        if name in known:
+            lines += ["", f"## {known[name].title}", "", *known[name].render(d)]
+    return lines
+
+
+def section_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    from teesplit.benchsections import discover
+
+    data = result.get("sections") or {}
+    known = discover() if data else {}
+    return [t for name, d in data.items() if name in known for t in known[name].targets(d)]
+
+
+def measure_sections(ctx: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """Each chosen section's data; a section that fails is reported, not fatal to the run."""
+    from teesplit.benchsections import discover
+
+    known, out = discover(), {}
+    for name in names:
+        ctx.log(f"section {name}: {known[name].title}")
+        try:
+            out[name] = known[name].measure(ctx)
+        except Exception as e:  # noqa: BLE001 - one broken section must not lose the whole run
+            ctx.log(f"section {name} failed: {type(e).__name__}: {e}")
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -1479,6 +1546,8 @@ def main(argv: list[str] | None = None) -> int:
         render(Path(args.render))
         return 0
     s = settings_from_args(args)
+    if args.only_sections is not None:
+        return run_sections_only(s, "teesplit bench " + shlex.join(argv))
     if args.concurrency_only:
         return run_concurrency_only(s, "teesplit bench " + shlex.join(argv))
     import torch
@@ -1519,6 +1588,43 @@ def run_concurrency_only(s: Settings, command: str) -> int:
     (s.out_dir / "concurrency.md").write_text("\n".join(md_concurrency(out)) + "\n")
     log(f"wrote {s.out_dir / 'concurrency.json'} and concurrency.md")
     return 0
+
+
+def run_sections_only(s: Settings, command: str) -> int:
+    """Just the chosen extra sections: NAME.json and NAME.md per section in --out-dir."""
+    import torch
+
+    from teesplit.benchsections import SectionContext, discover
+    from teesplit.config import ModelConfig
+
+    log = Progress()
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model_dir(s.model, log)
+    cfg = ModelConfig.from_dir(model_dir)
+    prompt = np.random.default_rng(0).integers(3, cfg.vocab_size, max(s.contexts)).tolist()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    try:
+        with blas_threads(s.tee_threads), tempfile.TemporaryDirectory(prefix="teesplit-bench-") as tmp:
+            ctx = SectionContext(model_dir, s, Path(tmp), log, prompt, cfg.vocab_size)
+            data = measure_sections(ctx, s.sections)
+    finally:
+        torch.set_num_threads(old_threads)
+    known = discover()
+    for name, d in data.items():
+        out = {
+            "command": command,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": machine_info(s.device),
+            "sections": {name: d},
+        }
+        out["targets"] = section_targets(out)
+        (s.out_dir / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+        md = [f"# {known[name].title}", "", f"`{command}`, {out['date']}", "", *known[name].render(d)]
+        md += ["", *md_targets(out)] if out["targets"] else []
+        (s.out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+        log(f"wrote {s.out_dir / (name + '.json')} and {name}.md")
+    return 1 if any("error" in d for d in data.values()) else 0
 
 
 def render(json_path: Path) -> None:
@@ -1575,6 +1681,11 @@ def run(s: Settings, command: str, tee_threads: int | None) -> dict[str, Any]:
             result["wire_dtypes"] = measure_wire_dtypes(model_dir, s, tmp, log)
         if s.tinyllama:
             result["tinyllama"] = measure_tinyllama(s, tmp, log)
+        if s.sections:
+            from teesplit.benchsections import SectionContext
+
+            ctx = SectionContext(model_dir, s, tmp, log, prompt, cfg.vocab_size, baseline)
+            result["sections"] = measure_sections(ctx, s.sections)
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     result["targets"] = evaluate_targets(result)
     result["elapsed_s"] = log.elapsed
