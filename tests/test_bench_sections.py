@@ -15,7 +15,7 @@ from teesplit.benchsections import Section, SectionContext
 
 def _measure(ctx: SectionContext) -> dict:
     base = ctx.baseline()  # measured on demand when the run has none
-    return {"ms": base["decode"]["ms_per_token"], "layers_seen": ctx.model_dir.name, "quick": ctx.settings.quick}
+    return {"ms": base["decode"]["ms_per_token"], "quick": ctx.settings.quick}
 
 
 FAKE = Section(

@@ -18,4 +18,3 @@ class GPUServerUnavailable(ConnectionError):
 
 class ConnectionLost(GPUServerUnavailable):
     """The connection dropped while a reply was awaited: that try has failed, stop waiting."""
-
