@@ -44,10 +44,16 @@ def test_joining_and_leaving_rows_get_their_solo_greedy_tokens(ckpt, plan):
         budgets = [3, 9, 5, 12, 1, 7, 10]
         # Two requests start a batch; the others arrive while it decodes (they join at the next
         # step) and more than max_batch are in flight, so some wait for a row to leave.
-        reqs = [engine.submit(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts[:2], budgets[:2])]
+        reqs = [
+            engine.submit(p, SamplingParams(max_new_tokens=n))
+            for p, n in zip(prompts[:2], budgets[:2], strict=True)
+        ]
         first = reqs[0].wait(timeout=120)
         assert first.kind == "token"
-        reqs += [engine.submit(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts[2:], budgets[2:])]
+        reqs += [
+            engine.submit(p, SamplingParams(max_new_tokens=n))
+            for p, n in zip(prompts[2:], budgets[2:], strict=True)
+        ]
         results = [[first] + _collect(reqs[0])] + [_collect(r) for r in reqs[1:]]
     finally:
         engine.stop()
