@@ -466,8 +466,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         flush=True,
     )
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     server = threading.Thread(target=api.serve_forever, name="http", daemon=True)
     server.start()
     stop.wait()
