@@ -18,7 +18,7 @@ from helpers import make_checkpoint
 
 def make_chat_checkpoint(path: Path, tokenizer_dir: Path, **overrides) -> Path:
     """A random Llama checkpoint with SmolLM2's vocabulary, tokenizer and chat template."""
-    cfg = dict(vocab_size=49152, max_position_embeddings=2048, **overrides)
+    cfg = {"vocab_size": 49152, "max_position_embeddings": 2048, **overrides}
     make_checkpoint(path, "llama", **cfg)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_dir / name).exists():

@@ -52,6 +52,7 @@ COMMON_FIELDS = {
     "frequency_penalty",
     "logprobs",
     "logit_bias",
+    "ignore_eos",  # an extension (as in vLLM): generate max_tokens whatever the model says
 }
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
@@ -117,7 +118,10 @@ def _optional_int(body: dict, name: str, lo: int, hi: int) -> int | None:
 class Parsed:
     """A validated generation request."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, stream: bool, include_usage: bool):
+    def __init__(
+        self, prompt: list[int], params: SamplingParams, stream: bool, include_usage: bool, ignore_eos: bool
+    ):
+        self.ignore_eos = ignore_eos
         self.prompt = prompt
         self.params = params
         self.stream = stream
@@ -181,7 +185,7 @@ class Validator:
                 "model",
                 "model_not_found",
             )
-        for flag in ("stream", "logprobs"):
+        for flag in ("stream", "logprobs", "ignore_eos"):
             if body.get(flag) is not None and not isinstance(body[flag], bool):
                 raise bad(f"'{flag}' must be a boolean", flag)
         if body.get("logprobs"):
@@ -307,7 +311,13 @@ class Validator:
             stop=tuple(stop),
         )
         opts = body.get("stream_options") or {}
-        return Parsed(prompt, params, bool(body.get("stream")), bool(opts.get("include_usage")))
+        return Parsed(
+            prompt,
+            params,
+            bool(body.get("stream")),
+            bool(opts.get("include_usage")),
+            bool(body.get("ignore_eos")),
+        )
 
 
 # ---- the server ----------------------------------------------------------------------------
@@ -416,7 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise APIError(404, f"Unknown request URL: POST {self.path}", None, "unknown_url")
             parsed = parse(self._read_json())
             try:
-                req = api.engine.submit(parsed.prompt, parsed.params)
+                req = api.engine.submit(parsed.prompt, parsed.params, parsed.ignore_eos)
             except ServingError as e:
                 raise from_serving(e) from None
             try:

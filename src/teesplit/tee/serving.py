@@ -66,9 +66,10 @@ class Event:
 class Request:
     """One generation in flight: the caller reads `events` until a "done" or "error" event."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams):
+    def __init__(self, prompt: list[int], params: SamplingParams, ignore_eos: bool = False):
         self.prompt = list(prompt)
         self.params = params
+        self.ignore_eos = ignore_eos  # generate the whole budget (benchmarks)
         self.events: queue.Queue[Event] = queue.Queue()
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
@@ -143,7 +144,7 @@ class _Seq:
         self.req = req
         self.rng = np.random.default_rng(req.params.seed)  # same draws as a solo run
         self.stream = _TextStream(tokenizer, req.params.stop, self._emit)
-        self.eos = eos
+        self.eos = set() if req.ignore_eos else eos
         self.pending = ""  # text produced by the current token
         self.done = False
         self.counted = False  # in Engine.active
@@ -215,7 +216,7 @@ class Engine:
         return self.model
 
     # -- callers ---------------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, ignore_eos: bool = False) -> Request:
         params.validate()
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -225,7 +226,7 @@ class Engine:
                     f"the server is busy: {self.waiting} requests are waiting; retry later", 429, "busy"
                 )
             self.waiting += 1
-        req = Request(prompt, params)
+        req = Request(prompt, params, ignore_eos)
         self._queue.put(req)
         return req
 
@@ -272,7 +273,8 @@ class Engine:
             self._fail(seqs, e)
             return
         for s in seqs:  # EOS ids from the server's config too, now that it is known
-            s.eos |= set(model.config.eos_token_ids)
+            if not s.req.ignore_eos:
+                s.eos |= set(model.config.eos_token_ids)
         lengths = np.array([len(s.req.prompt) for s in seqs], np.int64)
         ids = np.zeros((len(seqs), int(lengths.max())), np.int64)  # right-padded
         for b, s in enumerate(seqs):
