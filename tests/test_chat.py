@@ -61,7 +61,7 @@ def test_chat_through_a_terminal(setup):
         assert _answer(child) == second
         child.sendline("/stats")
         child.expect_exact("RPCs by op:")
-        child.expect(r"session: 2 turns, 2 in the history, (\d+) tokens generated")
+        child.expect(r"session: 2 turn\(s\), 2 in the history, (\d+) tokens generated")
         assert int(child.match.group(1)) == len(r1.tokens) + len(r2.tokens)
         child.expect_exact("you> ")
         child.sendline("/reset")
@@ -102,4 +102,4 @@ def test_chat_from_stdin_ends_at_eof(setup):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("assistant> ") == 1 and "session: 1 turns" in r.stdout
+    assert r.stdout.count("assistant> ") == 1 and "session: 1 turn(s)" in r.stdout

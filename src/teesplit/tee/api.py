@@ -11,7 +11,8 @@ the clear only here. Endpoints:
     GET  /health                     200 when the GPU server answered the last time it was asked
 
 Both POST endpoints take `stream: true` (server-sent events, one chunk per generated token
-that completes text). Every field of a request is validated: a bad request gets 400 with an
+that completes text). Beyond OpenAI's fields, `top_k` and `ignore_eos` (as in vLLM) are
+accepted. Every field of a request is validated: a bad request gets 400 with an
 OpenAI-shaped error ({"error": {"message", "type", "param", "code"}}), an unknown path or
 model 404, an unreachable GPU server 503. Requests share one GPU connection through the
 continuous-batching `Engine` (tee/serving.py). Standard library only (http.server).

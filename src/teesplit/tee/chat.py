@@ -9,6 +9,7 @@ dropped (a system prompt is kept).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,7 @@ class ChatSession:
     def ask(self, user: str, on_text: Callable[[str], None]) -> GenerationResult:
         ids = self.prompt_ids(user)
         budget = min(self.params.max_new_tokens, self.context - len(ids))
-        params = SamplingParams(**{**self.params.__dict__, "max_new_tokens": budget})
+        params = dataclasses.replace(self.params, max_new_tokens=budget)
         result = self.generator.generate(ids, params, on_text=on_text)
         self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": result.text}]
         self.last = result
@@ -76,7 +77,7 @@ class ChatSession:
         )
         rate = f", {self.tokens / self.seconds:.1f} tok/s" if self.seconds else ""
         return (
-            f"session: {self.turns} turns, {len(self.messages) // 2} in the history, "
+            f"session: {self.turns} turn(s), {len(self.messages) // 2} in the history, "
             f"{self.tokens} tokens generated{per}{rate}"
         )
 
