@@ -386,6 +386,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_api: APIServer
     protocol_version = "HTTP/1.1"
     server_version = "teesplit-api"
+    # A connection that sends nothing (or reads nothing of a stream) for this long is dropped,
+    # so idle or stalled clients do not hold a thread forever.
+    timeout = 300
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         if self.server_api.log is not None:
@@ -497,7 +500,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         try:
             self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the client left (reset, broken pipe, timed out)
             self.close_connection = True
 
     def _json(self, status: int, obj: Any, endpoint: str) -> None:
@@ -594,8 +597,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except APIError as e:  # a scheduler that stopped or a timeout, mid-stream
-            self._sse(e.body())
-        except (BrokenPipeError, ConnectionResetError):
+            try:
+                self._sse(e.body())
+            except OSError:
+                pass
+        except OSError:  # the client left (reset, broken pipe, timed out): free its row
             req.cancel()
 
     def _sse(self, obj: Any) -> None:
