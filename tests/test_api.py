@@ -391,3 +391,19 @@ def test_a_client_that_leaves_frees_its_row(api):
         threading.Event().wait(0.1)
     assert metrics(api)['teesplit_requests_finished_total{reason="cancelled"}'] == before + 1
     assert metrics(api)["teesplit_requests_running"] == 0
+
+
+def test_api_with_the_gpu_service_in_process(ckpt, solo, tmp_path):
+    """--server local: the TDX passthrough deployment, one process."""
+    p = APIProcess(ckpt, "local", tmp_path / "api.log", ["--device", "cpu", "--dtype", "float32"])
+    try:
+        want = solo(_user("Hello"), 5)
+        status, body = request(
+            p.port,
+            "POST",
+            CHAT,
+            {"model": "tiny", "messages": _user("Hello"), "max_tokens": 5, "temperature": 0},
+        )
+        assert status == 200 and body["choices"][0]["message"]["content"] == want.text
+    finally:
+        assert p.stop() == 0

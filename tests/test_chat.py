@@ -103,3 +103,27 @@ def test_chat_from_stdin_ends_at_eof(setup):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 1 and "session: 1 turn(s)" in r.stdout
+
+
+def test_history_drops_the_oldest_turns_when_it_outgrows_the_context(smollm2_dir):
+    from types import SimpleNamespace
+
+    from teesplit.tee.chat import ChatSession
+
+    tok = Tokenizer.from_dir(smollm2_dir)
+    system = "You are brief."
+    old = [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "ok " * 40}]
+    recent = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+    def ids(history):
+        return tok.apply_chat_template([{"role": "system", "content": system}, *history])
+
+    fits_recent = len(ids([*recent, {"role": "user", "content": "Next"}]))
+    context = fits_recent + 8  # room for the recent exchange and 8 new tokens, not the old one
+    s = ChatSession(SimpleNamespace(tokenizer=tok), SamplingParams(max_new_tokens=8), context, system)
+    s.messages = old + recent
+    got = s.prompt_ids("Next")
+    assert got == ids([*recent, {"role": "user", "content": "Next"}])
+    assert s.messages == recent, "the oldest exchange was dropped, the system prompt kept"
+    with pytest.raises(ValueError, match="too long"):
+        s.prompt_ids("word " * 400)
