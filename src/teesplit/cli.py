@@ -410,8 +410,10 @@ def _model_factory(args: argparse.Namespace, model_dir: Path, default_plan: str)
             model = TEELlamaModel(client, plan or get_plan(default_plan))
             try:
                 _check_same_model(model.config, model_dir)
-            except SystemExit as e:
-                raise ValueError(str(e).removeprefix("error: ")) from None
+            except SystemExit as e:  # a request gets 502 with this message; the CLI exits with it
+                from teesplit.tee.serving import ServingError
+
+                raise ServingError(str(e).removeprefix("error: "), 502, "model_mismatch") from None
             if plan is None:
                 _choose_plan([model], [[0] * 256], SamplingParams(max_new_tokens=256), args.wire_dtype)
         except BaseException:
@@ -443,6 +445,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     try:  # connect now to fail early on a wrong model; an unreachable server is retried per request
         engine.connect()
     except ServingError as e:
+        if e.status != 503:  # another model, another protocol version: nothing to wait for
+            raise SystemExit(f"error: {e}") from None
         print(f"warning: {e}; requests get 503 until it answers", file=sys.stderr)
     plan = engine.model.plan.name if engine.model is not None else args.plan
     context = local.max_position_embeddings
@@ -497,7 +501,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model_dir = resolve(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     context = ModelConfig.from_dir(model_dir).max_position_embeddings
-    model = _model_factory(args, model_dir, "v3-fused")()
+    from teesplit.tee.serving import ServingError
+
+    try:
+        model = _model_factory(args, model_dir, "v3-fused")()
+    except ServingError as e:
+        raise SystemExit(f"error: {e}") from None
     if sys.stdin.isatty():
         import readline  # noqa: F401 - line editing and history for input()
     try:
