@@ -35,6 +35,7 @@ def _forbidden(name: str) -> bool:
 def test_tee_sources_import_nothing_untrusted():
     files = sorted((PKG / "tee").rglob("*.py"))
     assert len(files) >= 6
+    assert {"api.py", "serving.py", "chat.py"} <= {f.name for f in files}, "the API and chat are trusted code"
     bad = {f"{f.name}: {m}" for f in files for m in imported_modules(f) if _forbidden(m)}
     assert not bad, f"tee/ imports untrusted modules: {sorted(bad)}"
 
@@ -69,6 +70,39 @@ def test_remote_runner_process_never_loads_torch(smollm2_dir):
             f"rc = main(['generate', '--server', {address!r}, '--model', {str(smollm2_dir)!r}, "
             "'--prompt', 'Hi', '--max-new-tokens', '3'])\n"
             "assert rc == 0, rc\n"
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'teesplit.gpu'))]\n"
+            "assert not bad, bad\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    finally:
+        stop_server(proc)
+
+
+def test_api_process_never_loads_torch(smollm2_dir):
+    """`teesplit api` against a real server answers a chat completion with no torch loaded."""
+    from teesplit.cli import free_tcp_address, start_server, stop_server
+
+    address = free_tcp_address()
+    port = int(free_tcp_address().rsplit(":", 1)[1])
+    proc = start_server(smollm2_dir, address, ["--device", "cpu", "--threads", "1"])
+    try:
+        code = (
+            "import json, sys, threading, time, urllib.request\n"
+            "from teesplit.cli import main\n"
+            f"argv = ['api', '--server', {address!r}, '--model', {str(smollm2_dir)!r}, '--port', '{port}', "
+            "'--served-model-name', 'm']\n"
+            "threading.Thread(target=main, args=(argv,), daemon=True).start()\n"
+            f"url = 'http://127.0.0.1:{port}/v1/'\n"
+            "for _ in range(600):\n"
+            "    try:\n"
+            "        urllib.request.urlopen(url + 'models'); break\n"
+            "    except OSError:\n"
+            "        time.sleep(0.2)\n"
+            "body = {'model': 'm', 'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 3}\n"
+            "req = urllib.request.Request(url + 'chat/completions', json.dumps(body).encode())\n"
+            "reply = json.load(urllib.request.urlopen(req))\n"
+            "assert reply['usage']['completion_tokens'] >= 1, reply\n"
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'teesplit.gpu'))]\n"
             "assert not bad, bad\n"
         )

@@ -1,4 +1,4 @@
-"""The `teesplit` command: serve, generate, demo, ping, convert.
+"""The `teesplit` command: serve, generate, api, chat, demo, ping, convert.
 
 Settings flow from here into dataclasses and constructors; library code reads no globals.
 The GPU side (torch) is imported only by the subcommands that need it, so `generate`
@@ -383,6 +383,144 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- api and chat ----------------------------------------------------------------------------
+def _model_factory(args: argparse.Namespace, model_dir: Path, default_plan: str):
+    """A function that connects to the GPU server and returns a TEELlamaModel (called again
+    after the server was unreachable). `--server local` loads the GPU service once."""
+    from teesplit.tee.client import GPUClient
+    from teesplit.tee.generate import SamplingParams
+    from teesplit.tee.model import TEELlamaModel
+    from teesplit.tee.plans import get_plan
+
+    plan = None if args.plan == "auto" else get_plan(args.plan)
+    handler = None
+
+    def make_model():
+        nonlocal handler
+        if args.server == "local":
+            from teesplit.transport.local import LocalTransport
+
+            if handler is None:
+                handler, _ = build_service(model_dir, args.device, args.dtype, progress=False)
+            client = GPUClient(LocalTransport(handler.handle), args.wire_dtype or "float32")
+        else:
+            client = connect_client(args.server, model_dir, args.timeout, args.wire_dtype or "float32")
+        client.retries = args.retries
+        try:
+            model = TEELlamaModel(client, plan or get_plan(default_plan))
+            try:
+                _check_same_model(model.config, model_dir)
+            except SystemExit as e:  # a request gets 502 with this message; the CLI exits with it
+                from teesplit.tee.serving import ServingError
+
+                raise ServingError(str(e).removeprefix("error: "), 502, "model_mismatch") from None
+            if plan is None:
+                _choose_plan([model], [[0] * 256], SamplingParams(max_new_tokens=256), args.wire_dtype)
+        except BaseException:
+            client.close()
+            raise
+        return model
+
+    return make_model
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from teesplit.config import ModelConfig
+    from teesplit.tee.api import APIServer
+    from teesplit.tee.serving import Engine, ServingError
+    from teesplit.tee.tokenizer import Tokenizer
+
+    model_dir = resolve(args.model, args.cache_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    local = ModelConfig.from_dir(model_dir)
+    engine = Engine(
+        _model_factory(args, model_dir, "v2-merged"),
+        tokenizer,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+    )
+    try:  # connect now to fail early on a wrong model; an unreachable server is retried per request
+        engine.connect()
+    except ServingError as e:
+        if e.status != 503:  # another model, another protocol version: nothing to wait for
+            raise SystemExit(f"error: {e}") from None
+        print(f"warning: {e}; requests get 503 until it answers", file=sys.stderr)
+    plan = engine.model.plan.name if engine.model is not None else args.plan
+    context = local.max_position_embeddings
+    api = APIServer(
+        engine,
+        tokenizer,
+        args.served_model_name or model_dir.name,
+        context,
+        local.vocab_size,
+        plan,
+        host=args.host,
+        port=args.port,
+        log=(lambda line: print(line, file=sys.stderr, flush=True)) if args.access_log else None,
+    )
+    engine.start()
+    host, port = api.address
+    print(
+        f"OpenAI-compatible API at http://{host}:{port}/v1 (model {api.model_id!r}, plan {plan}, "
+        f"GPU server {args.server}, up to {args.max_batch} sequences per batch); metrics at /metrics",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    server = threading.Thread(target=api.serve_forever, name="http", daemon=True)
+    server.start()
+    stop.wait()
+    print("shutting down", file=sys.stderr, flush=True)
+    api.shutdown()
+    engine.stop()
+    if engine.model is not None:
+        engine.model.gpu.close()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from teesplit.config import ModelConfig
+    from teesplit.tee.chat import ChatSession, run_chat
+    from teesplit.tee.generate import Generator, SamplingParams
+    from teesplit.tee.tokenizer import Tokenizer
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    params.validate()
+    model_dir = resolve(args.model, args.cache_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    context = ModelConfig.from_dir(model_dir).max_position_embeddings
+    from teesplit.tee.serving import ServingError
+
+    try:
+        model = _model_factory(args, model_dir, "v3-fused")()
+    except ServingError as e:
+        raise SystemExit(f"error: {e}") from None
+    if sys.stdin.isatty():
+        import readline  # noqa: F401 - line editing and history for input()
+    try:
+        session = ChatSession(Generator(model, tokenizer), params, context, args.system)
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        return run_chat(session, input, write, format_stats)
+    finally:
+        model.gpu.close()
+
+
 # ---- parser --------------------------------------------------------------------------------
 def _positive_float(s: str) -> float:
     v = float(s)
@@ -531,6 +669,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+
+    def runner_args(sp: argparse.ArgumentParser, default_plan: str) -> None:
+        model_args(sp)
+        device_args(sp)
+        sp.add_argument(
+            "--server",
+            default=DEFAULT_ADDRESS,
+            help="GPU server address, or 'local' to run the GPU service in this process",
+        )
+        sp.add_argument("--plan", default=default_plan, help="a plan (see generate --help) or auto")
+        sp.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=None)
+        sp.add_argument(
+            "--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply"
+        )
+        sp.add_argument("--retries", type=_non_negative_int, default=2, help="resend an unanswered request")
+
+    a = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API (trusted side)")
+    runner_args(a, "v2-merged")
+    a.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    a.add_argument("--port", type=int, default=8000, help="port (0: any free one; default %(default)s)")
+    a.add_argument(
+        "--served-model-name", default=None, help="the model id clients use (default: the directory name)"
+    )
+    a.add_argument(
+        "--max-batch", type=int, default=16, help="sequences decoded together (default %(default)s)"
+    )
+    a.add_argument(
+        "--max-waiting", type=int, default=256, help="queued requests before 429 (default %(default)s)"
+    )
+    a.add_argument("--access-log", action="store_true", help="log every HTTP request to stderr")
+    a.set_defaults(func=cmd_api)
+
+    ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /stats, /quit)")
+    runner_args(ch, "v3-fused")
+    ch.add_argument("--system", default=None, help="a system prompt")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.set_defaults(func=cmd_chat)
 
     c = sub.add_parser("convert", help="convert a GGUF model into the cache and print its directory")
     model_args(c)

@@ -1,0 +1,254 @@
+"""Bench section `api`: time to first token (TTFT) and time per output token (TPOT) through the
+OpenAI-compatible API (`teesplit api`, continuous batching over one GPU connection) at 1, 4
+and 8 concurrent streaming clients, beside the CLI path (the Generator directly, one runner
+and one connection per client) against the same `teesplit serve` process, plan and prompts.
+
+API: a `teesplit api` child process; each client is a thread streaming /v1/completions over
+real HTTP with token-id prompts, `ignore_eos` and greedy sampling. TTFT is from sending the
+request to the first streamed text, TPOT (last chunk - first chunk) / (tokens - 1).
+CLI: TTFT is the prefill's wall time, TPOT the decode time per step, from the Generator's stats.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from teesplit.benchsections import Section, SectionContext
+
+CLIENTS = (1, 4, 8)
+PLAN = "v2-merged"  # the API's default plan (trusted-side KV cache: rows join and leave freely)
+PROMPT_TOKENS = 32
+
+
+def measure(ctx: SectionContext) -> dict[str, Any]:
+    from teesplit.bench import Endpoint, batch_prompts, running
+
+    if not (ctx.model_dir / "tokenizer.json").exists():
+        return {"skipped": f"{ctx.model_dir.name} has no tokenizer.json (the API needs one)"}
+    s = ctx.settings
+    new = s.new_tokens
+    rows = []
+    with running(Endpoint("ipc", ctx.model_dir, s, ctx.tmp)) as endpoint:
+        api = _APIChild(ctx.model_dir, endpoint.address, ctx.tmp / "api.log", s.tee_threads, s.timeout_s)
+        try:
+            _api_run(api.port, batch_prompts(ctx.vocab, 1, PROMPT_TOKENS), 2)  # warm-up
+            for n in CLIENTS:
+                prompts = batch_prompts(ctx.vocab, n, PROMPT_TOKENS)
+                row = {
+                    "clients": n,
+                    "api": _api_run(api.port, prompts, new),
+                    "cli": _cli_run(endpoint, prompts, new),
+                }
+                rows.append(row)
+                a, c = row["api"], row["cli"]
+                ctx.log(
+                    f"api {n} client(s): TTFT {a['ttft_ms']:.1f} ms (CLI {c['ttft_ms']:.1f}), "
+                    f"TPOT {a['tpot_ms']:.1f} ms (CLI {c['tpot_ms']:.1f}), "
+                    f"{a['tok_s']:.1f} tok/s aggregate (CLI {c['tok_s']:.1f})"
+                )
+        finally:
+            api.stop()
+    return {"plan": PLAN, "transport": "ipc", "prompt_tokens": PROMPT_TOKENS, "new_tokens": new, "rows": rows}
+
+
+def _cli_run(endpoint, prompts: list[list[int]], new: int) -> dict[str, Any]:
+    """One Generator (own connection) per client, all at once: the CLI path's concurrency."""
+    from teesplit.tee.generate import Generator, SamplingParams
+    from teesplit.tee.model import TEELlamaModel
+    from teesplit.tee.plans import get_plan
+
+    clients = [endpoint.connect() for _ in prompts]
+    try:
+        gens = [Generator(TEELlamaModel(c, get_plan(PLAN)), None, eos_token_ids=set()) for c in clients]
+        gens[0].generate(prompts[0], SamplingParams(max_new_tokens=2))  # warm-up
+        results: list[Any] = [None] * len(prompts)
+
+        def go(i: int) -> None:
+            results[i] = gens[i].generate(prompts[i], SamplingParams(max_new_tokens=new))
+
+        wall = _together([lambda i=i: go(i) for i in range(len(prompts))])
+    finally:
+        for c in clients:
+            c.close()
+    if any(r is None for r in results):
+        raise RuntimeError("a CLI runner failed")
+    ttft = [r.stats["prefill"]["time_s"]["total"] for r in results]
+    tpot = [r.stats["decode"]["time_s"]["total"] / max(r.stats["decode"]["steps"], 1) for r in results]
+    return _row(ttft, tpot, sum(len(r.tokens) for r in results), wall)
+
+
+def _api_run(port: int, prompts: list[list[int]], new: int) -> dict[str, Any]:
+    """One streaming HTTP client (thread) per prompt, all at once."""
+    out: list[Any] = [None] * len(prompts)
+
+    def go(i: int) -> None:
+        out[i] = _stream_one(port, prompts[i], new)
+
+    wall = _together([lambda i=i: go(i) for i in range(len(prompts))])
+    if any(r is None for r in out):
+        raise RuntimeError("an API client failed; see api.log")
+    ttft = [r[0] for r in out]
+    tpot = [r[1] for r in out if r[1] is not None]
+    return _row(ttft, tpot or [float("nan")], sum(r[2] for r in out), wall)
+
+
+def _stream_one(port: int, prompt: list[int], new: int) -> tuple[float, float | None, int]:
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": new,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/completions", body=json.dumps(body).encode())
+        r = conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"API answered {r.status}: {r.read()[:500]!r}")
+        first = last = None
+        tokens = 0
+        for line in r:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"API stream error: {event['error']}")
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if event["choices"] and event["choices"][0]["text"]:
+                last = time.perf_counter()
+                first = first or last
+    finally:
+        conn.close()
+    if first is None:
+        raise RuntimeError("the API streamed no text")
+    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
+    return first - t0, tpot, tokens
+
+
+def _together(fns) -> float:
+    threads = [threading.Thread(target=f) for f in fns]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def _row(ttft: list[float], tpot: list[float], tokens: int, wall: float) -> dict[str, Any]:
+    return {
+        "ttft_ms": 1000 * float(np.median(ttft)),
+        "ttft_max_ms": 1000 * float(np.max(ttft)),
+        "tpot_ms": 1000 * float(np.median(tpot)),
+        "tok_s": tokens / wall,
+    }
+
+
+class _APIChild:
+    """`teesplit api` in a child process, on a free port."""
+
+    def __init__(self, model_dir: Path, server: str, log_path: Path, tee_threads: int, timeout_s: float):
+        from teesplit.cli import free_tcp_address
+
+        self.port = int(free_tcp_address().rsplit(":", 1)[1])
+        cmd = [sys.executable, "-m", "teesplit", "api", "--server", server, "--model", str(model_dir)]
+        cmd += ["--port", str(self.port), "--plan", PLAN, "--served-model-name", "bench"]
+        cmd += ["--max-batch", str(max(CLIENTS)), "--timeout", str(timeout_s)]
+        env = dict(os.environ)
+        if tee_threads:  # the same numpy threads as the CLI path in this process
+            env |= {
+                k: str(tee_threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+            }
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stderr=self.log, stdout=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/v1/models")
+                ok = conn.getresponse().status == 200
+                conn.close()
+                if ok:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"teesplit api did not start (log: {log_path})")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    if "skipped" in data:
+        return [f"Not measured: {data['skipped']}."]
+    lines = [
+        f"Plan {data['plan']} over {data['transport']}, {data['prompt_tokens']}-token prompts, "
+        f"{data['new_tokens']} new tokens per client. TTFT and TPOT are medians over the clients; "
+        "API: `teesplit api` (one GPU connection, continuous batching); "
+        "CLI: one Generator and connection per client.",
+        "",
+        "| clients | TTFT API ms | TTFT CLI ms | TPOT API ms | TPOT CLI ms | tok/s API | tok/s CLI |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        a, c = r["api"], r["cli"]
+        lines.append(
+            f"| {r['clients']} | {a['ttft_ms']:.1f} | {c['ttft_ms']:.1f} | {a['tpot_ms']:.1f} | "
+            f"{c['tpot_ms']:.1f} | {a['tok_s']:.1f} | {c['tok_s']:.1f} |"
+        )
+    return lines
+
+
+def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    from teesplit.bench import target
+
+    rows = {r["clients"]: r for r in data.get("rows", [])}
+    most = rows.get(max(CLIENTS))
+    one = rows.get(1)
+    return [
+        target(
+            "api_batching",
+            f"API aggregate tok/s at {max(CLIENTS)} clients vs as many separate CLI runners (batching pays)",
+            most["api"]["tok_s"] / most["cli"]["tok_s"] if most else None,
+            1.0,
+        ),
+        target(
+            "api_overhead",
+            "CLI TPOT / API TPOT at 1 client (the HTTP layer costs little per token)",
+            one["cli"]["tpot_ms"] / one["api"]["tpot_ms"] if one else None,
+            0.8,
+        ),
+    ]
+
+
+SECTION = Section(
+    title="OpenAI-compatible API: time to first token and per output token",
+    measure=measure,
+    render=render,
+    targets=targets,
+)

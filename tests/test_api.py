@@ -1,0 +1,409 @@
+"""The OpenAI-compatible API (tee/api.py) end to end: a real `teesplit serve` process, a real
+`teesplit api` process, real HTTP. Concurrent streams get their solo greedy tokens; every
+field is validated; an unreachable or dying GPU server is a 503, never a hang."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from apihelpers import APIProcess, make_chat_checkpoint, metrics, request, stream
+from helpers import local_model
+
+from teesplit.cli import free_tcp_address, start_server, stop_server
+from teesplit.tee.generate import Generator, SamplingParams
+from teesplit.tee.tokenizer import Tokenizer
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, smollm2_dir):
+    return make_chat_checkpoint(tmp_path_factory.mktemp("api") / "tiny", smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def gpu(ckpt, tmp_path_factory):
+    address = f"ipc://{tmp_path_factory.mktemp('ipc')}/gpu.sock"
+    proc = start_server(ckpt, address, ["--device", "cpu", "--dtype", "float32", "--threads", "1"])
+    yield address
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def api(ckpt, gpu, tmp_path_factory):
+    p = APIProcess(ckpt, gpu, tmp_path_factory.mktemp("log") / "api.log", ["--max-batch", "16"])
+    yield p.port
+    assert p.stop() == 0, "the API exits cleanly on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def solo(ckpt):
+    """Solo greedy runs with the GPU service in-process: the reference for every request."""
+    tok = Tokenizer.from_dir(ckpt)
+    gen = Generator(local_model(ckpt, "v2-merged"), tok)
+
+    def run(messages, max_tokens, stop=()):
+        ids = tok.apply_chat_template(messages)
+        return gen.generate(ids, SamplingParams(max_new_tokens=max_tokens, stop=tuple(stop)))
+
+    return run
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_models(api):
+    assert request(api, "GET", "/v1/models") == (
+        200,
+        {"object": "list", "data": [request(api, "GET", "/v1/models/tiny")[1]]},
+    )
+    assert request(api, "GET", "/v1/models/tiny")[1]["id"] == "tiny"
+    status, body = request(api, "GET", "/v1/models/other")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+def test_chat_completion_is_the_solo_greedy_run(api, solo):
+    want = solo(_user("Tell me about the sea."), 10)
+    status, body = request(
+        api,
+        "POST",
+        CHAT,
+        {"model": "tiny", "messages": _user("Tell me about the sea."), "max_tokens": 10, "temperature": 0},
+    )
+    assert status == 200, body
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": want.text}
+    assert body["choices"][0]["finish_reason"] == want.finish_reason
+    assert body["usage"] == {
+        "prompt_tokens": len(want.prompt_tokens),
+        "completion_tokens": len(want.tokens),
+        "total_tokens": len(want.prompt_tokens) + len(want.tokens),
+    }
+
+
+def test_stop_string_cuts_the_answer(api, solo):
+    full = solo(_user("Count with me."), 12)
+    cut = full.text[3:8]  # a piece of the greedy answer: generation stops where it appears
+    want = solo(_user("Count with me."), 12, stop=[cut])
+    assert want.finish_reason == "stop" and cut not in want.text
+    status, body = request(
+        api,
+        "POST",
+        CHAT,
+        {
+            "model": "tiny",
+            "messages": _user("Count with me."),
+            "max_tokens": 12,
+            "temperature": 0,
+            "stop": cut,
+        },
+    )
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == want.text
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completions_with_text_and_token_ids(api, ckpt):
+    tok = Tokenizer.from_dir(ckpt)
+    ids = tok.encode("Once upon a time")
+    want = Generator(local_model(ckpt, "v2-merged"), tok).generate(ids, SamplingParams(max_new_tokens=6))
+    for prompt in ("Once upon a time", ids, [ids]):
+        status, body = request(
+            api, "POST", COMPLETIONS, {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0}
+        )
+        assert status == 200, body
+        assert body["object"] == "text_completion" and body["choices"][0]["text"] == want.text
+        assert body["usage"]["prompt_tokens"] == len(ids)
+    status, events = stream(
+        api, COMPLETIONS, {"model": "tiny", "prompt": ids, "max_tokens": 6, "temperature": 0, "seed": 1}
+    )
+    assert status == 200 and events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == want.text
+
+
+def test_concurrent_streams_each_get_their_solo_greedy_tokens(api, solo):
+    """10 streaming clients at once over one GPU connection (continuous batching): each gets
+    exactly the text and token count of a solo greedy run of its prompt."""
+    n = 10
+    topics = [
+        "the sea",
+        "a cat",
+        "rain",
+        "numbers",
+        "the moon",
+        "bread",
+        "trains",
+        "music",
+        "ice",
+        "a forest",
+    ]
+    jobs = [(_user(f"Write about {t}." + " Please." * i), 6 + 2 * i) for i, t in enumerate(topics[:n])]
+    wants = [solo(m, k) for m, k in jobs]
+    before = metrics(api)
+    results: list = [None] * n
+    gate = threading.Barrier(n)
+
+    def client(i: int) -> None:
+        messages, k = jobs[i]
+        gate.wait()
+        results[i] = stream(
+            api,
+            CHAT,
+            {
+                "model": "tiny",
+                "messages": messages,
+                "max_tokens": k,
+                "temperature": 0,
+                "stream_options": {"include_usage": True},
+            },
+        )
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    for want, (status, events) in zip(wants, results, strict=True):
+        assert status == 200, events
+        assert events[-1] == "[DONE]"
+        assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        chunks = [e for e in events[1:-1] if e["choices"]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text == want.text
+        assert all(c["object"] == "chat.completion.chunk" and c["id"] == events[0]["id"] for c in chunks)
+        assert chunks[-1]["choices"][0] == {
+            "index": 0,
+            "delta": {},
+            "finish_reason": want.finish_reason,
+            "logprobs": None,
+        }
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+        usage = events[-2]["usage"]
+        assert events[-2]["choices"] == [] and usage["completion_tokens"] == len(want.tokens)
+        assert usage["prompt_tokens"] == len(want.prompt_tokens)
+    after = metrics(api)
+
+    def delta(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta("teesplit_completion_tokens_total") == sum(len(w.tokens) for w in wants)
+    steps, rows = delta("teesplit_decode_steps_total"), delta("teesplit_decode_rows_total")
+    assert rows > steps, f"the requests must share decode passes ({rows} rows in {steps} passes)"
+    # v2-merged: 2L + 1 round trips per forward pass, whatever the batch
+    rpcs = sum(v for k, v in after.items() if k.startswith("teesplit_gpu_rpcs_total")) - sum(
+        v for k, v in before.items() if k.startswith("teesplit_gpu_rpcs_total")
+    )
+    assert rpcs == 5 * (steps + delta("teesplit_prefill_passes_total"))
+
+
+BAD = [
+    ({"messages": _user("hi")}, 400, "model"),
+    ({"model": "nope", "messages": _user("hi")}, 404, "model"),
+    ({"model": "tiny"}, 400, "messages"),
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+    ({"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    (
+        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages[0].content",
+    ),
+    (
+        {"model": "tiny", "messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        400,
+        "messages[0].tool_calls",
+    ),
+    ({"model": "tiny", "messages": _user("hi"), "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": _user("hi"), "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": _user("hi"), "max_tokens": "5"}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": _user("hi"), "max_tokens": 2.5}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": _user("hi"), "max_tokens": True}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": _user("hi"), "max_tokens": 2048}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": _user("hi"), "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ({"model": "tiny", "messages": _user("hi"), "temperature": -0.1}, 400, "temperature"),
+    ({"model": "tiny", "messages": _user("hi"), "temperature": 2.5}, 400, "temperature"),
+    ({"model": "tiny", "messages": _user("hi"), "temperature": "hot"}, 400, "temperature"),
+    ({"model": "tiny", "messages": _user("hi"), "top_p": 1.5}, 400, "top_p"),
+    ({"model": "tiny", "messages": _user("hi"), "top_k": -1}, 400, "top_k"),
+    ({"model": "tiny", "messages": _user("hi"), "seed": -1}, 400, "seed"),
+    ({"model": "tiny", "messages": _user("hi"), "seed": "x"}, 400, "seed"),
+    ({"model": "tiny", "messages": _user("hi"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "tiny", "messages": _user("hi"), "stop": [""]}, 400, "stop"),
+    ({"model": "tiny", "messages": _user("hi"), "stop": 3}, 400, "stop"),
+    ({"model": "tiny", "messages": _user("hi"), "n": 2}, 400, "n"),
+    ({"model": "tiny", "messages": _user("hi"), "stream": "yes"}, 400, "stream"),
+    ({"model": "tiny", "messages": _user("hi"), "logprobs": True}, 400, "logprobs"),
+    ({"model": "tiny", "messages": _user("hi"), "presence_penalty": 1}, 400, "presence_penalty"),
+    ({"model": "tiny", "messages": _user("hi"), "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "messages": _user("hi"), "tools": []}, 400, "tools"),
+    (
+        {"model": "tiny", "messages": _user("hi"), "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
+    (
+        {"model": "tiny", "messages": _user("hi"), "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
+]
+BAD_COMPLETIONS = [
+    ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ({"model": "tiny", "prompt": []}, 400, "prompt"),
+    ({"model": "tiny", "prompt": [1, 99999999]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "a", "echo": True}, 400, "echo"),
+    ({"model": "tiny", "prompt": "a", "suffix": "z"}, 400, "suffix"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": 2048}, 400, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param", [(CHAT, *b) for b in BAD] + [(COMPLETIONS, *b) for b in BAD_COMPLETIONS]
+)
+def test_bad_requests_get_openai_shaped_errors(api, path, body, status, param):
+    got, reply = request(api, "POST", path, body)
+    assert got == status, reply
+    err = reply["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_malformed_http_requests(api):
+    for raw in (b"{bad", b"[1, 2]", b"\xff\xfe", b"", b'{"model": "tiny", "messages": NaN}'):
+        status, reply = request(api, "POST", CHAT, raw=raw)
+        assert status == 400 and reply["error"]["type"] == "invalid_request_error", raw
+    assert request(api, "POST", CHAT, raw=b'{"model": "tiny", "temperature": NaN, "messages": []}')[0] == 400
+    status, reply = request(api, "GET", "/v1/nothing")
+    assert status == 404 and reply["error"]["code"] == "unknown_url"
+    assert request(api, "POST", "/v1/embeddings", {"model": "tiny"})[0] == 404
+    assert request(api, "PUT", CHAT, {"model": "tiny"})[0] == 405
+    # a declared body over the limit is refused without reading it
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", api, timeout=30)
+    conn.putrequest("POST", CHAT)
+    conn.putheader("Content-Length", str(64 << 20))
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413
+    conn.close()
+    # the server still answers
+    assert request(api, "POST", CHAT, {"model": "tiny", "messages": _user("hi"), "max_tokens": 2})[0] == 200
+
+
+def test_metrics_are_prometheus_text(api):
+    request(api, "POST", CHAT, {"model": "tiny", "messages": _user("hi"), "max_tokens": 3, "temperature": 0})
+    request(api, "POST", CHAT, {"model": "tiny", "messages": []})
+    status, text = request(api, "GET", "/metrics")
+    assert status == 200
+    m = metrics(api)
+    for name in (
+        "teesplit_time_to_first_token_seconds_count",
+        "teesplit_time_per_output_token_seconds_count",
+        "teesplit_completion_tokens_total",
+        "teesplit_prompt_tokens_total",
+        "teesplit_gpu_rpcs_per_token",
+        'teesplit_gpu_bytes_per_token{direction="to_gpu"}',
+        'teesplit_gpu_bytes_total{direction="from_gpu"}',
+        'teesplit_http_errors_total{status="400"}',
+        'teesplit_info{model="tiny",plan="v2-merged"}',
+    ):
+        assert m.get(name, 0) > 0, name
+    assert m['teesplit_http_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert (
+        m['teesplit_time_to_first_token_seconds_bucket{le="+Inf"}']
+        == m["teesplit_time_to_first_token_seconds_count"]
+    )
+    rpcs = sum(v for k, v in m.items() if k.startswith("teesplit_gpu_rpcs_total"))
+    assert m["teesplit_gpu_rpcs_per_token"] == pytest.approx(rpcs / m["teesplit_completion_tokens_total"])
+    assert "# TYPE teesplit_time_to_first_token_seconds histogram" in text
+
+
+def test_unreachable_gpu_server_is_a_503(ckpt, tmp_path):
+    p = APIProcess(ckpt, free_tcp_address(), tmp_path / "api.log", ["--timeout", "1", "--retries", "0"])
+    try:
+        body = {"model": "tiny", "messages": _user("hi"), "max_tokens": 3}
+        for send in (lambda: request(p.port, "POST", CHAT, body), lambda: stream(p.port, CHAT, body)):
+            status, reply = send()
+            reply = reply[0] if isinstance(reply, list) else reply
+            assert status == 503, reply
+            assert reply["error"]["code"] == "gpu_unavailable" and "no reply" in reply["error"]["message"]
+        assert request(p.port, "GET", "/health")[0] == 503
+        assert metrics(p.port)["teesplit_gpu_up"] == 0
+    finally:
+        assert p.stop() == 0
+
+
+def test_gpu_server_dying_mid_stream_ends_it_with_an_error_then_recovers(ckpt, tmp_path):
+    address = free_tcp_address()
+    gpu = start_server(ckpt, address, ["--device", "cpu", "--threads", "1"])
+    p = APIProcess(ckpt, address, tmp_path / "api.log", ["--timeout", "5", "--retries", "0"])
+    try:
+        killed = threading.Event()
+
+        def kill_on_first_token(event):
+            if not killed.is_set() and isinstance(event, dict) and event.get("choices"):
+                if event["choices"][0]["delta"].get("content"):
+                    gpu.kill()
+                    gpu.wait()
+                    killed.set()
+
+        body = {"model": "tiny", "messages": _user("Go on forever."), "max_tokens": 1900, "temperature": 0}
+        status, events = stream(p.port, CHAT, body, on_event=kill_on_first_token, timeout=60)
+        assert status == 200 and killed.is_set()
+        assert "[DONE]" not in events
+        assert events[-1]["error"]["code"] == "gpu_unavailable", events[-1]
+        assert request(p.port, "POST", CHAT, {**body, "max_tokens": 3})[0] == 503
+        # a new server at the same address: the API reconnects on the next request
+        gpu = start_server(ckpt, address, ["--device", "cpu", "--threads", "1"])
+        status, reply = request(p.port, "POST", CHAT, {**body, "max_tokens": 3})
+        assert status == 200 and reply["usage"]["completion_tokens"] == 3
+        assert metrics(p.port)['teesplit_generation_errors_total{code="gpu_unavailable"}'] >= 2
+    finally:
+        p.stop()
+        stop_server(gpu)
+
+
+def test_a_client_that_leaves_frees_its_row(api):
+    import json
+    import socket
+
+    before = metrics(api).get('teesplit_requests_finished_total{reason="cancelled"}', 0)
+    body = json.dumps(
+        {"model": "tiny", "messages": _user("Talk."), "max_tokens": 1900, "stream": True}
+    ).encode()
+    with socket.create_connection(("127.0.0.1", api), timeout=60) as sock:
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        sock.sendall(head + body)
+        got = b""
+        while b"data: " not in got:
+            got += sock.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200")
+    for _ in range(600):
+        if metrics(api).get('teesplit_requests_finished_total{reason="cancelled"}', 0) > before:
+            break
+        threading.Event().wait(0.1)
+    assert metrics(api)['teesplit_requests_finished_total{reason="cancelled"}'] == before + 1
+    assert metrics(api)["teesplit_requests_running"] == 0
+
+
+def test_api_with_the_gpu_service_in_process(ckpt, solo, tmp_path):
+    """--server local: the TDX passthrough deployment, one process."""
+    p = APIProcess(ckpt, "local", tmp_path / "api.log", ["--device", "cpu", "--dtype", "float32"])
+    try:
+        want = solo(_user("Hello"), 5)
+        status, body = request(
+            p.port,
+            "POST",
+            CHAT,
+            {"model": "tiny", "messages": _user("Hello"), "max_tokens": 5, "temperature": 0},
+        )
+        assert status == 200 and body["choices"][0]["message"]["content"] == want.text
+    finally:
+        assert p.stop() == 0
