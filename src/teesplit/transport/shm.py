@@ -57,6 +57,7 @@ work being waited for, not by the wake-up.
 from __future__ import annotations
 
 import fcntl
+import math
 import mmap
 import os
 import platform
@@ -78,7 +79,8 @@ PROTOCOL = 1  # of the control messages below, not of the wire format
 
 SPIN_S = 50e-6  # spin this long on `seq` before blocking (see the module docstring)
 YIELD_AFTER_S = 5e-6  # then keep spinning, but give the CPU away between checks
-RECHECK_S = 0.001  # a blocked reader looks at `seq` at least this often
+RECHECK_S = 0.001  # a reader that just blocked looks at `seq` again after this long
+CONNECT_RETRY_S = 0.05  # while no server listens, try to connect this often
 TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 DATA = 4096  # the first frame starts here
@@ -144,9 +146,9 @@ class Region:
         self.ctl = self.buf[:DATA].cast("Q")  # 512 words, aligned: single 8-byte loads and stores
 
     def close(self) -> None:
-        self.ctl.release()
-        self.buf.release()
         try:
+            self.ctl.release()
+            self.buf.release()
             self._mm.close()
         except BufferError:  # a view handed out earlier is still alive: unmapped with it, by GC
             pass
@@ -278,7 +280,21 @@ class ShmTransport:
         self._sock: socket.socket | None = None
         self._tx: Region | None = None
         self._rx: Region | None = None
-        self._open()
+        self._pending: list | None = None  # the request awaiting its reply, resent after a connect
+        self._lost = False  # the connection dropped while sending: the next recv() says so
+        self._why = ""  # why the last connect failed
+        self._sent = self._got = 0
+        self._connect()
+
+    def _connect(self) -> bool:
+        """Connect if a server listens; False (and the reason kept for the error) if not. Like a
+        ZeroMQ socket, the transport then keeps trying while a reply is awaited."""
+        try:
+            self._open()
+        except GPUServerUnavailable as e:
+            self._why = str(e)
+            return False
+        return True
 
     # -- connection
     def _open(self) -> None:
@@ -354,37 +370,42 @@ class ShmTransport:
 
     # -- messages
     def send(self, frames: list) -> None:
-        if self._sock is None:
-            raise ConnectionLost(f"the connection to the GPU server at {self.address} is closed")
-        if self._got != self._sent:  # the last request went unanswered (a timeout): start afresh,
-            self.reconnect()  # so its late reply can never be taken for this one's
         views = [_buffer(f) for f in frames]
         if len(views) > MAX_FRAMES:
             raise ProtocolError(f"a message of {len(views)} frames exceeds {MAX_FRAMES}", "too_large")
+        if self._sock is not None and self._got != self._sent:
+            self.reconnect()  # the last request went unanswered: its late reply must not be taken
+        self._pending, self._lost = views, False
+        if self._sock is not None or self._connect():
+            self._publish(views)
+
+    def _publish(self, views: list[memoryview]) -> None:
+        """Write the request into the region (or a larger new one) and wake the server if it sleeps."""
         need = region_bytes([len(v) for v in views])
         seq = self._sent + 1
-        if need > self._tx.size:  # a larger region, holding this message, replaces the old one
-            fd, tx = create_region(max(need, 2 * self._tx.size))
-            try:
-                tx.ctl[SEQ] = self._sent
-                tx.write(views, seq)
-                send_control(self._sock, MOVED, _SIZE.pack(tx.size), fd)
-            except BlockingIOError:
-                tx.close()
-                raise ConnectionLost(f"the GPU server at {self.address} stopped reading") from None
-            except OSError as e:
-                tx.close()
-                raise ConnectionLost(
-                    f"the connection to the GPU server at {self.address} failed: {e}"
-                ) from None
-            finally:
-                os.close(fd)
-            self._tx.close()
-            self._tx = tx
-        else:
-            self._tx.write(views, seq)
-            if not TSO or self._tx.ctl[WAITING]:
-                self._ring()
+        try:
+            if need > self._tx.size:  # a larger region, holding this message, replaces the old one
+                fd, tx = create_region(max(need, 2 * self._tx.size))
+                try:
+                    tx.ctl[SEQ] = self._sent
+                    tx.write(views, seq)
+                    send_control(self._sock, MOVED, _SIZE.pack(tx.size), fd)
+                except BaseException:
+                    tx.close()
+                    raise
+                finally:
+                    os.close(fd)
+                self._tx.close()
+                self._tx = tx
+            else:
+                self._tx.write(views, seq)
+                if not TSO or self._tx.ctl[WAITING]:
+                    self._ring()
+        except OSError as e:  # the server is gone (or stopped reading): recv() reports it
+            self._why = f"the connection was lost ({e.strerror or e})"
+            self._close()
+            self._lost = True
+            return
         self._sent = seq
 
     def _ring(self) -> None:
@@ -396,17 +417,31 @@ class ShmTransport:
             pass  # the server is gone; recv() reports it
 
     def recv(self, timeout_s: float | None = None) -> list:
-        if self._sock is None:
-            raise ConnectionLost(f"the connection to the GPU server at {self.address} is closed")
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        want = self._sent
-        if want == self._got:
+        if self._pending is None:
             raise RuntimeError("shm transport: recv() without a request in flight")
+        if self._lost:
+            self._lost = False
+            raise ConnectionLost(f"the connection to the GPU server at {self.address} was lost")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        while self._sock is None:  # no server listened at send(): keep trying until the deadline
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GPUServerUnavailable(
+                    f"no reply from the GPU server at {self.address} within {timeout:g} s ({self._why})"
+                )
+            time.sleep(min(CONNECT_RETRY_S, left))
+            if self._connect():
+                self._publish(self._pending)
+                if self._lost:
+                    self._lost = False
+                    raise ConnectionLost(f"the connection to the GPU server at {self.address} was lost")
+        want = self._sent
         rang = False
         if not spin_until(self._rx.ctl, want, self.spin_s):
-            rang = self._block(want, time.monotonic() + timeout, timeout)
+            rang = self._block(want, deadline, timeout)
         if not TSO and not rang:  # weak memory order: seq is trusted only after a doorbell
-            self._block(want, time.monotonic() + timeout, timeout, need_ring=True)
+            self._block(want, deadline, timeout, need_ring=True)
         rx = self._rx
         try:
             lengths = rx.lengths(RUNNER_MAX_REGION)
@@ -416,12 +451,14 @@ class ShmTransport:
         # Copied out: the model keeps reply arrays past the next call, which reuses the region.
         frames = [bytes(v) for v in rx.views(lengths)]
         self._got = want
+        self._pending = None
         return frames
 
     def _block(self, want: int, deadline: float, timeout: float, need_ring: bool = False) -> bool:
         """Block on the connection until reply `want` is published; True if a doorbell came."""
         rang = False
         self._rx.ctl[WAITING] = 1
+        first = True  # the first wait is short: see RECHECK_S
         try:
             while True:
                 if self._rx.ctl[SEQ] == want and (rang or not need_ring):
@@ -432,7 +469,9 @@ class ShmTransport:
                         f"no reply from the GPU server at {self.address} within {timeout:g} s "
                         "(is `teesplit serve` running there?)"
                     )
-                if self._poll.poll(max(1, int(min(left, RECHECK_S) * 1000))):
+                wait = min(left, RECHECK_S) if first else left
+                first = False
+                if self._poll.poll(max(1, math.ceil(wait * 1000))):
                     rang |= self._read_control()
         finally:
             if self._rx is not None:
@@ -478,9 +517,10 @@ class ShmTransport:
         return ConnectionLost(f"the connection to the GPU server at {self.address} failed: {e}")
 
     def reconnect(self) -> None:
-        """A fresh connection and fresh regions (same client id): nothing of the old one survives."""
+        """A fresh connection and fresh regions (same client id): nothing of the old one survives.
+        If no server listens now, the next send() and recv() keep trying until their deadline."""
         self._close()
-        self._open()
+        self._connect()
 
     def _close(self) -> None:
         for region in (self._tx, self._rx):
