@@ -450,3 +450,27 @@ def test_a_closed_transport_leaves_no_fd_and_no_mapping(server):
         assert memfd_maps(me) == maps0 + 2
         c.close()
     assert open_fds(me) == fds0 and memfd_maps(me) == maps0
+
+
+# ---- the benchmark section ------------------------------------------------------------------------
+def test_bench_section_in_tiny_mode(tmp_path, dev_shm_unchanged):
+    import json
+
+    from teesplit import bench
+
+    ckpt = make_checkpoint(tmp_path / "m", "llama", num_hidden_layers=2, max_position_embeddings=128)
+    out = tmp_path / "out"
+    argv = ["--model", str(ckpt), "--quick", "--new-tokens", "3", "--contexts", "8,12", "--out-dir", str(out)]
+    assert bench.main([*argv, "--only-sections", "shm"]) == 0
+    result = json.loads((out / "shm.json").read_text())
+    data = result["sections"]["shm"]
+    assert set(data["ping"]) == {"shm", "ipc", "tcp"}
+    for p in data["ping"].values():
+        assert p["count"] == 300 and 0 < p["median_us"] <= p["p99_us"]
+    decode = data["decode"]
+    assert {plan: d["rpc_per_token"] for plan, d in decode.items()} == {"v3-fused": 12, "v2-fused": 10}
+    assert all(d["same_tokens_as_monolithic"] and d["ratio_to_monolithic"] > 0 for d in decode.values())
+    assert [t["name"] for t in result["targets"]] == ["shm-ping", "shm-decode"]
+    assert all(t["passed"] is not None for t in result["targets"])
+    md = (out / "shm.md").read_text()
+    assert "| shm |" in md and "| v3-fused | 12 |" in md and "## Targets" in md
