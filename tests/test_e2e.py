@@ -97,7 +97,7 @@ def test_malformed_request_then_good_request(server):
         from teesplit.transport.shm import ShmTransport
 
         transport = ShmTransport(server, timeout_s=30)
-        sock = transport
+        close = transport.close
 
         def roundtrip(frames, op):
             transport.send(frames)
@@ -107,6 +107,9 @@ def test_malformed_request_then_good_request(server):
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(server)
+
+        def close():
+            sock.close(0)
 
         def roundtrip(frames, op):
             sock.send_multipart([b"", *frames])
@@ -140,7 +143,7 @@ def test_malformed_request_then_good_request(server):
         )
         assert header["id"] == 4 and y.shape == (1, 1, 192) and np.isfinite(y).all()
     finally:
-        sock.close() if server.startswith("shm://") else sock.close(0)
+        close()
 
 
 def test_ping_command(server):

@@ -123,6 +123,18 @@ def test_logits_over_shm_equal_in_process(server, ckpt):
         c.close()
 
 
+def test_regions_grow_for_a_large_message_and_shrink_after(server):
+    c = client(server["address"])
+    try:
+        c.call("Ping", {"reply_bytes": 20 << 20}, (np.zeros(5 << 20, np.float32),))  # 20 MiB each way
+        t = c.transport
+        assert t._tx.size > 20 << 20 and t._rx.size > 20 << 20
+        c.call("Ping")  # small again: both sides hand back the memory
+        assert t._tx.size == shm.INITIAL_BYTES and t._rx.size == shm.INITIAL_BYTES
+    finally:
+        c.close()
+
+
 # ---- malformed requests and hostile peers ---------------------------------------------------------
 @pytest.mark.parametrize("op, args, tensors, code, match", [b for b in BAD if b[3]])
 def test_bad_requests_get_the_same_error_replies(server, op, args, tensors, code, match):

@@ -66,6 +66,7 @@ from teesplit.transport.shm import (
     _buffer,
     adopt_region,
     create_region,
+    new_region_size,
     recv_control,
     region_bytes,
     send_control,
@@ -237,8 +238,8 @@ class ShmServer:
         if len(views) > MAX_FRAMES:  # never: replies carry a header and a few tensors
             self._drop(r, f"reply of {len(views)} frames", error=True)
             return
-        need = region_bytes([len(v) for v in views])
-        if need <= r.tx.size:
+        size = new_region_size(r.tx.size, region_bytes([len(v) for v in views]))
+        if size is None:
             r.tx.write(views, seq)
             if not TSO or r.tx.ctl[WAITING]:
                 try:
@@ -246,7 +247,7 @@ class ShmServer:
                 except OSError:  # full (doorbells queued already) or gone (noticed by poll)
                     pass
             return
-        fd, tx = create_region(max(need, 2 * r.tx.size))
+        fd, tx = create_region(size)
         try:
             tx.ctl[SEQ] = seq - 1
             tx.write(views, seq)

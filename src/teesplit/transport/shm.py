@@ -88,6 +88,7 @@ ALIGN = 64
 MAX_FRAMES = 16
 SEQ, WAITING, NFRAMES = 0, 8, 16  # word indexes: bytes 0, 64, 128
 INITIAL_BYTES = 1 << 20
+SHRINK_ABOVE = 16 << 20  # a region larger than this is replaced by a smaller one when messages shrink
 RUNNER_MAX_REGION = 64 << 30  # the largest reply region a runner maps (address space only)
 
 # Control messages on the connection (SOCK_SEQPACKET keeps their boundaries).
@@ -128,6 +129,17 @@ def _aligned(n: int) -> int:
 def region_bytes(lengths: Sequence[int]) -> int:
     """The region size a message with frames of these lengths needs."""
     return DATA + sum(_aligned(n) for n in lengths)
+
+
+def new_region_size(size: int, need: int) -> int | None:
+    """The size of the region that should replace one of `size` bytes for a message needing
+    `need`, or None to keep it: grow to fit (at least doubling), and shrink back after a large
+    message once messages are small again, so a long prefill does not pin its memory."""
+    if need > size:
+        return max(need, 2 * size)
+    if size > SHRINK_ABOVE and 4 * need <= size:
+        return max(INITIAL_BYTES, 2 * need)
+    return None
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -381,11 +393,11 @@ class ShmTransport:
 
     def _publish(self, views: list[memoryview]) -> None:
         """Write the request into the region (or a larger new one) and wake the server if it sleeps."""
-        need = region_bytes([len(v) for v in views])
+        size = new_region_size(self._tx.size, region_bytes([len(v) for v in views]))
         seq = self._sent + 1
         try:
-            if need > self._tx.size:  # a larger region, holding this message, replaces the old one
-                fd, tx = create_region(max(need, 2 * self._tx.size))
+            if size is not None:  # a new region, holding this message, replaces the old one
+                fd, tx = create_region(size)
                 try:
                     tx.ctl[SEQ] = self._sent
                     tx.write(views, seq)
