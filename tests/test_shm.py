@@ -6,6 +6,7 @@ mapping, no file descriptor)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -190,6 +191,7 @@ def _publish_raw(t: ShmTransport, lengths: list[int], seq: int | None = None) ->
         "too many frames",
         "sequence jump",
         "unsealed region",
+        "write-sealed region",
         "not a memfd",
         "garbage control message",
     ],
@@ -208,14 +210,18 @@ def test_a_peer_breaking_the_shm_protocol_is_dropped_alone(server, breakage):
             _publish_raw(bad, [8] * (shm.MAX_FRAMES + 1))
         elif breakage == "sequence jump":
             _publish_raw(bad, [8], seq=5)
-        elif breakage in ("unsealed region", "not a memfd"):
+        elif breakage in ("unsealed region", "write-sealed region", "not a memfd"):
             if breakage == "unsealed region":
                 fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
                 os.ftruncate(fd, 1 << 20)
+            elif breakage == "write-sealed region":  # the server could not map it writable
+                fd = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+                os.ftruncate(fd, 1 << 20)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
             else:
                 fd, w = os.pipe()
                 os.close(w)
-            shm.send_control(bad._sock, shm.MOVED, shm._SIZE.pack(1 << 20), fd)
+            shm.send_control(bad._sock, shm.MOVED, shm._SIZE.pack(os.fstat(fd).st_size), fd)
             os.close(fd)
             bad._pending, bad._sent = [], 1  # wait for a reply that must not come
         else:

@@ -232,7 +232,10 @@ def adopt_region(fd: int, size: int, max_size: int) -> Region:
             raise ShmError("the region is not sealed against shrinking")
         if st.st_size != size or not DATA + ALIGN <= size <= max_size:
             raise ShmError(f"region of {st.st_size} bytes (announced {size}, at most {max_size})")
-        return Region(fd, size)
+        try:
+            return Region(fd, size)
+        except OSError as e:  # e.g. sealed against writing: we need to write the `waiting` word
+            raise ShmError(f"cannot map the region: {e}") from None
     finally:
         os.close(fd)
 
