@@ -237,6 +237,24 @@ def test_a_peer_breaking_the_shm_protocol_is_dropped_alone(server, breakage):
     assert server["proc"].poll() is None
 
 
+def test_the_server_copies_what_steers_indexing_and_reads_activations_in_place():
+    from teesplit.gpu.shm_server import COPY_BELOW, _private_copy
+
+    fd, region = shm.create_region(1 << 22)
+    os.close(fd)
+    try:
+        n = COPY_BELOW // 4 + 1
+        ids, x, small = np.arange(n, dtype=np.int64), np.ones((1, n), np.float32), np.ones(4, np.float32)
+        region.write([shm._buffer(f) for f in request(1, "QKV", {"layer": 0}, [x, ids, small])], 1)
+        frames = _private_copy(region.views(region.lengths(1 << 30)), 1 << 20)
+        assert [type(f) for f in frames] == [bytes, memoryview, bytes, bytes]
+        region.buf[shm.DATA] ^= 0xFF  # the peer rewrites its header after the copy: no effect
+        assert msgpack.unpackb(frames[0])["op"] == "QKV"
+    finally:
+        del frames
+        region.close()
+
+
 def test_a_peer_scribbling_on_its_region_mid_read_never_hurts_the_server(server, ckpt):
     """One runner rewrites its whole request region (descriptor and frames) from another thread
     while it publishes requests; the server answers or drops it, and keeps computing correct
@@ -257,7 +275,7 @@ def test_a_peer_scribbling_on_its_region_mid_read_never_hurts_the_server(server,
                 continue
             try:
                 buf = np.frombuffer(region.buf, np.uint8)
-                lo = int(rng.integers(shm.NFRAMES * 8, 8 * 1024))
+                lo = int(rng.integers(shm.NFRAMES * 8, 96 * 1024))
                 buf[lo : lo + 256] = rng.integers(0, 256, 256, dtype=np.uint8)
             except (ValueError, TypeError):  # the region was just replaced
                 pass
@@ -266,7 +284,9 @@ def test_a_peer_scribbling_on_its_region_mid_read_never_hurts_the_server(server,
         t = ShmTransport(server["address"], timeout_s=5)
         scribbler = threading.Thread(target=scribble, args=(t,), daemon=True)
         scribbler.start()
-        frames = request(1, "Linear", {"layer": 0, "module": "q_proj"}, [x])
+        # 77 KiB of activations: over COPY_BELOW, so the server reads them in place
+        big = np.ones((1, 300, 64), np.float32)
+        frames = request(1, "Linear", {"layer": 0, "module": "q_proj"}, [big])
         try:
             while not stop.is_set():
                 try:

@@ -77,6 +77,7 @@ MAX_RUNNERS = 256  # connected runners at once; one more is refused with a reaso
 MAX_PENDING = 64  # connections that have not finished the handshake
 HANDSHAKE_S = 5.0
 RECONNECT_GRACE_S = 2.0
+COPY_BELOW = 64 << 10  # request frames up to this size are copied out of the region, whatever they hold
 IDLE_POLL_S = 0.1  # wake up this often while idle, to notice a stop request and sweep sessions
 _PEERCRED = struct.Struct("3i")
 
@@ -223,14 +224,11 @@ class ShmServer:
             self._drop(r, str(e), error=True)
             return
         r.seen = seq
-        views = r.rx.views(lengths)
-        frames, header = _private_copy(views, self.handler.limits.max_header_bytes)
-        del views
+        frames = _private_copy(r.rx.views(lengths), self.handler.limits.max_header_bytes)
         out = self.handler.handle(frames, r.client_id)
+        if isinstance(frames[0], bytes) and b"Session" in frames[0]:  # Open/CloseSession, maybe
+            self._track_session(r, frames[0], out)
         del frames
-        op = header.get("op") if header else None
-        if op in ("OpenSession", "CloseSession"):
-            self._track_session(r, op, header, out)
         self._reply(r, out, seq)
 
     def _reply(self, r: Runner, frames: list, seq: int) -> None:
@@ -261,12 +259,15 @@ class ShmServer:
         r.tx.close()
         r.tx = tx
 
-    def _track_session(self, r: Runner, op: str, header: dict, out: list) -> None:
+    def _track_session(self, r: Runner, head: bytes, out: list) -> None:
+        """Remember the sessions a runner opens over this connection, to drop them when it dies."""
         try:
+            header = msgpack.unpackb(head, raw=False)
             reply = msgpack.unpackb(_buffer(out[0]), raw=False)
-        except Exception:  # our own reply: cannot fail, but the loop must not depend on it
+        except Exception:  # a malformed request got an error reply: nothing was opened
             return
-        if not reply.get("ok"):
+        op = header.get("op") if isinstance(header, dict) else None
+        if not isinstance(reply, dict) or not reply.get("ok"):
             return
         if op == "OpenSession" and type(reply.get("res", {}).get("sid")) is int:
             r.sessions.add(reply["res"]["sid"])
@@ -424,26 +425,28 @@ class ShmServer:
         self.listener.close()
 
 
-def _private_copy(views: list[memoryview], max_header: int) -> tuple[list, dict | None]:
-    """The frames as the handler gets them: the header and every non-float tensor copied out
-    of the shared region (their values steer indexing; the peer could change them between a
-    check and a use), float activations left in place. Returns (frames, parsed header or None)."""
+def _private_copy(views: list[memoryview], max_header: int) -> list:
+    """The frames as the handler gets them. The header, every frame of at most COPY_BELOW
+    bytes (all of a decode step's) and every larger frame that is not float activations (token
+    ids, positions, row indices: values that steer indexing, which the peer could change
+    between a check and a use) are copied out of the shared region; large float activations
+    are left in place."""
     if not views or len(views[0]) > max_header:
-        return views, None  # the decoder refuses these without reading them
-    head = bytes(views[0])
-    frames: list = [head, *views[1:]]
-    try:
-        header = msgpack.unpackb(head, raw=False)
-        table = header.get("t") if isinstance(header, dict) else None
-    except Exception:  # garbage: the handler's decoder says so
-        return frames, None
-    if isinstance(table, list):
-        for i, desc in enumerate(table[: len(frames) - 1]):
+        return views  # the decoder refuses these on their length, without reading them
+    frames: list = [bytes(v) if len(v) <= COPY_BELOW else v for v in views]
+    frames[0] = bytes(views[0])
+    big = [i for i in range(1, len(frames)) if isinstance(frames[i], memoryview)]
+    if big:
+        try:
+            header = msgpack.unpackb(frames[0], raw=False)
+            table = header.get("t") if isinstance(header, dict) else None
+        except Exception:  # garbage: the handler's decoder says so
+            table = None
+        for i in big:
+            desc = table[i - 1] if isinstance(table, list) and i - 1 < len(table) else None
             if not (isinstance(desc, list) and desc and desc[0] in FLOAT_DTYPES):
-                frames[i + 1] = bytes(frames[i + 1])
-    else:  # no table: nothing is read as a tensor, but copy anyway (small or refused)
-        frames[1:] = [bytes(f) for f in frames[1:]]
-    return frames, header if isinstance(header, dict) else None
+                frames[i] = bytes(views[i])
+    return frames
 
 
 def serve_shm(
