@@ -13,10 +13,13 @@ connection. A request is handled to the end before the next one is looked at.
 The regions are hostile input, exactly like a socket: a runner can rewrite its request region
 at any time, also while the server reads it. So the server reads the frame count and lengths
 once into its own memory and checks them against its limits and the region's size (offsets
-are computed, never read); it copies the header frame, and every frame that is not float
-activations (token ids, positions, row indices: values that steer indexing) before decoding.
-Float activations are read in place, zero-copy: changing them mid-read only changes the
-numbers of the peer's own request, as if it had sent other numbers. A region that is not a
+are computed, never read); it copies the header frame, every frame up to COPY_BELOW bytes
+(all of a decode step's: a copy of a few KiB costs less than deciding), and every larger
+frame that is not float activations (token ids, positions, row indices: values that steer
+indexing) before decoding. Large float activations (a prefill's) are read in place,
+zero-copy: changing them mid-read only changes the numbers of the peer's own request, as if
+it had sent other numbers (at worst NaN slipping past the finiteness check into the peer's
+own session cache, which only that peer can read). A region that is not a
 sealed memfd, a frame over `max_frame_bytes`, a sequence number out of order or a malformed
 control message drops that runner (logged), never the server or another runner.
 
