@@ -136,6 +136,30 @@ def test_regions_grow_for_a_large_message_and_shrink_after(server):
         c.close()
 
 
+def test_without_ordered_stores_every_message_rings_and_results_are_the_same(ckpt, monkeypatch):
+    """On CPUs without x86's store order (aarch64) neither side spins: each message rings the
+    doorbell and is read only after it. Forced here, in-process, with the server in a thread."""
+    from teesplit.cli import build_service
+    from teesplit.gpu import shm_server
+
+    monkeypatch.setattr(shm, "TSO", False)
+    monkeypatch.setattr(shm_server, "TSO", False)
+    handler, _ = build_service(ckpt, "cpu", "float32", progress=False)
+    address, stop, ready = shm_address(), threading.Event(), threading.Event()
+    thread = threading.Thread(target=shm_server.serve_shm, args=(handler, address, stop, ready))
+    thread.start()
+    ready.wait(10)
+    c = client(address)
+    try:
+        assert c.transport.spin_s == 0
+        got = Generator(TEELlamaModel(c, get_plan("v3-fused")), eos_token_ids=set()).generate(PROMPT, PARAMS)
+    finally:
+        c.close()
+        stop.set()
+        thread.join(10)
+    assert got.tokens == expected_tokens(ckpt, "v3-fused")
+
+
 # ---- malformed requests and hostile peers ---------------------------------------------------------
 @pytest.mark.parametrize("op, args, tensors, code, match", [b for b in BAD if b[3]])
 def test_bad_requests_get_the_same_error_replies(server, op, args, tensors, code, match):

@@ -93,6 +93,7 @@ class Runner:
     tx: Region  # replies: made here
     pid: int
     seen: int = 0  # requests read
+    rang: bool = False  # a doorbell came since the last request (what counts without TSO)
     sessions: set[int] = field(default_factory=set)  # opened over this connection, still open
 
     @property
@@ -165,10 +166,10 @@ class ShmServer:
         n = len(runners)
         if n == 1:  # the common case, without the round-robin arithmetic
             r = runners[0]
-            return r if r.rx.ctl[SEQ] != r.seen else None
+            return r if r.rx.ctl[SEQ] != r.seen and (TSO or r.rang) else None
         for i in range(n):
             r = runners[(self._rr + i) % n]
-            if r.rx.ctl[SEQ] != r.seen:
+            if r.rx.ctl[SEQ] != r.seen and (TSO or r.rang):
                 self._rr = (self._rr + i + 1) % n
                 return r
         return None
@@ -226,7 +227,7 @@ class ShmServer:
         except ShmError as e:
             self._drop(r, str(e), error=True)
             return
-        r.seen = seq
+        r.seen, r.rang = seq, False
         frames = _private_copy(r.rx.views(lengths), self.handler.limits.max_header_bytes)
         out = self.handler.handle(frames, r.client_id)
         if isinstance(frames[0], bytes) and b"Session" in frames[0]:  # Open/CloseSession, maybe
@@ -365,6 +366,7 @@ class ShmServer:
                 self._drop(r, "the runner closed the connection")
                 return
             if msg == DOORBELL and fd is None:
+                r.rang = True
                 continue
             if msg[:1] == MOVED and fd is not None and len(msg) == 1 + _SIZE.size:
                 try:
@@ -373,7 +375,7 @@ class ShmServer:
                     self._drop(r, f"bad request region: {e}", error=True)
                     return
                 r.rx.close()
-                r.rx = region
+                r.rx, r.rang = region, True
                 continue
             if fd is not None:
                 os.close(fd)
