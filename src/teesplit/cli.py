@@ -322,25 +322,21 @@ def start_server(
         *(extra or []),
     ]
     proc = subprocess.Popen(cmd, stderr=stderr)
+    client = GPUClient(open_transport(address, 0.5))
     deadline = time.monotonic() + timeout
-    client = None
     try:
         while True:
             try:
-                client = client or GPUClient(open_transport(address, 0.5))
                 client.ping()
                 return proc
             except GPUServerUnavailable:
-                if address.startswith("shm://"):  # nobody listens yet: connect again shortly
-                    time.sleep(0.05)
                 if proc.poll() is not None:
                     raise SystemExit(f"error: the GPU server exited with code {proc.returncode}") from None
                 if time.monotonic() > deadline:
                     proc.kill()
                     raise SystemExit(f"error: the GPU server did not start within {timeout:g} s") from None
     finally:
-        if client is not None:
-            client.close()
+        client.close()
 
 
 def stop_server(proc: subprocess.Popen) -> None:
