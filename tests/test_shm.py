@@ -160,6 +160,35 @@ def test_without_ordered_stores_every_message_rings_and_results_are_the_same(ckp
     assert got.tokens == expected_tokens(ckpt, "v3-fused")
 
 
+def test_runners_over_the_cap_are_refused_with_the_reason(ckpt):
+    from teesplit.cli import build_service
+    from teesplit.gpu.shm_server import ShmServer
+
+    handler, _ = build_service(ckpt, "cpu", "float32", progress=False)
+    address, stop = shm_address(), threading.Event()
+    server = ShmServer(handler, address, max_runners=1)
+    thread = threading.Thread(target=server.serve, args=(stop,))
+    thread.start()
+    first, second = client(address), client(address, timeout_s=0.5)
+    try:
+        first.call("Ping")
+        with pytest.raises(GPUServerUnavailable):
+            second.call("Ping")
+        second.transport.send(request(1, "Ping"))  # the transport's own error says why
+        with pytest.raises(GPUServerUnavailable) as e:
+            second.transport.recv()
+        assert "refused the connection" in str(e.value) and "already serves 1 runners" in str(e.value)
+        first.close()  # room again: the refused runner gets in on its next call
+        assert wait_until(lambda: not server.runners, 5)
+        second.call("Ping")
+    finally:
+        first.close()
+        second.close()
+        stop.set()
+        thread.join(10)
+        server.close()
+
+
 # ---- malformed requests and hostile peers ---------------------------------------------------------
 @pytest.mark.parametrize("op, args, tensors, code, match", [b for b in BAD if b[3]])
 def test_bad_requests_get_the_same_error_replies(server, op, args, tensors, code, match):

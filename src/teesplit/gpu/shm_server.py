@@ -345,7 +345,7 @@ class ShmServer:
         log_event("shm_connect", runner=runner.name, pid=pid, uid=uid, runners=len(self.runners))
 
     def _refuse(self, sock: socket.socket, reason: str) -> None:
-        log_event("error", level=logging.WARNING, code="shm_refused", msg=reason[:300])
+        self.handler._log_error("shm_refused", None, None, reason[:300], None)  # rate-limited
         try:
             send_control(sock, REFUSED, reason.encode()[:60])
         except OSError:
@@ -392,7 +392,7 @@ class ShmServer:
         r.rx.close()
         r.tx.close()
         if error:
-            log_event("error", level=logging.WARNING, code="shm_protocol", peer=r.name, msg=reason[:300])
+            self.handler._log_error("shm_protocol", None, None, reason[:300], r.client_id)  # rate-limited
         log_event("shm_disconnect", runner=r.name, reason=reason[:300], runners=len(self.runners))
         live = {s for s in r.sessions if s in self.handler.service.sessions}
         if live:
