@@ -332,6 +332,7 @@ def test_a_peer_scribbling_on_its_region_mid_read_never_hurts_the_server(server,
                 buf[lo : lo + 256] = rng.integers(0, 256, 256, dtype=np.uint8)
             except (ValueError, TypeError):  # the region was just replaced
                 pass
+            time.sleep(0.0001)  # thousands of scribbles a second, and the GIL for the other threads
 
     def hostile() -> None:
         t = ShmTransport(server["address"], timeout_s=5)
@@ -356,8 +357,9 @@ def test_a_peer_scribbling_on_its_region_mid_read_never_hurts_the_server(server,
 
     h = threading.Thread(target=hostile, daemon=True)
     h.start()
+    deadline = time.monotonic() + 60
     try:
-        for _ in range(200):
+        while counts["replies"] + counts["dropped"] <= 20 and time.monotonic() < deadline:
             np.testing.assert_array_equal(good.linear(0, "q_proj", x), want)
     finally:
         stop.set()
