@@ -482,14 +482,15 @@ def test_generation_survives_a_server_killed_and_restarted(ckpt):
     procs = [start_server(ckpt, address, CPU)]
     c = client(address, timeout_s=20.0, retries=2)
     model = TEELlamaModel(c, get_plan("v3-fused"))
-    calls, real_call = [0], c.call
+    calls, real_call, restarts = [0], c.call, []
 
     def killing_call(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 150:
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait()
-            threading.Thread(target=lambda: procs.append(start_server(ckpt, address, CPU))).start()
+            restarts.append(threading.Thread(target=lambda: procs.append(start_server(ckpt, address, CPU))))
+            restarts[0].start()
         return real_call(*args, **kwargs)
 
     c.call = killing_call
@@ -497,6 +498,8 @@ def test_generation_survives_a_server_killed_and_restarted(ckpt):
         result = Generator(model, eos_token_ids=set()).generate(PROMPT, PARAMS)
     finally:
         c.close()
+        for t in restarts:  # the runner may be done before start_server returns: wait for it
+            t.join(120)
         for p in procs[1:]:
             stop_server(p)
     assert result.tokens == want
