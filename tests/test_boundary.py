@@ -50,7 +50,8 @@ def test_importing_the_trusted_side_loads_no_torch():
     code = (
         "import sys, pkgutil, importlib, teesplit.tee as t\n"
         "for m in pkgutil.iter_modules(t.__path__): importlib.import_module('teesplit.tee.' + m.name)\n"
-        "import teesplit.transport.zmq, teesplit.transport.local, teesplit.models, teesplit.cli\n"
+        "import teesplit.transport.zmq, teesplit.transport.local, teesplit.transport.shm, teesplit.models\n"
+        "import teesplit.cli\n"
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'teesplit.gpu'))]\n"
         "assert not bad, bad\n"
     )

@@ -6,8 +6,8 @@ What one run measures (all on the same weights, dtype, thread count and prompts)
   transformers' own ``generate`` does) and then one token at a time with its KV cache;
 - every plan in ``teesplit.tee.plans.PLANS`` (v3, v2, v3-fused, v2-fused, ...) and ``auto``
   (the plan and wire dtype ``adaptive.choose`` picks after measuring the link) over every
-  transport (local = the GPU service in this process; ipc:// and tcp://127.0.0.1 to a real
-  ``teesplit serve`` child process):
+  transport (local = the GPU service in this process; ipc://, tcp://127.0.0.1 and shm:// to a
+  real ``teesplit serve`` child process):
   decode ms/token (median over repeats of each run's mean), its split into trusted compute /
   GPU compute / transport, prefill tokens/s, RPCs and bytes per decode token at each context;
 - batched decode (v3-fused over ipc), aggregate tokens/s for each batch size, and two
@@ -54,7 +54,7 @@ from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import PLANS, get_plan
 from teesplit.transport import GPUServerUnavailable
 
-TRANSPORTS = ("local", "ipc", "tcp")
+TRANSPORTS = ("local", "ipc", "tcp", "shm")
 ALL_PLANS = (*PLANS, "auto")
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 BATCH_PLAN = "v3-fused"
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="BLAS threads of the trusted side's numpy (default: --threads; 0: leave as is)",
     )
     p.add_argument(
-        "--transports", type=_choice_list(TRANSPORTS), default=TRANSPORTS, help="default: local,ipc,tcp"
+        "--transports", type=_choice_list(TRANSPORTS), default=TRANSPORTS, help="default: local,ipc,tcp,shm"
     )
     p.add_argument(
         "--plans", type=_choice_list(ALL_PLANS), default=ALL_PLANS, help="default: every plan, then auto"
@@ -479,7 +479,11 @@ class Endpoint:
         self.model_dir = model_dir
         self.s = s
         self.log_path = tmp / f"server-{kind}.log"
-        self.address = {"local": "local", "ipc": f"ipc://{tmp}/gpu-{kind}.sock"}.get(kind)
+        self.address = {
+            "local": "local",
+            "ipc": f"ipc://{tmp}/gpu-{kind}.sock",
+            "shm": f"shm://teesplit-bench-{os.getpid()}-{abs(hash(str(tmp))):x}",
+        }.get(kind)
         self.proc: subprocess.Popen | None = None
         self.handler = None
 
@@ -502,9 +506,9 @@ class Endpoint:
             from teesplit.transport.local import LocalTransport
 
             return GPUClient(LocalTransport(self.handler.handle), wire_dtype)
-        from teesplit.transport.zmq import ZmqTransport
+        from teesplit.cli import open_transport
 
-        return GPUClient(ZmqTransport(self.address, timeout_s=self.s.timeout_s), wire_dtype)
+        return GPUClient(open_transport(self.address, self.s.timeout_s), wire_dtype)
 
     def died(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None

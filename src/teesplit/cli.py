@@ -70,9 +70,18 @@ def connect_client(
 
         handler, _ = build_service(model_dir, device, dtype, progress=False)
         return GPUClient(LocalTransport(handler.handle), wire_dtype)
+    return GPUClient(open_transport(server, timeout), wire_dtype)
+
+
+def open_transport(address: str, timeout: float):
+    """The transport for a server address: shm://NAME (same host), else tcp:// or ipc://."""
+    if address.startswith("shm://"):
+        from teesplit.transport.shm import ShmTransport
+
+        return ShmTransport(address, timeout_s=timeout)
     from teesplit.transport.zmq import ZmqTransport
 
-    return GPUClient(ZmqTransport(server, timeout_s=timeout), wire_dtype)
+    return ZmqTransport(address, timeout_s=timeout)
 
 
 def resolve(spec: str, cache_dir: str | None) -> Path:
@@ -110,6 +119,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_frame_bytes=handler.max_frame_bytes,
         session_idle_timeout_s=args.session_idle_timeout,
     )
+    if args.bind.startswith("shm://"):
+        from teesplit.gpu.shm_server import serve_shm
+
+        try:
+            serve_shm(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None)
+        except OSError as e:  # the name is taken: another server listens there
+            raise SystemExit(f"error: {e}") from None
+        return 0
     serve(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None)
     return 0
 
@@ -267,9 +284,8 @@ def _human(n: float) -> str:
 # ---- ping ----------------------------------------------------------------------------------
 def cmd_ping(args: argparse.Namespace) -> int:
     from teesplit.tee.client import GPUClient
-    from teesplit.transport.zmq import ZmqTransport
 
-    client = GPUClient(ZmqTransport(args.server, timeout_s=args.timeout), retries=args.retries)
+    client = GPUClient(open_transport(args.server, args.timeout), retries=args.retries)
     try:
         rtts = sorted(client.ping() for _ in range(args.count))
         res, _ = client.call("Ping")
@@ -293,7 +309,6 @@ def start_server(
 ) -> subprocess.Popen:
     """Start `teesplit serve` in a child process and wait until it answers a Ping."""
     from teesplit.tee.client import GPUClient
-    from teesplit.transport.zmq import ZmqTransport
 
     cmd = [
         sys.executable,
@@ -307,7 +322,7 @@ def start_server(
         *(extra or []),
     ]
     proc = subprocess.Popen(cmd, stderr=stderr)
-    client = GPUClient(ZmqTransport(address, timeout_s=0.5))
+    client = GPUClient(open_transport(address, 0.5))
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -570,7 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the untrusted GPU server")
     model_args(s)
     device_args(s)
-    s.add_argument("--bind", default=DEFAULT_ADDRESS, help="tcp://HOST:PORT or ipc://PATH")
+    s.add_argument(
+        "--bind",
+        default=DEFAULT_ADDRESS,
+        help="tcp://HOST:PORT, ipc://PATH, or shm://NAME (shared memory, runners on this host)",
+    )
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--max-sessions", type=int, default=64, help="sessions (GPU-side KV caches) at once")
     s.add_argument("--max-session-tokens", type=int, default=8192, help="tokens per sequence in a session")
@@ -602,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--server",
         default=DEFAULT_ADDRESS,
-        help="GPU server address, or 'local' to run the GPU service in this process",
+        help="GPU server address (tcp://, ipc://, shm://NAME on this host), or 'local' to run the "
+        "GPU service in this process",
     )
     g.add_argument("--prompt", default=None)
     g.add_argument(

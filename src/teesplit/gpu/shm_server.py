@@ -1,0 +1,489 @@
+"""The GPU server's shared-memory loop, shm://NAME (UNTRUSTED side).
+
+`serve_shm` listens on the abstract unix socket of the name and serves any number of runners
+at once, each with its own request and reply region (see `teesplit.transport.shm` for the
+regions, the control messages and the spin budget). It runs the same `RequestHandler` as
+the ZeroMQ loop in `server.py`, so validation, error codes, sessions, limits, the reply cache
+(keyed by the runner's client id, which survives its reconnects) and logging are identical.
+
+The loop is single-threaded: it spins over every runner's `seq` for a few microseconds, then
+marks each runner "waiting" and blocks in poll(2) on the listening socket and every runner's
+connection. A request is handled to the end before the next one is looked at.
+
+The regions are hostile input, exactly like a socket: a runner can rewrite its request region
+at any time, also while the server reads it. So the server reads the frame count and lengths
+once into its own memory and checks them against its limits and the region's size (offsets
+are computed, never read); it copies the header frame, every frame up to COPY_BELOW bytes
+(all of a decode step's: a copy of a few KiB costs less than deciding), and every larger
+frame that is not float activations (token ids, positions, row indices: values that steer
+indexing) before decoding. Large float activations (a prefill's) are read in place,
+zero-copy: changing them mid-read only changes the numbers of the peer's own request, as if
+it had sent other numbers (at worst NaN slipping past the finiteness check into the peer's
+own session cache, which only that peer can read). A region that is not a
+sealed memfd, a frame over `max_frame_bytes`, a sequence number out of order or a malformed
+control message drops that runner (logged), never the server or another runner.
+
+A runner's connection ending (the process exited or was killed) frees its regions at once,
+and the sessions it opened after a short grace (RECONNECT_GRACE_S, for a runner that
+reconnects after a timeout: it gets them back).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+
+from teesplit.gpu.server import RequestHandler, log_event
+from teesplit.protocol import FLOAT_DTYPES
+from teesplit.transport.shm import (
+    _HELLO,
+    _SIZE,
+    _WELCOME,
+    DATA,
+    DOORBELL,
+    HELLO,
+    INITIAL_BYTES,
+    MAX_FRAMES,
+    MOVED,
+    PROTOCOL,
+    RECHECK_S,
+    REFUSED,
+    SEQ,
+    SPIN_S,
+    TSO,
+    WAITING,
+    WELCOME,
+    YIELD_AFTER_S,
+    Region,
+    ShmError,
+    _aligned,
+    _buffer,
+    adopt_region,
+    create_region,
+    new_region_size,
+    recv_control,
+    region_bytes,
+    send_control,
+    socket_name,
+)
+
+MAX_RUNNERS = 256  # connected runners at once; one more is refused with a reason
+MAX_PENDING = 64  # connections that have not finished the handshake
+HANDSHAKE_S = 5.0
+RECONNECT_GRACE_S = 2.0
+COPY_BELOW = 64 << 10  # request frames up to this size are copied out of the region, whatever they hold
+IDLE_POLL_S = 0.1  # wake up this often while idle, to notice a stop request and sweep sessions
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(eq=False)
+class Runner:
+    sock: socket.socket
+    client_id: bytes
+    rx: Region  # requests: made by the runner
+    tx: Region  # replies: made here
+    pid: int
+    seen: int = 0  # requests read
+    rang: bool = False  # a doorbell came since the last request (what counts without TSO)
+    sessions: set[int] = field(default_factory=set)  # opened over this connection, still open
+
+    @property
+    def name(self) -> str:
+        return self.client_id.hex()[:12]
+
+
+class ShmServer:
+    def __init__(
+        self,
+        handler: RequestHandler,
+        address: str,
+        spin_s: float = SPIN_S,
+        grace_s: float = RECONNECT_GRACE_S,
+        max_runners: int = MAX_RUNNERS,
+    ):
+        self.handler = handler
+        self.address = address
+        self.spin_s = spin_s if TSO else 0.0
+        self.grace_s = grace_s
+        self.max_runners = max_runners
+        limits = handler.limits
+        self.max_frame = handler.max_frame_bytes
+        # The largest request region a runner may hand us: every frame at its limit.
+        self.max_region = DATA + (limits.max_tensors + 1) * _aligned(self.max_frame)
+        self.runners: dict[int, Runner] = {}  # by connection fd
+        self._list: list[Runner] = []  # the same, as a list for the spin loop
+        self.pending: dict[int, tuple[socket.socket, float]] = {}  # fd -> (socket, accepted at)
+        self.orphans: dict[bytes, tuple[float, set[int]]] = {}  # client id -> (drop at, sessions)
+        self._poll = select.poll()
+        self._rr = 0  # round-robin start, so no runner starves the others
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.listener.bind(socket_name(address))
+        except OSError as e:
+            self.listener.close()
+            raise OSError(
+                e.errno, f"cannot listen at {address}: {e.strerror} (another server there?)"
+            ) from None
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self._poll.register(self.listener, select.POLLIN)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def serve(
+        self,
+        stop: threading.Event,
+        session_idle_timeout_s: float | None = None,
+    ) -> None:
+        sweep_every = min(1.0, session_idle_timeout_s / 4) if session_idle_timeout_s else 1.0
+        next_sweep = time.monotonic()
+        while not stop.is_set():
+            if time.monotonic() >= next_sweep:
+                if session_idle_timeout_s:
+                    self.handler.expire_sessions(session_idle_timeout_s)
+                self._sweep()
+                next_sweep = time.monotonic() + sweep_every
+            runner = self._next_ready()
+            if runner is not None:
+                self._serve(runner)
+            else:
+                self._wait(min(IDLE_POLL_S, max(next_sweep - time.monotonic(), 0.001)))
+        # Stopping: a request that was already published is in flight too; answer it.
+        for runner in list(self.runners.values()):
+            if runner.rx.ctl[SEQ] != runner.seen:
+                self._serve(runner)
+
+    def _ready(self) -> Runner | None:
+        runners = self._list
+        n = len(runners)
+        if n == 1:  # the common case, without the round-robin arithmetic
+            r = runners[0]
+            return r if r.rx.ctl[SEQ] != r.seen and (TSO or r.rang) else None
+        for i in range(n):
+            r = runners[(self._rr + i) % n]
+            if r.rx.ctl[SEQ] != r.seen and (TSO or r.rang):
+                self._rr = (self._rr + i + 1) % n
+                return r
+        return None
+
+    def _next_ready(self) -> Runner | None:
+        """A runner with a published request, spinning up to the spin budget for one."""
+        r = self._ready()
+        if r is not None or not self.runners or self.spin_s <= 0:
+            return r
+        clock = time.perf_counter
+        t0 = clock()
+        while True:
+            r = self._ready()
+            if r is not None:
+                return r
+            now = clock()
+            if now - t0 >= self.spin_s:
+                return None
+            if now - t0 >= YIELD_AFTER_S:
+                os.sched_yield()
+
+    def _wait(self, idle_s: float) -> None:
+        """Block until a connection has something to say, a request may be published, or idle_s."""
+        runners = list(self.runners.values())
+        for r in runners:
+            r.rx.ctl[WAITING] = 1
+        try:
+            if self._ready() is not None:
+                return
+            # The first wait is short: it catches a request published just as we set `waiting`
+            # (a stale read of the flag by the runner, see transport/shm.py); later ones are long.
+            timeout = RECHECK_S if runners else idle_s
+            events = self._poll.poll(max(1, int(timeout * 1000)))
+            if not events and runners and self._ready() is None:
+                events = self._poll.poll(max(1, int(idle_s * 1000)))
+            for fd, _ in events:
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif fd in self.pending:
+                    self._handshake(fd)
+                elif fd in self.runners:
+                    self._control(self.runners[fd])
+        finally:
+            for r in self.runners.values():
+                r.rx.ctl[WAITING] = 0
+
+    # ---- one request -----------------------------------------------------------------------------
+    def _serve(self, r: Runner) -> None:
+        seq = r.rx.ctl[SEQ]
+        if seq != r.seen + 1:
+            self._drop(r, f"request sequence {seq} after {r.seen}", error=True)
+            return
+        try:
+            lengths = r.rx.lengths(self.max_frame)
+        except ShmError as e:
+            self._drop(r, str(e), error=True)
+            return
+        r.seen, r.rang = seq, False
+        frames = _private_copy(r.rx.views(lengths), self.handler.limits.max_header_bytes)
+        out = self.handler.handle(frames, r.client_id)
+        if isinstance(frames[0], bytes) and b"Session" in frames[0]:  # Open/CloseSession, maybe
+            self._track_session(r, frames[0], out)
+        del frames
+        self._reply(r, out, seq)
+
+    def _reply(self, r: Runner, frames: list, seq: int) -> None:
+        views = [_buffer(f) for f in frames]
+        if len(views) > MAX_FRAMES:  # never: replies carry a header and a few tensors
+            self._drop(r, f"reply of {len(views)} frames", error=True)
+            return
+        size = new_region_size(r.tx.size, region_bytes([len(v) for v in views]))
+        if size is None:
+            r.tx.write(views, seq)
+            if not TSO or r.tx.ctl[WAITING]:
+                try:
+                    send_control(r.sock, DOORBELL)
+                except OSError:  # full (doorbells queued already) or gone (noticed by poll)
+                    pass
+            return
+        fd, tx = create_region(size)
+        try:
+            tx.ctl[SEQ] = seq - 1
+            tx.write(views, seq)
+            send_control(r.sock, MOVED, _SIZE.pack(tx.size), fd)
+        except OSError as e:
+            tx.close()
+            self._drop(r, f"could not pass a larger reply region: {e}")
+            return
+        finally:
+            os.close(fd)
+        r.tx.close()
+        r.tx = tx
+
+    def _track_session(self, r: Runner, head: bytes, out: list) -> None:
+        """Remember the sessions a runner opens over this connection, to drop them when it dies."""
+        try:
+            header = msgpack.unpackb(head, raw=False)
+            reply = msgpack.unpackb(_buffer(out[0]), raw=False)
+        except Exception:  # a malformed request got an error reply: nothing was opened
+            return
+        op = header.get("op") if isinstance(header, dict) else None
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            return
+        if op == "OpenSession" and type(reply.get("res", {}).get("sid")) is int:
+            r.sessions.add(reply["res"]["sid"])
+        elif op == "CloseSession":
+            r.sessions.discard(header.get("sid"))
+
+    # ---- connections -----------------------------------------------------------------------------
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of fds: keep serving the connected runners
+                log_event("error", level=logging.WARNING, code="shm_accept", msg=str(e))
+                return
+            if len(self.pending) >= MAX_PENDING:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self.pending[sock.fileno()] = (sock, time.monotonic())
+            self._poll.register(sock, select.POLLIN)
+
+    def _handshake(self, fd: int) -> None:
+        sock, _ = self.pending.pop(fd)
+        self._poll.unregister(fd)
+        rfd = None
+        try:
+            msg, rfd = recv_control(sock)
+            if not msg:
+                sock.close()
+                return
+            if msg[:1] != HELLO or len(msg) != 1 + _HELLO.size or rfd is None:
+                raise ShmError("bad handshake")
+            version, client_id, size = _HELLO.unpack(msg[1:])
+            if version != PROTOCOL:
+                raise ShmError(f"the runner speaks shm protocol {version}, this server {PROTOCOL}")
+            if len(self.runners) >= self.max_runners:
+                raise ShmError(f"the server already serves {self.max_runners} runners")
+            fd_, rfd = rfd, None
+            rx = adopt_region(fd_, size, self.max_region)
+        except (ShmError, OSError) as e:
+            if rfd is not None:
+                os.close(rfd)
+            self._refuse(sock, str(e))
+            return
+        try:
+            wfd, tx = create_region(INITIAL_BYTES)
+        except OSError as e:
+            rx.close()
+            self._refuse(sock, f"cannot create a region: {e}")
+            return
+        try:
+            send_control(sock, WELCOME, _WELCOME.pack(PROTOCOL, tx.size), wfd)
+        except OSError:
+            rx.close()
+            tx.close()
+            sock.close()
+            return
+        finally:
+            os.close(wfd)
+        pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        runner = Runner(sock, client_id, rx, tx, pid)
+        runner.seen = 0
+        orphan = self.orphans.pop(client_id, None)
+        if orphan is not None:  # the same runner, reconnected: its sessions are its again
+            runner.sessions = orphan[1]
+        self.runners[sock.fileno()] = runner
+        self._list = list(self.runners.values())
+        self._poll.register(sock, select.POLLIN)
+        log_event("shm_connect", runner=runner.name, pid=pid, uid=uid, runners=len(self.runners))
+
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        self.handler._log_error("shm_refused", None, None, reason[:300], None)  # rate-limited
+        try:
+            send_control(sock, REFUSED, reason.encode()[:60])
+        except OSError:
+            pass
+        sock.close()
+
+    def _control(self, r: Runner) -> None:
+        """What a runner sent on its connection: doorbells, a moved request region, or end-of-file."""
+        while r.sock.fileno() in self.runners:
+            try:
+                msg, fd = recv_control(r.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (ShmError, OSError) as e:
+                self._drop(r, str(e), error=True)
+                return
+            if not msg:
+                self._drop(r, "the runner closed the connection")
+                return
+            if msg == DOORBELL and fd is None:
+                r.rang = True
+                continue
+            if msg[:1] == MOVED and fd is not None and len(msg) == 1 + _SIZE.size:
+                try:
+                    region = adopt_region(fd, _SIZE.unpack(msg[1:])[0], self.max_region)
+                except (ShmError, OSError) as e:
+                    self._drop(r, f"bad request region: {e}", error=True)
+                    return
+                r.rx.close()
+                r.rx, r.rang = region, True
+                continue
+            if fd is not None:
+                os.close(fd)
+            self._drop(r, "unknown control message", error=True)
+            return
+
+    def _drop(self, r: Runner, reason: str, error: bool = False) -> None:
+        fd = r.sock.fileno()
+        if self.runners.pop(fd, None) is None:
+            return
+        self._list = list(self.runners.values())
+        self._poll.unregister(fd)
+        r.sock.close()
+        r.rx.close()
+        r.tx.close()
+        if error:
+            self.handler._log_error("shm_protocol", None, None, reason[:300], r.client_id)  # rate-limited
+        log_event("shm_disconnect", runner=r.name, reason=reason[:300], runners=len(self.runners))
+        live = {s for s in r.sessions if s in self.handler.service.sessions}
+        if live:
+            self.orphans[r.client_id] = (time.monotonic() + self.grace_s, live)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for fd, (sock, t0) in list(self.pending.items()):
+            if now - t0 > HANDSHAKE_S:
+                del self.pending[fd]
+                self._poll.unregister(fd)
+                sock.close()
+        for client_id, (due, sessions) in list(self.orphans.items()):
+            if now < due:
+                continue
+            del self.orphans[client_id]
+            service = self.handler.service
+            for sid in sessions:
+                s = service.sessions.pop(sid, None)
+                if s is not None:
+                    log_event(
+                        "session_drop",
+                        sid=sid,
+                        reason="runner_gone",
+                        kv_bytes=s.nbytes,
+                        sessions=len(service.sessions),
+                    )
+
+    def close(self) -> None:
+        for r in list(self.runners.values()):
+            self._drop(r, "the server stopped")
+        for sock, _ in self.pending.values():
+            sock.close()
+        self.pending.clear()
+        self.listener.close()
+
+
+def _private_copy(views: list[memoryview], max_header: int) -> list:
+    """The frames as the handler gets them. The header, every frame of at most COPY_BELOW
+    bytes (all of a decode step's) and every larger frame that is not float activations (token
+    ids, positions, row indices: values that steer indexing, which the peer could change
+    between a check and a use) are copied out of the shared region; large float activations
+    are left in place."""
+    if not views or len(views[0]) > max_header:
+        return views  # the decoder refuses these on their length, without reading them
+    frames: list = [bytes(v) if len(v) <= COPY_BELOW else v for v in views]
+    frames[0] = bytes(views[0])
+    big = [i for i in range(1, len(frames)) if isinstance(frames[i], memoryview)]
+    if big:
+        try:
+            header = msgpack.unpackb(frames[0], raw=False)
+            table = header.get("t") if isinstance(header, dict) else None
+        except Exception:  # garbage: the handler's decoder says so
+            table = None
+        for i in big:
+            desc = table[i - 1] if isinstance(table, list) and i - 1 < len(table) else None
+            if not (isinstance(desc, list) and desc and desc[0] in FLOAT_DTYPES):
+                frames[i] = bytes(views[i])
+    return frames
+
+
+def serve_shm(
+    handler: RequestHandler,
+    address: str,
+    stop: threading.Event | None = None,
+    ready: threading.Event | None = None,
+    session_idle_timeout_s: float | None = None,
+    spin_s: float = SPIN_S,
+    grace_s: float = RECONNECT_GRACE_S,
+) -> None:
+    """Serve shm://NAME until `stop` is set or SIGINT/SIGTERM arrives (in the main thread): the
+    request in flight is finished and answered, then every session is dropped."""
+    stop = stop or threading.Event()
+    server = ShmServer(handler, address, spin_s=spin_s, grace_s=grace_s)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve(stop, session_idle_timeout_s)
+    finally:
+        server.close()
+        dropped = handler.drop_sessions("shutdown")
+        log_event(
+            "server_stop",
+            f"server on {address} stopped after {handler.served} requests ({handler.errors} errors, "
+            f"{handler.replayed} resends answered from the cache, {dropped} sessions dropped)",
+            address=address,
+            served=handler.served,
+            errors=handler.errors,
+            replayed=handler.replayed,
+            sessions_dropped=dropped,
+        )
