@@ -196,6 +196,15 @@ class PadPool:
         rw = parts_rw[0] if len(parts_rw) == 1 else np.concatenate(parts_rw)
         return Pad(key, r, rw)
 
+    def wait_full(self, timeout_s: float | None = None) -> bool:
+        """Block until every site has `depth` rows ready (True), or the timeout passed (False)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while min(self._rows.get(k, 0) for k in self.sites) < self.depth:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def stats(self) -> dict[str, float]:
         rows = self.background_rows + self.inline_rows / max(len(self.sites), 1)
         return {
