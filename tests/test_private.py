@@ -192,6 +192,12 @@ def test_refusals_name_what_to_change(ckpt):
     gpu.close()
 
 
+def test_a_private_plan_refuses_a_plain_client(ckpt):
+    h, _ = build_service(ckpt, "cpu", "float32", progress=False)
+    with pytest.raises(ValueError, match="private_gpu"):
+        TEELlamaModel(GPUClient(LocalTransport(h.handle)), get_plan("private-otp"))
+
+
 def test_server_validates_ring_requests(ckpt):
     h, _ = build_service(ckpt, "cpu", "float32", progress=False)
     bf16, _ = build_service(ckpt, "cpu", "bfloat16", progress=False)

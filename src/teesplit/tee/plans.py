@@ -102,6 +102,12 @@ PLANS: dict[str, Plan] = {
     "v2-merged": Plan(
         "v2-merged", False, True, False, 2, "v2 placement: o_proj + gate|up, down + next q|k|v", merged=True
     ),
+}
+
+
+# Kept apart from PLANS: they need the local checkpoint and their own client (tee/private.py),
+# so `--plan auto` and the benchmark's plan sweep do not pick them up by accident.
+PRIVATE_PLANS: dict[str, Plan] = {
     "private-otp": Plan(
         "private-otp",
         False,
@@ -124,7 +130,7 @@ PLANS: dict[str, Plan] = {
 
 
 def get_plan(name: str) -> Plan:
-    try:
-        return PLANS[name]
-    except KeyError:
-        raise ValueError(f"unknown plan {name!r}; available: {', '.join(PLANS)}") from None
+    plan = PLANS.get(name) or PRIVATE_PLANS.get(name)
+    if plan is None:
+        raise ValueError(f"unknown plan {name!r}; available: {', '.join([*PLANS, *PRIVATE_PLANS])}")
+    return plan
