@@ -199,7 +199,8 @@ def test_recorded_tensors_are_uncorrelated_with_the_true_activations(runs):
     truth = _prefill_inputs(runs["v2-fused"][0][0])
     assert len(truth) == 4 * 30 + 1
     v2 = _prefill_inputs(runs["v2"][0][0])
-    assert min(_z(v2[k], truth[k]) for k in truth) > 50  # the plain plan's recordings: r ~ 1
+    assert min(np.corrcoef(v2[k], truth[k])[0, 1] for k in truth) > 0.99  # the plain plan: r ~ 1
+    assert min(_z(v2[k], truth[k]) for k in truth) > 20  # far beyond the threshold below
     worst = 0.0
     for plan in PRIVATE_PLANS:
         for recs in runs[plan][0]:
