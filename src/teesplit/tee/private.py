@@ -160,6 +160,8 @@ class PadPool:
                 if self._stop:
                     return
             for key in self.sites:  # one chunk of rows for every site, in forward-pass order
+                if self._stop:
+                    return
                 block = self._make(key, self.chunk)
                 with self._cond:
                     self._stock[key].append(block)
