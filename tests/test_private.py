@@ -220,6 +220,30 @@ def test_server_validates_ring_requests(ckpt):
     assert "RingLinear" in protocol.OPS
 
 
+def test_malformed_ring_requests_get_error_replies_never_a_crash(ckpt):
+    h, _ = build_service(ckpt, "cpu", "float32", progress=False)
+    rng = np.random.default_rng(0)
+    sites = ["qkv", "o", "gate_up", "down", "lm_head", "", "q_proj", "x" * 100]
+    dtypes = [np.int64, np.float32, np.float16]
+    codes = set()
+    for i in range(300):
+        shape = tuple(int(d) for d in rng.integers(0, 130, rng.integers(1, 5)))
+        x = np.zeros(shape, dtypes[i % 3])
+        args = {"layer": int(rng.integers(-3, 4)), "site": sites[i % len(sites)]}
+        try:
+            _, (y,) = parse_reply(h.handle(request(i, "RingLinear", args, (x,))), "RingLinear")
+            assert y.dtype == np.int64 and y.shape[:-1] == x.shape[:-1]  # a valid request
+            codes.add("ok")
+        except RemoteError as e:
+            assert e.code in ("bad_args", "bad_tensor", "too_large"), e
+            codes.add(e.code)
+    assert {"bad_args", "bad_tensor"} <= codes
+    _, (y,) = parse_reply(
+        h.handle(request(999, "RingLinear", {"layer": 1, "site": "down"}, (random_ring((1, 1, 96)),))), "x"
+    )
+    assert y.shape == (1, 1, 64)  # still serving
+
+
 # ---- real weights ---------------------------------------------------------------------------
 SMOL_PROMPTS = [
     "Explain how photosynthesis works.",

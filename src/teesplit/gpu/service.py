@@ -116,6 +116,7 @@ class GPUComputeService:
         self.max_elements = max_elements  # cap on any result the peer can make us allocate
         self.limits = limits
         self.sessions: dict[int, Session] = {}
+        self._ring: dict[tuple[int, str], Any] = {}  # private plans' fixed-point weights, built on use
 
     # ---- helpers -------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -223,8 +224,6 @@ class GPUComputeService:
         if x.dtype != DTYPES["int64"] or x.ndim != 3 or x.shape[-1] != n_in or x.shape[0] * x.shape[1] == 0:
             raise _bad(f"RingLinear {site}: expected int64 (B, T, {n_in}), got {x.dtype}{x.shape}")
         self._check_result_size((*x.shape[:2], n_out), "RingLinear")
-        if not hasattr(self, "_ring"):
-            self._ring: dict[tuple[int, str], RingWeights] = {}  # built on first use, kept
         rw = self._ring.get((layer, site))
         if rw is None:
             rw = self._ring[(layer, site)] = RingWeights(w)
