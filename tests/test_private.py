@@ -352,3 +352,28 @@ def test_2party_with_one_server_down_fails_within_the_timeout(ckpt):
         TEELlamaModel(gpu, get_plan("private-2party"))
     assert time.monotonic() - t0 < 5
     gpu.close()
+
+
+# ---- the command line -----------------------------------------------------------------------
+def test_cli_private_plans_stats_and_refusals(smollm2_dir, tmp_path, capsys):
+    from teesplit.cli import main
+
+    base = ["generate", "--model", str(smollm2_dir), "--prompt", "Hi", "--max-new-tokens", "3"]
+    stats = tmp_path / "stats.json"
+    assert (
+        main([*base, "--server", "local", "--plan", "private-otp", "--stats", "--stats-json", str(stats)])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "one-time pads:" in err and "ms trusted CPU per token" in err
+    import json
+
+    s = json.loads(stats.read_text())
+    assert s["plan"] == "private-otp" and s["pads"]["tokens_made"] > 0 and s["pads"]["peak_bytes"] > 0
+    assert set(s["rpc"]["by_op"]) == {"RingLinear"}
+    assert main([*base, "--server", "local", "--plan", "private-otp", "--wire-dtype", "float16"]) == 2
+    assert "--wire-dtype float16 does not apply" in capsys.readouterr().err
+    assert main([*base, "--server", "local", "--plan", "private-2party"]) == 2
+    assert "--server A --server B" in capsys.readouterr().err
+    assert main([*base, "--server", "local", "--server", "local", "--plan", "v2-fused"]) == 2
+    assert "one GPU server" in capsys.readouterr().err
