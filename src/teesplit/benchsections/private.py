@@ -139,7 +139,7 @@ def targets(d: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         target(
             f"{plan} tokens",
-            "greedy tokens equal v2-fused's (>= 31 of 32)",
+            f"{plan}: greedy tokens equal v2-fused's (>= 31 of 32)",
             d["plans"][plan]["tokens_equal_v2_fused"],
             31 / 32,
             "",
