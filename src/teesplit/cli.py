@@ -152,6 +152,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [tokenizer.encode(t) for t in texts]
     servers = _servers(args, plan)
     private = plan is not None and plan.private
+    if private and args.wire_dtype not in (None, "float32"):  # refused before any server is loaded
+        raise ValueError(
+            f"the private plans send fixed-point ring elements (int64) on the wire; --wire-dtype "
+            f"{args.wire_dtype} does not apply to them (leave it unset)"
+        )
     # Pipelining needs a second connection to a server process; in-process there is nothing to overlap.
     n_conn = 2 if args.pipeline and len(prompts) > 1 and args.server != "local" and not private else 1
     clients = [
