@@ -167,17 +167,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tokenizer.encode(t) for t in texts]
-    # Pipelining needs a second connection to a server process; in-process there is nothing to overlap.
-    n_conn = 2 if args.pipeline and len(prompts) > 1 and args.server != "local" else 1
-    clients = [
-        connect_client(
-            args.server, model_dir, args.timeout, args.wire_dtype or "float32", args.device, args.dtype
+    servers = _servers(args, plan)
+    private = plan is not None and plan.private
+    if private and args.wire_dtype not in (None, "float32"):  # refused before any server is loaded
+        raise ValueError(
+            f"the private plans send fixed-point ring elements (int64) on the wire; --wire-dtype "
+            f"{args.wire_dtype} does not apply to them (leave it unset)"
         )
-        for _ in range(n_conn)
+    # Pipelining needs a second connection to a server process; in-process there is nothing to overlap.
+    n_conn = 2 if args.pipeline and len(prompts) > 1 and args.server != "local" and not private else 1
+    clients = [
+        connect_client(server, model_dir, args.timeout, args.wire_dtype or "float32", args.device, args.dtype)
+        for server in (servers if private else [args.server] * n_conn)
     ]
     for c in clients:
         c.retries = args.retries  # resend a request that got no reply, same id, fresh connection
+    private_gpu = None
     try:
+        if private:  # the GPU(s) see only masked data: tee/private.py
+            from teesplit.tee.local_weights import load_local_weights
+            from teesplit.tee.private import private_gpu as make_private_gpu
+
+            private_gpu = make_private_gpu(plan.name, load_local_weights(model_dir), clients, args.pad_pool)
+            clients = [private_gpu]
         models = [TEELlamaModel(c, plan or get_plan("v2-fused")) for c in clients]
         _check_same_model(models[0].config, model_dir)
         if plan is None:
@@ -196,6 +208,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         for c in clients:
             c.close()
+    if private_gpu is not None and hasattr(private_gpu, "pool"):
+        results[0].stats["pads"] = private_gpu.pool.stats()  # the trusted side's offline cost
     if args.stats:
         print(format_stats(results[0].stats), file=sys.stderr)
     if args.stats_json:
@@ -206,6 +220,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         Path(args.stats_json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def _servers(args: argparse.Namespace, plan) -> list[str]:
+    """The --server addresses (repeatable only for private-2party); sets args.server to the first."""
+    servers = args.server if isinstance(args.server, list) else [args.server or DEFAULT_ADDRESS]
+    want = 2 if plan is not None and plan.name == "private-2party" else 1
+    if len(servers) == 1 and want == 2:
+        raise ValueError("plan private-2party needs two non-colluding GPU servers: --server A --server B")
+    if len(servers) != want:
+        raise ValueError(f"plan {args.plan} talks to one GPU server; --server was given {len(servers)} times")
+    args.server = servers[0]
+    return servers
 
 
 def _choose_plan(models, prompts, params, wire_dtype: str | None) -> None:
@@ -270,6 +296,12 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{1000 * d['time_s']['total'] / n:.1f} ms ({n / d['time_s']['total']:.1f} tok/s)"
         )
     rows.append("RPCs by op: " + ", ".join(f"{k} {v}" for k, v in stats["rpc"]["by_op"].items()))
+    if "pads" in stats:  # private-otp: the one-time pads' cost in the trusted side
+        p = stats["pads"]
+        rows.append(
+            f"one-time pads: {p['cpu_ms_per_token']:.1f} ms trusted CPU per token ({p['inline_s']:.3f} s of "
+            f"it on the critical path), {_human(p['peak_bytes'])} held at most"
+        )
     return "\n".join(rows)
 
 
@@ -620,9 +652,17 @@ def build_parser() -> argparse.ArgumentParser:
     device_args(g)
     g.add_argument(
         "--server",
-        default=DEFAULT_ADDRESS,
-        help="GPU server address (tcp://, ipc://, shm://NAME on this host), or 'local' to run the "
-        "GPU service in this process",
+        action="append",
+        default=None,
+        help="GPU server address (tcp://, ipc://, shm://NAME on this host), or 'local' to run the GPU service in this process (default "
+        f"{DEFAULT_ADDRESS}); give it twice for private-2party's two non-colluding servers",
+    )
+    g.add_argument(
+        "--pad-pool",
+        type=_non_negative_int,
+        default=32,
+        metavar="N",
+        help="private-otp: one-time pads made ahead per Linear, in tokens (default %(default)s)",
     )
     g.add_argument("--prompt", default=None)
     g.add_argument(
@@ -653,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan",
         default="v3-fused",
         help="v3 (seed V3.0), v2 (seed V2.1), v3-fused, v2-fused, v3-merged, v2-merged, "
-        "or auto (measure the link and choose)",
+        "auto (measure the link and choose), or the private plans private-otp and private-2party "
+        "(the GPU sees only masked data; they need the checkpoint locally in --model)",
     )
     g.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply")
     g.add_argument(

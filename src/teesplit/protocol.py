@@ -63,6 +63,13 @@ T tokens, S cached + new tokens, E hidden, N output features, V vocabulary, K to
     OGateUp       args {layer} t [a (B, T, H D), x]       -> t [o = o_proj(a), z_gateup on (x + o)]
     AttnOutGateUp sid, args {layer} t [p (B, H, T, S), x] -> t [o = o_proj(p V), z_gateup on (x + o)]
 
+  Ring operation (plans private-otp and private-2party; see gpu/ring.py and tee/private.py):
+
+    RingLinear    args {layer, site} t [x (B, T, in) i64]  -> t [x W_qᵀ mod 2^64 (B, T, N) i64]
+                  site: qkv, o, gate_up, down (layer 0..L-1) or lm_head (layer -1); x is a
+                  masked fixed-point ring element, W_q = round(W * 2^RING_WEIGHT_FRAC_BITS);
+                  no bias (the trusted side adds it). Needs a server keeping float32 weights.
+
   With a session, z_qkv holds q|k only; the v part waits in the session until AttnScores
   brings the row scales (a fourth tensor r (B, T) f32), which turn it into v for the cache.
 
@@ -99,6 +106,10 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 WIRE_DTYPES = (*FLOAT_DTYPES, "int8")  # activations on the wire; int8 is the per-row format
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 
+# Fractional bits of the fixed-point weights in RingLinear; both sides must use the same.
+RING_WEIGHT_FRAC_BITS = 24
+RING_SITES = ("qkv", "o", "gate_up", "down", "lm_head")
+
 _LAYER = {"layer": (int, True)}
 # Operation -> (argument name -> (type, required)), (min, max) number of tensor frames.
 OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
@@ -119,6 +130,7 @@ OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
     "DownLMHead": ({"top_k": (int, False)}, (2, 3)),
     "OGateUp": (_LAYER, (2, 2)),
     "AttnOutGateUp": (_LAYER, (2, 2)),
+    "RingLinear": ({"layer": (int, True), "site": (str, True)}, (1, 1)),
 }
 # Operations that need a session id; QKV, EmbedQKV and DownQKV take one optionally.
 SESSION_OPS = ("AttnScores", "AttnOut", "AttnOutGateUp", "CloseSession")

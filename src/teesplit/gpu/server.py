@@ -274,8 +274,11 @@ class RequestHandler:
             )
             return {}, [], 0.0
         sid = header.get("sid")
-        wire = wire_name(header, 0)
         t0 = time.perf_counter()
+        if op == "RingLinear":  # ring elements in, ring elements out: no wire dtype applies
+            out = s.ring_linear(args["layer"], args["site"], t[0])
+            return {}, [out], time.perf_counter() - t0
+        wire = wire_name(header, 0)
         if op in ("Embedding", "EmbedQKV"):  # their only tensors are token ids and positions
             wire = args.get("dtype", "float32")
             if wire not in WIRE_DTYPES:

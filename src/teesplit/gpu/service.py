@@ -116,6 +116,7 @@ class GPUComputeService:
         self.max_elements = max_elements  # cap on any result the peer can make us allocate
         self.limits = limits
         self.sessions: dict[int, Session] = {}
+        self._ring: dict[tuple[int, str], Any] = {}  # private plans' fixed-point weights, built on use
 
     # ---- helpers -------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -153,6 +154,7 @@ class GPUComputeService:
         the merged plans add on the trusted side (their names listed in `biases`)."""
         biases = self.w.bias_stacks()
         result = {"config": self.config.to_dict(), "rope": dict(self.config.rope), "biases": list(biases)}
+        result["dtype"] = str(self.dtype).removeprefix("torch.")  # the private plans need float32
         return result, [self.w.norm_stack().numpy(), *(b.numpy() for b in biases.values())]
 
     def embedding(self, ids: np.ndarray) -> torch.Tensor:
@@ -195,6 +197,37 @@ class GPUComputeService:
         limit = min(self.config.vocab_size, 1024)
         if top_k is not None and not 1 <= top_k <= limit:
             raise _bad(f"{what}: top_k must lie in [1, {limit}]", "bad_args")
+
+    # ---- the private plans: exact products over Z_2^64 (gpu/ring.py) -------------------------
+    def ring_linear(self, layer: int, site: str, x: np.ndarray) -> np.ndarray:
+        """x (B, T, in) int64 masked fixed-point -> x W_qᵀ mod 2^64 (B, T, N) int64, no bias."""
+        from teesplit.gpu.ring import RingWeights
+        from teesplit.protocol import RING_SITES
+
+        if site not in RING_SITES:
+            raise _bad(f"RingLinear: unknown site {site!r}; known: {', '.join(RING_SITES)}", "bad_args")
+        if site == "lm_head":
+            if layer != -1:
+                raise _bad("RingLinear: the lm_head site takes layer -1", "bad_args")
+            w = self.w.lm_head
+        else:
+            lw = self._layer(layer, "RingLinear")
+            w = {"qkv": lw.qkv_weight, "o": lw.weight["o_proj"], "gate_up": lw.gate_up_weight}.get(site)
+            w = lw.weight["down_proj"] if w is None else w
+        if self.dtype != torch.float32:
+            raise _bad(
+                f"RingLinear: this server keeps {str(self.dtype).removeprefix('torch.')} weights; the "
+                "private plans need a server started with --dtype float32",
+                "bad_args",
+            )
+        n_out, n_in = w.shape
+        if x.dtype != DTYPES["int64"] or x.ndim != 3 or x.shape[-1] != n_in or x.shape[0] * x.shape[1] == 0:
+            raise _bad(f"RingLinear {site}: expected int64 (B, T, {n_in}), got {x.dtype}{x.shape}")
+        self._check_result_size((*x.shape[:2], n_out), "RingLinear")
+        rw = self._ring.get((layer, site))
+        if rw is None:
+            rw = self._ring[(layer, site)] = RingWeights(w)
+        return rw.matmul(x.reshape(-1, n_in)).reshape(*x.shape[:2], n_out)
 
     # ---- fused projections -----------------------------------------------------------------
     def qkv(

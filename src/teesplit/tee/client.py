@@ -384,6 +384,17 @@ class GPUClient:
         o, z = self._call_many("AttnOutGateUp", {"layer": layer}, (self._wire(p), self._wire(x)), shapes, sid)
         return o, z
 
+    # ---- the private plans (tee/private.py): ring elements, no wire dtype ------------------
+    def ring_linear(self, layer: int, site: str, x: np.ndarray, out_features: int) -> np.ndarray:
+        """x W_qᵀ mod 2^64 for a masked fixed-point x (B, T, in) int64 -> (B, T, N) int64."""
+        x = np.ascontiguousarray(x, dtype=np.int64)
+        _, out = self.call("RingLinear", {"layer": layer, "site": site}, (x,))
+        shape = (*x.shape[:-1], out_features)
+        if len(out) != 1 or out[0].shape != shape or out[0].dtype != np.int64:
+            got = [f"{o.dtype}{o.shape}" for o in out]
+            raise ProtocolError(f"RingLinear: expected one int64 tensor of shape {shape}, got {got}")
+        return out[0]
+
     def open_session(self, batch: int, max_tokens: int) -> int:
         res, _ = self.call("OpenSession", {"batch": batch, "max_tokens": max_tokens})
         sid = res.get("sid")

@@ -65,6 +65,8 @@ class GPUKVCache:
 
 class TEELlamaModel:
     def __init__(self, gpu: GPUClient, plan: Plan):
+        if plan.private and isinstance(gpu, GPUClient):  # it would send ids and activations in the clear
+            raise ValueError(f"plan {plan.name} needs its masking client: tee.private.private_gpu(...)")
         self.gpu = gpu
         self.plan = plan
         init = gpu.init()  # config, RoPE parameters and norm weights come from the GPU server (seed V3.0)

@@ -28,6 +28,11 @@ normalized input it always received, times 1/r).
 
 | v3-merged | as v3 | QKᵀ (+ v from pending), PV + o_proj + gate|up, down + next q|k|v | 3 (3L + 1) |
 | v2-merged | as v2 | o_proj + gate|up, down + next q|k|v                              | 2 (2L + 1) |
+
+The private plans keep v2-fused's placement and round trips but the GPU sees only masked
+data (tee/private.py): the embedding is looked up in the trusted side and every Linear and
+the LM head get a one-time-padded (private-otp) or secret-shared (private-2party, two
+servers in parallel) fixed-point input, 4L + 1 round trips per token.
 """
 
 from __future__ import annotations
@@ -44,11 +49,12 @@ class Plan:
     rpcs_per_layer: int  # round trips per layer per forward pass
     summary: str
     merged: bool = False  # a Linear after a norm rides with the Linear before it (see below)
+    private: bool = False  # masked data on the GPU, embedding in the trusted side (tee/private.py)
 
     def rpcs_per_forward(self, num_layers: int) -> int:
         """Round trips for one forward pass (one decode token): the layers, plus Embedding and
         LMHead (which the merged plans fold into the first and last layer's calls)."""
-        return self.rpcs_per_layer * num_layers + (1 if self.merged else 2)
+        return self.rpcs_per_layer * num_layers + (1 if self.merged or self.private else 2)
 
 
 PLANS: dict[str, Plan] = {
@@ -99,8 +105,32 @@ PLANS: dict[str, Plan] = {
 }
 
 
+# Kept apart from PLANS: they need the local checkpoint and their own client (tee/private.py),
+# so `--plan auto` and the benchmark's plan sweep do not pick them up by accident.
+PRIVATE_PLANS: dict[str, Plan] = {
+    "private-otp": Plan(
+        "private-otp",
+        False,
+        True,
+        False,
+        4,
+        "v2-fused placement, one server: one-time-padded ring inputs, unblinding precomputed",
+        private=True,
+    ),
+    "private-2party": Plan(
+        "private-2party",
+        False,
+        True,
+        False,
+        4,
+        "v2-fused placement, two non-colluding servers: additive shares of every Linear input",
+        private=True,
+    ),
+}
+
+
 def get_plan(name: str) -> Plan:
-    try:
-        return PLANS[name]
-    except KeyError:
-        raise ValueError(f"unknown plan {name!r}; available: {', '.join(PLANS)}") from None
+    plan = PLANS.get(name) or PRIVATE_PLANS.get(name)
+    if plan is None:
+        raise ValueError(f"unknown plan {name!r}; available: {', '.join([*PLANS, *PRIVATE_PLANS])}")
+    return plan

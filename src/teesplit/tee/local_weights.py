@@ -1,0 +1,148 @@
+"""The trusted side's own copy of the checkpoint, read with numpy only (TRUSTED side).
+
+The private plans need it: the embedding lookup happens here (the GPU must not see token
+ids), the one-time pads' unblinding factors r·Wᵀ are computed from trusted weights, and the
+two-party plan subtracts the bias the second server added. The file format is read directly
+(an 8-byte header length, a JSON header, raw little-endian tensors), so neither torch nor a
+framework-specific loader is needed; bfloat16 and float16 tensors are widened to float32.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from teesplit.config import ModelConfig
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+
+# The Linear sites a forward pass of the fused v2 placement crosses, per layer, in order, and
+# the modules stacked in each (their output features concatenated).
+SITE_MODULES = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+LM_HEAD = "lm_head"  # the one site outside the layers (layer index -1)
+
+
+class LocalCheckpointError(ValueError):
+    """The local checkpoint is missing, malformed, or does not match its config."""
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file as a read-only memory map (no copy)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100 << 20:
+            raise LocalCheckpointError(f"{path}: implausible header of {n} bytes")
+        header = json.loads(f.read(n))
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(meta.get("dtype"))
+        if dtype is None:
+            raise LocalCheckpointError(f"{path}: tensor {key} has unsupported dtype {meta.get('dtype')}")
+        lo, hi = meta["data_offsets"]
+        shape = tuple(meta["shape"])
+        if hi - lo != int(np.prod(shape)) * np.dtype(dtype).itemsize or hi > data.size:
+            raise LocalCheckpointError(f"{path}: tensor {key} has inconsistent offsets")
+        out[key] = data[lo:hi].view(dtype).reshape(shape)
+    return out
+
+
+def _files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return [model_dir / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise LocalCheckpointError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+@dataclass
+class LocalWeights:
+    """float32 weights in the fused layouts the GPU server uses: per layer and site, W (N, in)."""
+
+    config: ModelConfig
+    embed: np.ndarray  # (V, E)
+    lm_head: np.ndarray  # (V, E); the embedding table itself when tied
+    weights: list[dict[str, np.ndarray]]  # per layer: site -> (N, in)
+    biases: list[dict[str, np.ndarray]]  # per layer: site -> (N,), only sites that have one
+    norms: np.ndarray  # (2L+1, E): input, post-attention for each layer, then final
+
+    def weight(self, layer: int, site: str) -> np.ndarray:
+        return self.lm_head if site == LM_HEAD else self.weights[layer][site]
+
+    def bias(self, layer: int, site: str) -> np.ndarray | None:
+        return None if site == LM_HEAD else self.biases[layer].get(site)
+
+    def sites(self) -> list[tuple[int, str]]:
+        """Every masked Linear of one forward pass, in the order the pass crosses them."""
+        return [(i, s) for i in range(self.config.num_layers) for s in SITE_MODULES] + [(-1, LM_HEAD)]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.embed, *(w for d in self.weights for w in d.values())]
+        if self.lm_head is not self.embed:
+            arrays.append(self.lm_head)
+        return sum(a.nbytes for a in arrays)
+
+
+def load_local_weights(model_dir: str | Path) -> LocalWeights:
+    """Read a Hugging Face model directory (config.json + *.safetensors) into LocalWeights."""
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    raw: dict[str, np.ndarray] = {}
+    for f in _files(model_dir):
+        raw.update(_read_safetensors(f))
+
+    def take(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        for name in (key, f"model.{key}"):
+            if name in raw:
+                t = raw[name]
+                if t.shape != shape:
+                    raise LocalCheckpointError(f"{name} has shape {t.shape}, config implies {shape}")
+                return np.asarray(t, np.float32)
+        raise LocalCheckpointError(f"the local checkpoint {model_dir} lacks {key}")
+
+    has_bias = {
+        **dict.fromkeys(("q_proj", "k_proj", "v_proj"), config.qkv_bias),
+        "o_proj": config.o_bias,
+        **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), config.mlp_bias),
+    }
+    shapes = config.linear_shapes
+    weights, biases = [], []
+    for i in range(config.num_layers):
+        w, b = {}, {}
+        for site, modules in SITE_MODULES.items():
+            prefixes = [f"layers.{i}.{_PARENT.get(m, 'mlp')}.{m}" for m in modules]
+            w[site] = np.concatenate(
+                [take(f"{p}.weight", shapes[m]) for p, m in zip(prefixes, modules, strict=True)]
+            )
+            if all(has_bias[m] for m in modules):
+                b[site] = np.concatenate(
+                    [take(f"{p}.bias", shapes[m][:1]) for p, m in zip(prefixes, modules, strict=True)]
+                )
+        weights.append(w)
+        biases.append(b)
+    V, E = config.vocab_size, config.hidden_size
+    embed = take("embed_tokens.weight", (V, E))
+    lm_head = embed if config.tie_word_embeddings else take("lm_head.weight", (V, E))
+    rows = [
+        take(f"layers.{i}.{name}.weight", (E,))
+        for i in range(config.num_layers)
+        for name in ("input_layernorm", "post_attention_layernorm")
+    ]
+    norms = np.stack([*rows, take("norm.weight", (E,))])
+    return LocalWeights(config, embed, lm_head, weights, biases, norms)
