@@ -654,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--server",
         action="append",
         default=None,
-        help="GPU server address (tcp://, ipc://, shm://NAME on this host), or 'local' to run the GPU service in this process (default "
-        f"{DEFAULT_ADDRESS}); give it twice for private-2party's two non-colluding servers",
+        help="GPU server address (tcp://, ipc://, shm://NAME on this host), or 'local' to run the GPU "
+        f"service in this process (default {DEFAULT_ADDRESS}); give it twice for private-2party's two "
+        "non-colluding servers",
     )
     g.add_argument(
         "--pad-pool",
@@ -737,7 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--server",
             default=DEFAULT_ADDRESS,
-            help="GPU server address, or 'local' to run the GPU service in this process",
+            help="GPU server address (tcp://, ipc://, shm://NAME), or 'local' to run the GPU service "
+            "in this process",
         )
         sp.add_argument("--plan", default=default_plan, help="a plan (see generate --help) or auto")
         sp.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=None)
