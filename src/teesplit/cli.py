@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from teesplit.protocol import WIRE_DTYPES, ProtocolError, RemoteError
-from teesplit.transport import GPUServerUnavailable
+from teesplit.transport import GPUServerUnavailable, LinkRefused
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
@@ -62,6 +62,7 @@ def connect_client(
     wire_dtype: str = "float32",
     device: str = "auto",
     dtype: str = "auto",
+    curve=None,
 ):
     from teesplit.tee.client import GPUClient
 
@@ -72,7 +73,21 @@ def connect_client(
         return GPUClient(LocalTransport(handler.handle), wire_dtype)
     from teesplit.transport.zmq import ZmqTransport
 
-    return GPUClient(ZmqTransport(server, timeout_s=timeout), wire_dtype)
+    return GPUClient(ZmqTransport(server, timeout_s=timeout, curve=curve), wire_dtype)
+
+
+def client_curve(args: argparse.Namespace):
+    """The runner's CurveClient from --curve-secret and --server-key (None when both are absent)."""
+    secret, server_key = getattr(args, "curve_secret", None), getattr(args, "server_key", None)
+    if secret is None and server_key is None:
+        return None
+    if secret is None or server_key is None:
+        raise ValueError(
+            "CURVE needs both --curve-secret FILE (this runner's NAME.key_secret) and --server-key FILE"
+        )
+    from teesplit.transport.curve import CurveClient
+
+    return CurveClient.from_files(secret, server_key)
 
 
 def resolve(spec: str, cache_dir: str | None) -> Path:
@@ -88,6 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from teesplit.protocol import Limits
 
     configure_logging(args.log_format)
+    curve = server_curve(args)
     model_dir = resolve(args.model, args.cache_dir)
     limits = SessionLimits(
         max_sessions=args.max_sessions,
@@ -109,8 +125,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tensor_bytes=handler.limits.max_tensor_bytes,
         max_frame_bytes=handler.max_frame_bytes,
         session_idle_timeout_s=args.session_idle_timeout,
+        curve=curve is not None,
     )
-    serve(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None)
+    serve(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None, curve=curve)
+    return 0
+
+
+def server_curve(args: argparse.Namespace):
+    """--curve-secret/--allow-keys -> CurveServer; refuse a non-loopback bind without CURVE
+    unless --insecure (anyone who reaches the port could use the server and read the link)."""
+    from teesplit.transport.curve import CurveServer, is_local_address
+
+    if (args.curve_secret is None) != (args.allow_keys is None):
+        raise ValueError(
+            "CURVE needs both --curve-secret FILE (the server's NAME.key_secret) and --allow-keys DIR"
+        )
+    if args.curve_secret is None:
+        if not is_local_address(args.bind) and not args.insecure:
+            raise ValueError(
+                f"refusing to bind {args.bind} without CURVE: anyone who reaches it could use the server "
+                "and read every tensor; pass --curve-secret FILE --allow-keys DIR (see `teesplit keys gen`), "
+                "or --insecure to accept that"
+            )
+        return None
+    return CurveServer.from_files(args.curve_secret, args.allow_keys)
+
+
+# ---- keys ------------------------------------------------------------------------------------
+def cmd_keys(args: argparse.Namespace) -> int:
+    from teesplit.transport.curve import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name)
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return 0
 
 
@@ -154,7 +200,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n_conn = 2 if args.pipeline and len(prompts) > 1 and args.server != "local" else 1
     clients = [
         connect_client(
-            args.server, model_dir, args.timeout, args.wire_dtype or "float32", args.device, args.dtype
+            args.server,
+            model_dir,
+            args.timeout,
+            args.wire_dtype or "float32",
+            args.device,
+            args.dtype,
+            curve=client_curve(args),
         )
         for _ in range(n_conn)
     ]
@@ -269,7 +321,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
     from teesplit.tee.client import GPUClient
     from teesplit.transport.zmq import ZmqTransport
 
-    client = GPUClient(ZmqTransport(args.server, timeout_s=args.timeout), retries=args.retries)
+    transport = ZmqTransport(args.server, timeout_s=args.timeout, curve=client_curve(args))
+    client = GPUClient(transport, retries=args.retries)
     try:
         rtts = sorted(client.ping() for _ in range(args.count))
         res, _ = client.call("Ping")
@@ -289,9 +342,15 @@ def free_tcp_address() -> str:
 
 
 def start_server(
-    model_dir: Path, address: str, extra: list[str] | None = None, timeout: float = 300.0, stderr=None
+    model_dir: Path,
+    address: str,
+    extra: list[str] | None = None,
+    timeout: float = 300.0,
+    stderr=None,
+    curve=None,
 ) -> subprocess.Popen:
-    """Start `teesplit serve` in a child process and wait until it answers a Ping."""
+    """Start `teesplit serve` in a child process and wait until it answers a Ping (sent with
+    the runner keys `curve` when the server requires CURVE)."""
     from teesplit.tee.client import GPUClient
     from teesplit.transport.zmq import ZmqTransport
 
@@ -307,7 +366,7 @@ def start_server(
         *(extra or []),
     ]
     proc = subprocess.Popen(cmd, stderr=stderr)
-    client = GPUClient(ZmqTransport(address, timeout_s=0.5))
+    client = GPUClient(ZmqTransport(address, timeout_s=0.5, curve=curve))
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -420,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--cache-dir", default=None, help="where converted GGUF models live (default ~/.cache/teesplit)"
         )
 
+    def curve_client_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--curve-secret", default=None, metavar="FILE", help="CurveZMQ: this runner's NAME.key_secret"
+        )
+        sp.add_argument(
+            "--server-key", default=None, metavar="FILE", help="CurveZMQ: the GPU server's public NAME.key"
+        )
+
     def device_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         sp.add_argument(
@@ -455,6 +522,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="log lines as (default %(default)s)"
+    )
+    s.add_argument(
+        "--curve-secret",
+        default=None,
+        metavar="FILE",
+        help="encrypt and authenticate the link with CurveZMQ: the server's NAME.key_secret",
+    )
+    s.add_argument(
+        "--allow-keys",
+        default=None,
+        metavar="DIR",
+        help="with --curve-secret: the directory of runner public keys (*.key) allowed to connect",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow binding a non-loopback address without CURVE (plaintext, no authentication)",
     )
     s.set_defaults(func=cmd_serve)
 
@@ -505,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="resend a request that got no reply this many times (same request id, new connection; "
         "default %(default)s)",
     )
+    curve_client_args(g)
     g.add_argument("--stats", action="store_true", help="print RPC/byte/time table to stderr")
     g.add_argument("--stats-json", default=None, metavar="FILE")
     g.set_defaults(func=cmd_generate)
@@ -524,7 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument(
         "--retries", type=_non_negative_int, default=0, help="resend an unanswered ping (default %(default)s)"
     )
+    curve_client_args(pg)
     pg.set_defaults(func=cmd_ping)
+
+    k = sub.add_parser("keys", help="CurveZMQ keys for the link")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kg = ksub.add_parser("gen", help="write DIR/NAME.key (public) and DIR/NAME.key_secret (secret)")
+    kg.add_argument("dir")
+    kg.add_argument("--name", default="teesplit", help="file name stem (default %(default)s)")
+    kg.set_defaults(func=cmd_keys)
 
     b = sub.add_parser(
         "bench", help="benchmark the plans against monolithic transformers (see --help)", add_help=False
@@ -547,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except GPUServerUnavailable as e:
+    except (GPUServerUnavailable, LinkRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RemoteError, ProtocolError) as e:

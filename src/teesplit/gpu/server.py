@@ -367,12 +367,14 @@ def serve(
     ready: threading.Event | None = None,
     session_idle_timeout_s: float | None = None,
     linger_s: float = 2.0,
+    curve=None,
 ) -> None:
     """Serve until `stop` is set or SIGINT/SIGTERM arrives (when run in the main thread).
 
     The request in flight when the signal comes is finished and answered (its reply gets up
     to `linger_s` to leave); then every session is dropped. Sessions idle for longer than
-    `session_idle_timeout_s` (None or 0: never) are dropped while serving."""
+    `session_idle_timeout_s` (None or 0: never) are dropped while serving. `curve` (a
+    `teesplit.transport.curve.CurveServer`): encrypt the link and admit only its allowed keys."""
     stop = stop or threading.Event()
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.ROUTER)
@@ -380,6 +382,10 @@ def serve(
     sock.setsockopt(zmq.MAXMSGSIZE, handler.max_frame_bytes)
     sock.setsockopt(zmq.RCVHWM, RCV_QUEUE)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a runner reconnecting under its routing id takes over
+    auth = None
+    if curve is not None:  # the ZAP handler must run before the socket accepts anyone
+        auth = curve.start_authenticator(ctx)
+        curve.apply(sock)
     sock.bind(address)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -410,6 +416,8 @@ def serve(
     finally:
         dropped = handler.drop_sessions("shutdown")
         sock.close(linger=int(linger_s * 1000))  # let the last reply leave
+        if auth is not None:
+            auth.stop()
         log_event(
             "server_stop",
             f"server on {address} stopped after {handler.served} requests ({handler.errors} errors, "
