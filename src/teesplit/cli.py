@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from teesplit.protocol import WIRE_DTYPES, ProtocolError, RemoteError
+from teesplit.tee.checkpoint import IntegrityError
 from teesplit.transport import GPUServerUnavailable, LinkRefused
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -63,17 +64,20 @@ def connect_client(
     device: str = "auto",
     dtype: str = "auto",
     curve=None,
+    make_client=None,
 ):
+    """`make_client(transport, wire_dtype)`: the client class to use (default GPUClient)."""
     from teesplit.tee.client import GPUClient
 
+    make_client = make_client or GPUClient
     if server == "local":
         from teesplit.transport.local import LocalTransport
 
         handler, _ = build_service(model_dir, device, dtype, progress=False)
-        return GPUClient(LocalTransport(handler.handle), wire_dtype)
+        return make_client(LocalTransport(handler.handle), wire_dtype)
     from teesplit.transport.zmq import ZmqTransport
 
-    return GPUClient(ZmqTransport(server, timeout_s=timeout, curve=curve), wire_dtype)
+    return make_client(ZmqTransport(server, timeout_s=timeout, curve=curve), wire_dtype)
 
 
 def client_curve(args: argparse.Namespace):
@@ -151,6 +155,13 @@ def server_curve(args: argparse.Namespace):
     return CurveServer.from_files(args.curve_secret, args.allow_keys)
 
 
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from teesplit.tee.checkpoint import write_manifest
+
+    sys.stdout.write(write_manifest(resolve(args.model, args.cache_dir)))
+    return 0
+
+
 # ---- keys ------------------------------------------------------------------------------------
 def cmd_keys(args: argparse.Namespace) -> int:
     from teesplit.transport.curve import generate_keys
@@ -191,6 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params.validate()
     texts = read_prompts(args)
     model_dir = resolve(args.model, args.cache_dir)
+    make_client = trusted_client_factory(args, model_dir, plan)
     tokenizer = Tokenizer.from_dir(model_dir)
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
@@ -207,6 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             args.device,
             args.dtype,
             curve=client_curve(args),
+            make_client=make_client,
         )
         for _ in range(n_conn)
     ]
@@ -231,6 +244,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         for c in clients:
             c.close()
+    verifier = getattr(clients[0], "verifier", None)
+    if verifier is not None:
+        v = verifier.stats
+        results[0].stats["verify"] = {
+            "checks": v.checks,
+            "by_op": dict(sorted(v.by_op.items())),
+            "check_s": v.check_s,
+            "setup_s": v.setup_s,
+            "fingerprint_bytes": v.fingerprint_bytes,
+        }
     if args.stats:
         print(format_stats(results[0].stats), file=sys.stderr)
     if args.stats_json:
@@ -241,6 +264,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         Path(args.stats_json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def trusted_client_factory(args: argparse.Namespace, model_dir: Path, plan):
+    """The runner's own checkpoint in charge: check pinned hashes, then build clients that take
+    norm weights and RoPE parameters from it (refusing an Init that differs) and, with --verify,
+    check every GPU result. None when the local model directory holds no weights (tokenizer
+    only): then the server's Init is taken unchecked, and pins and --verify are refused."""
+    from functools import partial
+
+    from teesplit.tee.checkpoint import TrustedCheckpoint, check_pins
+
+    pinned = args.weights_sha256 is not None or args.weights_manifest is not None
+    if not TrustedCheckpoint.available(model_dir):
+        if pinned or args.verify:
+            raise ValueError(
+                f"{model_dir} holds no weights (*.safetensors): --verify and weight pins need the checkpoint "
+                "on the runner"
+            )
+        print(
+            f"warning: {model_dir} holds no weights; norm weights and RoPE parameters come from the GPU "
+            "server unchecked",
+            file=sys.stderr,
+        )
+        return None
+    if pinned:
+        manifest = Path(args.weights_manifest) if args.weights_manifest else None
+        names = check_pins(model_dir, args.weights_sha256, manifest)
+        print(f"checkpoint pinned: {', '.join(names)} match", file=sys.stderr)
+    if args.verify:
+        from teesplit.tee.verify import VERIFIED_PLANS
+
+        if plan is None or plan.name not in VERIFIED_PLANS:
+            raise ValueError(f"--verify supports --plan {', '.join(VERIFIED_PLANS)}")
+        if args.wire_dtype not in (None, "float32"):
+            raise ValueError("--verify needs float32 on the wire: drop --wire-dtype")
+    from teesplit.tee.verify import CheckedClient
+
+    def progress(i: int, n: int) -> None:
+        if i == 0:
+            print(f"verify: fingerprinting {n} layers of {model_dir.name} ...", file=sys.stderr)
+
+    checkpoint = TrustedCheckpoint(model_dir)
+    return partial(CheckedClient, checkpoint=checkpoint, verify=args.verify, progress=progress)
 
 
 def _choose_plan(models, prompts, params, wire_dtype: str | None) -> None:
@@ -590,6 +656,25 @@ def build_parser() -> argparse.ArgumentParser:
         "default %(default)s)",
     )
     curve_client_args(g)
+    g.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every GPU result with Freivalds fingerprints of the local checkpoint; a failed "
+        "check stops the generation with IntegrityError (plans v3, v2, v3-fused, v2-fused)",
+    )
+    g.add_argument(
+        "--weights-sha256",
+        default=None,
+        metavar="HEX",
+        help="refuse a local single-file checkpoint whose sha256 differs",
+    )
+    g.add_argument(
+        "--weights-manifest",
+        default=None,
+        metavar="FILE",
+        help="refuse a local checkpoint whose files differ from FILE (sha256sum format; "
+        "`teesplit manifest DIR` writes one)",
+    )
     g.add_argument("--stats", action="store_true", help="print RPC/byte/time table to stderr")
     g.add_argument("--stats-json", default=None, metavar="FILE")
     g.set_defaults(func=cmd_generate)
@@ -611,6 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     curve_client_args(pg)
     pg.set_defaults(func=cmd_ping)
+
+    mf = sub.add_parser(
+        "manifest", help="print sha256 pins of a model directory's files (--weights-manifest)"
+    )
+    model_args(mf)
+    mf.set_defaults(func=cmd_manifest)
 
     k = sub.add_parser("keys", help="CurveZMQ keys for the link")
     ksub = k.add_subparsers(dest="keys_command", required=True)
@@ -646,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RemoteError, ProtocolError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 3
+    except IntegrityError as e:  # a result failed its check, or Init differs from the checkpoint
+        print(f"\nerror: IntegrityError: {e}", file=sys.stderr)
+        return 4
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

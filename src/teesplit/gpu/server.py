@@ -256,7 +256,7 @@ class RequestHandler:
             result = {**result, "version": PROTOCOL_VERSION, "max_message_bytes": self.max_frame_bytes}
             return result, tensors, dt
         if op == "OpenSession":
-            result = s.open_session(args["batch"], args["max_tokens"])
+            result = s.open_session(args["batch"], args["max_tokens"], args.get("f32", False))
             log_event(
                 "session_open",
                 sid=result["sid"],
@@ -281,6 +281,15 @@ class RequestHandler:
             if wire not in WIRE_DTYPES:
                 raise ProtocolError(f"{op}: dtype must be one of {WIRE_DTYPES}", "bad_args")
         session = s.session(sid) if sid is not None and op in SESSION_USERS else None
+        s.exact = args.get("f32", False)  # float32 results for the runner's --verify
+        try:
+            out = self._compute(op, args, t, session)
+        finally:
+            s.exact = False
+        return {}, reply_tensors(out, wire), time.perf_counter() - t0
+
+    def _compute(self, op: str, args: dict[str, Any], t: list, session) -> Any:
+        s = self.service
         if op == "Embedding":
             out = s.embedding(t[0])
         elif op == "Linear":
@@ -311,7 +320,7 @@ class RequestHandler:
             out = s.attn_out_gate_up(session, args["layer"], t[0], t[1])
         else:  # validate_request only admits known ops; this guards a missing branch
             raise ProtocolError(f"operation {op!r} is not implemented by this server", "unknown_op")
-        return {}, reply_tensors(out, wire), time.perf_counter() - t0
+        return out
 
 
 def reply_tensors(out: torch.Tensor | TopK | tuple, wire: str) -> list:
