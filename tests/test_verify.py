@@ -138,10 +138,9 @@ def _cli(*args, timeout=600):
 def test_lying_server_process_is_caught(smollm2_dir, tmp_path, plan, mode, op, nth, where):
     """A real server process lies once, in the second decode step; the runner (the real CLI)
     stops with IntegrityError, exit status 4, having printed only the verified tokens."""
-    args = ["--model", str(smollm2_dir), "--prompt", "Name a colour.", "--chat", "--max-new-tokens", "6"]
+    args = ["--model", str(smollm2_dir), "--prompt", "Name a colour.", "--chat", "--max-new-tokens", "4"]
     args += ["--plan", plan, "--verify"]
-    honest = _cli("generate", "--server", "local", "--device", "cpu", *args)
-    assert honest.returncode == 0, honest.stderr
+    honest = _honest_text(smollm2_dir, plan, args)
     address = free_tcp_address()
     script = Path(__file__).parent / "lying_server.py"
     cmd = [sys.executable, str(script), str(smollm2_dir), address, mode, op, str(nth)]
@@ -156,6 +155,18 @@ def test_lying_server_process_is_caught(smollm2_dir, tmp_path, plan, mode, op, n
     printed = r.stdout.rstrip("\n")
     assert printed and honest.stdout.startswith(printed)  # only verified tokens: two of them
     assert len(printed) < len(honest.stdout.rstrip("\n"))
+
+
+_HONEST: dict[str, str] = {}
+
+
+def _honest_text(smollm2_dir, plan, args) -> subprocess.CompletedProcess:
+    """The verified output of an honest in-process run (float32: the same tokens as the server's)."""
+    if plan not in _HONEST:
+        r = _cli("generate", "--server", "local", "--device", "cpu", "--dtype", "float32", *args)
+        assert r.returncode == 0, r.stderr
+        _HONEST[plan] = r
+    return _HONEST[plan]
 
 
 def _wait_ready(address, proc, timeout=120.0):

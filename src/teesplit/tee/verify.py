@@ -117,15 +117,23 @@ class LinearPrint:
         rho = np.concatenate([by_vector(p.rho, p) for p in parts], axis=1).reshape(-1)
         return cls(np.concatenate([p.Rb for p in parts], axis=1), idx, F, c, rho, N)
 
-    def ry(self, y2: np.ndarray) -> np.ndarray:
-        """R' y for rows y2 (M, N) -> (M, n * nb)."""
-        yp = np.concatenate([y2, np.zeros((y2.shape[0], 1))], axis=1)[:, self.idx]  # (M, nb, BLOCK)
-        return np.einsum("mbk,ibk->mib", yp, self.Rb).reshape(y2.shape[0], -1)
+    def _blocks(self, y2: np.ndarray) -> np.ndarray:
+        """Rows y2 (M, N) -> (nb, M, BLOCK), padded with zeros."""
+        if self.idx.size == self.N:  # N a multiple of BLOCK: a view, no gather
+            return y2.reshape(y2.shape[0], -1, self.idx.shape[1]).transpose(1, 0, 2)
+        return np.concatenate([y2, np.zeros((y2.shape[0], 1))], axis=1)[:, self.idx].transpose(1, 0, 2)
 
-    def ry_abs(self, y2: np.ndarray) -> np.ndarray:
+    def ry(self, y2: np.ndarray, yb: np.ndarray | None = None) -> np.ndarray:
+        """R' y for rows y2 (M, N) -> (M, n * nb), as one batched product per block."""
+        yb = self._blocks(y2) if yb is None else yb
+        out = np.matmul(yb, self.Rb.transpose(1, 2, 0))  # (nb, M, n)
+        return out.transpose(1, 2, 0).reshape(y2.shape[0], -1)
+
+    def ry_abs(self, y2: np.ndarray, yb: np.ndarray | None = None) -> np.ndarray:
         """‖R' ⊙ y‖ per row and vector: (M, n * nb)."""
-        yp = np.concatenate([y2, np.zeros((y2.shape[0], 1))], axis=1)[:, self.idx]
-        return np.sqrt(np.einsum("mbk,ibk->mib", yp * yp, self.Rb * self.Rb).reshape(y2.shape[0], -1))
+        yb = self._blocks(y2) if yb is None else yb
+        out = np.matmul(yb * yb, (self.Rb * self.Rb).transpose(1, 2, 0))
+        return np.sqrt(out.transpose(1, 2, 0).reshape(y2.shape[0], -1))
 
     @property
     def nbytes(self) -> int:
@@ -155,10 +163,11 @@ def check_linear(fp: LinearPrint, x: np.ndarray, y: np.ndarray, op: str, layer: 
     y2 = y.reshape(-1, N).astype(np.float64)
     if not np.isfinite(y2).all():
         raise IntegrityError(f"{op}" + (f" of layer {layer}" if layer is not None else "") + ": NaN or Inf")
-    lhs = fp.ry(y2)  # (M, vectors)
+    yb = fp._blocks(y2)
+    lhs = fp.ry(y2, yb)  # (M, vectors)
     rhs = x2 @ fp.F.T + fp.c
     xn = np.sqrt(np.einsum("mk,mk->m", x2, x2))[:, None]
-    tol = LAMBDA["linear"] * U32 * (xn * fp.rho + fp.ry_abs(y2))
+    tol = LAMBDA["linear"] * U32 * (xn * fp.rho + fp.ry_abs(y2, yb))
     diff = lhs - rhs
     _require(np.abs(diff) <= tol, op, layer, "rᵀy against (rᵀW)x", diff, tol)
 
