@@ -2,8 +2,10 @@
 
 `teesplit generate --verify`. Per process the runner draws secret Gaussian vectors and, from
 its own copy of the checkpoint (tee/checkpoint.py), computes fingerprints of every weight the
-GPU uses: for a Linear y = W x + b with W (N, K), R (n, N) secret and F = R W (n, K), c = R b.
-A returned y is accepted when, for every row and every one of the n vectors,
+GPU uses: for a Linear y = W x + b with W (N, K), R (n, N) secret and F = R W (n, K), c = R b
+(each vector is cut into blocks of BLOCK outputs with their own fingerprint, see LinearPrint,
+so R_i below stands for one vector on one block). A returned y is accepted when, for every
+row and every vector,
 
     |R_i · y - (F_i · x + c_i)|  <=  tol_i = λ u (ρ_i ‖x‖ + ‖R_i ⊙ y‖),   ρ_i² = Σ_n R_in² ‖W_n‖²
 
@@ -13,8 +15,8 @@ exactly and returns float32, so a bfloat16 server's honest result differs from t
 product of the same bfloat16-valued weights only by float32 accumulation). ρ_i ‖x‖ bounds the
 spread of R_i · e for per-output accumulation errors e_n of size ≲ u ‖W_n‖ ‖x‖ (blocked and
 pairwise sums, as BLAS and GPU GEMMs use, stay well inside that) that are independent across
-outputs; ‖R_i ⊙ y‖ covers the rounding of the output and the bias add. λ = LAMBDA was set
-with a wide margin over the largest ratio measured on honest results (tests/test_verify.py).
+outputs; ‖R_i ⊙ y‖ covers the rounding of the output and the bias add. λ (LAMBDA) is about
+ten times the largest ratio measured on honest results (tests/test_verify_stats.py).
 
 A lie δ passes one vector with probability P(|R_i · δ| < tol_i) ≈ 0.8 tol_i / ‖δ‖ (Gaussian R:
 the same for every direction of δ, so a liar cannot aim at a blind spot), and all n with the
@@ -30,9 +32,12 @@ Which results are checked, and how:
 - v3-fused, the GPU-side K/V cache: per session secret weights ρ_ij per position; the runner
   keeps K̃_i = Σ_j ρ_ij k_j per layer, row and KV head (updated with each new key it sends), and
   checks Σ_j ρ_ij s_j = q · K̃_i: O(context + head_dim) per head. For PV fused with o_proj,
-  R_i · (o - b_o) = Σ_h Σ_j p_hj g_ihj with g_ihj = <u_ih, x_j> + c_ih, u_ih = W_v,hᵀ (W_oᵀ R_i)_h
-  folding the V projection and o_proj; g is computed when x_j goes to the QKV call (the v it
-  makes never comes back), so the check is O(heads x context).
+  R_i · (o - b_o) = Σ_h Σ_j p_hj g_ihj with g_ihj = (W_oᵀ R_i)_h · v_j: under f32 the session's
+  QKV call returns v too, checked with q|k against the q|k|v fingerprint, and g is kept per
+  position, so the check is O(heads x context). (Folding W_v instead, u_ih = W_v,hᵀ (W_oᵀ R_i)_h
+  against the QKV input x_j, gives the same value without v on the wire, but leaves v's own
+  rounding and its norm unknown, and the tolerance tens of times looser: a 1e-3 change of the
+  largest output then went unnoticed about once in a hundred.)
 
 A failed check raises IntegrityError naming the operation and the layer; the generation
 stops before the result is used, so no token computed from it is ever emitted.
