@@ -45,6 +45,7 @@ stops before the result is used, so no token computed from it is ever emitted.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,14 @@ class LinearPrint:
         rho = np.concatenate([by_vector(p.rho, p) for p in parts], axis=1).reshape(-1)
         return cls(np.concatenate([p.Rb for p in parts], axis=1), idx, F, c, rho, N)
 
+    @functools.cached_property
+    def _RbT(self) -> np.ndarray:
+        return np.ascontiguousarray(self.Rb.transpose(1, 2, 0))  # (nb, BLOCK, n)
+
+    @functools.cached_property
+    def _Rb2T(self) -> np.ndarray:
+        return np.ascontiguousarray((self.Rb * self.Rb).transpose(1, 2, 0))
+
     def _blocks(self, y2: np.ndarray) -> np.ndarray:
         """Rows y2 (M, N) -> (nb, M, BLOCK), padded with zeros."""
         if self.idx.size == self.N:  # N a multiple of BLOCK: a view, no gather
@@ -131,18 +140,19 @@ class LinearPrint:
     def ry(self, y2: np.ndarray, yb: np.ndarray | None = None) -> np.ndarray:
         """R' y for rows y2 (M, N) -> (M, n * nb), as one batched product per block."""
         yb = self._blocks(y2) if yb is None else yb
-        out = np.matmul(yb, self.Rb.transpose(1, 2, 0))  # (nb, M, n)
+        out = np.matmul(yb, self._RbT)  # (nb, M, n)
         return out.transpose(1, 2, 0).reshape(y2.shape[0], -1)
 
     def ry_abs(self, y2: np.ndarray, yb: np.ndarray | None = None) -> np.ndarray:
         """‖R' ⊙ y‖ per row and vector: (M, n * nb)."""
         yb = self._blocks(y2) if yb is None else yb
-        out = np.matmul(yb * yb, (self.Rb * self.Rb).transpose(1, 2, 0))
+        out = np.matmul(yb * yb, self._Rb2T)
         return np.sqrt(out.transpose(1, 2, 0).reshape(y2.shape[0], -1))
 
     @property
     def nbytes(self) -> int:
-        return self.Rb.nbytes + self.idx.nbytes + self.F.nbytes + self.c.nbytes + self.rho.nbytes
+        # Rb three times: as drawn, and transposed (and squared) for the checks
+        return 3 * self.Rb.nbytes + self.idx.nbytes + self.F.nbytes + self.c.nbytes + self.rho.nbytes
 
 
 def _fail(op: str, layer: int | None, what: str, diff: np.ndarray, tol: np.ndarray) -> IntegrityError:
