@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from teesplit.protocol import WIRE_DTYPES, ProtocolError, RemoteError
-from teesplit.transport import GPUServerUnavailable
+from teesplit.tee.checkpoint import IntegrityError
+from teesplit.transport import GPUServerUnavailable, LinkRefused
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
@@ -62,26 +63,47 @@ def connect_client(
     wire_dtype: str = "float32",
     device: str = "auto",
     dtype: str = "auto",
+    curve=None,
+    make_client=None,
 ):
+    """`make_client(transport, wire_dtype)`: the client class to use (default GPUClient)."""
     from teesplit.tee.client import GPUClient
 
+    make_client = make_client or GPUClient
     if server == "local":
         from teesplit.transport.local import LocalTransport
 
         handler, _ = build_service(model_dir, device, dtype, progress=False)
-        return GPUClient(LocalTransport(handler.handle), wire_dtype)
-    return GPUClient(open_transport(server, timeout), wire_dtype)
+        return make_client(LocalTransport(handler.handle), wire_dtype)
+    return make_client(open_transport(server, timeout, curve), wire_dtype)
 
 
-def open_transport(address: str, timeout: float):
-    """The transport for a server address: shm://NAME (same host), else tcp:// or ipc://."""
+def open_transport(address: str, timeout: float, curve=None):
+    """The transport for a server address: shm://NAME (same host), else tcp:// or ipc://
+    (with the runner's CURVE keys `curve`, if any)."""
     if address.startswith("shm://"):
         from teesplit.transport.shm import ShmTransport
 
+        if curve is not None:
+            raise ValueError("CURVE secures tcp:// and ipc:// links; shm:// never leaves this host")
         return ShmTransport(address, timeout_s=timeout)
     from teesplit.transport.zmq import ZmqTransport
 
-    return ZmqTransport(address, timeout_s=timeout)
+    return ZmqTransport(address, timeout_s=timeout, curve=curve)
+
+
+def client_curve(args: argparse.Namespace):
+    """The runner's CurveClient from --curve-secret and --server-key (None when both are absent)."""
+    secret, server_key = getattr(args, "curve_secret", None), getattr(args, "server_key", None)
+    if secret is None and server_key is None:
+        return None
+    if secret is None or server_key is None:
+        raise ValueError(
+            "CURVE needs both --curve-secret FILE (this runner's NAME.key_secret) and --server-key FILE"
+        )
+    from teesplit.transport.curve import CurveClient
+
+    return CurveClient.from_files(secret, server_key)
 
 
 def resolve(spec: str, cache_dir: str | None) -> Path:
@@ -97,6 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from teesplit.protocol import Limits
 
     configure_logging(args.log_format)
+    curve = server_curve(args)
     model_dir = resolve(args.model, args.cache_dir)
     limits = SessionLimits(
         max_sessions=args.max_sessions,
@@ -118,8 +141,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tensor_bytes=handler.limits.max_tensor_bytes,
         max_frame_bytes=handler.max_frame_bytes,
         session_idle_timeout_s=args.session_idle_timeout,
+        curve=curve is not None,
     )
-    if args.bind.startswith("shm://"):
+    if args.bind.startswith("shm://"):  # same host, no link to secure (server_curve refused CURVE)
         from teesplit.gpu.shm_server import serve_shm
 
         try:
@@ -127,7 +151,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as e:  # the name is taken: another server listens there
             raise SystemExit(f"error: {e}") from None
         return 0
-    serve(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None)
+    serve(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None, curve=curve)
+    return 0
+
+
+def server_curve(args: argparse.Namespace):
+    """--curve-secret/--allow-keys -> CurveServer; refuse a non-loopback bind without CURVE
+    unless --insecure (anyone who reaches the port could use the server and read the link)."""
+    from teesplit.transport.curve import CurveServer, is_local_address
+
+    if (args.curve_secret is None) != (args.allow_keys is None):
+        raise ValueError(
+            "CURVE needs both --curve-secret FILE (the server's NAME.key_secret) and --allow-keys DIR"
+        )
+    if args.bind.startswith("shm://"):
+        if args.curve_secret is not None:
+            raise ValueError("CURVE secures tcp:// and ipc:// links; shm:// never leaves this host")
+        return None
+    if args.curve_secret is None:
+        if not is_local_address(args.bind) and not args.insecure:
+            raise ValueError(
+                f"refusing to bind {args.bind} without CURVE: anyone who reaches it could use the server "
+                "and read every tensor; pass --curve-secret FILE --allow-keys DIR (see `teesplit keys gen`), "
+                "or --insecure to accept that"
+            )
+        return None
+    return CurveServer.from_files(args.curve_secret, args.allow_keys)
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from teesplit.tee.checkpoint import write_manifest
+
+    sys.stdout.write(write_manifest(resolve(args.model, args.cache_dir)))
+    return 0
+
+
+# ---- keys ------------------------------------------------------------------------------------
+def cmd_keys(args: argparse.Namespace) -> int:
+    from teesplit.transport.curve import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name)
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return 0
 
 
@@ -162,6 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params.validate()
     texts = read_prompts(args)
     model_dir = resolve(args.model, args.cache_dir)
+    make_client = trusted_client_factory(args, model_dir, plan)
     tokenizer = Tokenizer.from_dir(model_dir)
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
@@ -177,7 +242,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Pipelining needs a second connection to a server process; in-process there is nothing to overlap.
     n_conn = 2 if args.pipeline and len(prompts) > 1 and args.server != "local" and not private else 1
     clients = [
-        connect_client(server, model_dir, args.timeout, args.wire_dtype or "float32", args.device, args.dtype)
+        connect_client(
+            server,
+            model_dir,
+            args.timeout,
+            args.wire_dtype or "float32",
+            args.device,
+            args.dtype,
+            curve=client_curve(args),
+            make_client=make_client,
+        )
         for server in (servers if private else [args.server] * n_conn)
     ]
     for c in clients:
@@ -210,6 +284,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             c.close()
     if private_gpu is not None and hasattr(private_gpu, "pool"):
         results[0].stats["pads"] = private_gpu.pool.stats()  # the trusted side's offline cost
+    verifier = getattr(clients[0], "verifier", None)
+    if verifier is not None:
+        v = verifier.stats
+        results[0].stats["verify"] = {
+            "checks": v.checks,
+            "by_op": dict(sorted(v.by_op.items())),
+            "check_s": v.check_s,
+            "setup_s": v.setup_s,
+            "fingerprint_bytes": v.fingerprint_bytes,
+        }
     if args.stats:
         print(format_stats(results[0].stats), file=sys.stderr)
     if args.stats_json:
@@ -232,6 +316,49 @@ def _servers(args: argparse.Namespace, plan) -> list[str]:
         raise ValueError(f"plan {args.plan} talks to one GPU server; --server was given {len(servers)} times")
     args.server = servers[0]
     return servers
+
+
+def trusted_client_factory(args: argparse.Namespace, model_dir: Path, plan):
+    """The runner's own checkpoint in charge: check pinned hashes, then build clients that take
+    norm weights and RoPE parameters from it (refusing an Init that differs) and, with --verify,
+    check every GPU result. None when the local model directory holds no weights (tokenizer
+    only): then the server's Init is taken unchecked, and pins and --verify are refused."""
+    from functools import partial
+
+    from teesplit.tee.checkpoint import TrustedCheckpoint, check_pins
+
+    pinned = args.weights_sha256 is not None or args.weights_manifest is not None
+    if not TrustedCheckpoint.available(model_dir):
+        if pinned or args.verify:
+            raise ValueError(
+                f"{model_dir} holds no weights (*.safetensors): --verify and weight pins need the checkpoint "
+                "on the runner"
+            )
+        print(
+            f"warning: {model_dir} holds no weights; norm weights and RoPE parameters come from the GPU "
+            "server unchecked",
+            file=sys.stderr,
+        )
+        return None
+    if pinned:
+        manifest = Path(args.weights_manifest) if args.weights_manifest else None
+        names = check_pins(model_dir, args.weights_sha256, manifest)
+        print(f"checkpoint pinned: {', '.join(names)} match", file=sys.stderr)
+    if args.verify:
+        from teesplit.tee.verify import VERIFIED_PLANS
+
+        if plan is None or plan.name not in VERIFIED_PLANS:
+            raise ValueError(f"--verify supports --plan {', '.join(VERIFIED_PLANS)}")
+        if args.wire_dtype not in (None, "float32"):
+            raise ValueError("--verify needs float32 on the wire: drop --wire-dtype")
+    from teesplit.tee.verify import CheckedClient
+
+    def progress(i: int, n: int) -> None:
+        if i == 0:
+            print(f"verify: fingerprinting {n} layers of {model_dir.name} ...", file=sys.stderr)
+
+    checkpoint = TrustedCheckpoint(model_dir)
+    return partial(CheckedClient, checkpoint=checkpoint, verify=args.verify, progress=progress)
 
 
 def _choose_plan(models, prompts, params, wire_dtype: str | None) -> None:
@@ -317,7 +444,7 @@ def _human(n: float) -> str:
 def cmd_ping(args: argparse.Namespace) -> int:
     from teesplit.tee.client import GPUClient
 
-    client = GPUClient(open_transport(args.server, args.timeout), retries=args.retries)
+    client = GPUClient(open_transport(args.server, args.timeout, client_curve(args)), retries=args.retries)
     try:
         rtts = sorted(client.ping() for _ in range(args.count))
         res, _ = client.call("Ping")
@@ -337,9 +464,15 @@ def free_tcp_address() -> str:
 
 
 def start_server(
-    model_dir: Path, address: str, extra: list[str] | None = None, timeout: float = 300.0, stderr=None
+    model_dir: Path,
+    address: str,
+    extra: list[str] | None = None,
+    timeout: float = 300.0,
+    stderr=None,
+    curve=None,
 ) -> subprocess.Popen:
-    """Start `teesplit serve` in a child process and wait until it answers a Ping."""
+    """Start `teesplit serve` in a child process and wait until it answers a Ping (sent with
+    the runner keys `curve` when the server requires CURVE)."""
     from teesplit.tee.client import GPUClient
 
     cmd = [
@@ -354,7 +487,7 @@ def start_server(
         *(extra or []),
     ]
     proc = subprocess.Popen(cmd, stderr=stderr)
-    client = GPUClient(open_transport(address, 0.5))
+    client = GPUClient(open_transport(address, 0.5, curve))
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -605,6 +738,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--cache-dir", default=None, help="where converted GGUF models live (default ~/.cache/teesplit)"
         )
 
+    def curve_client_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--curve-secret", default=None, metavar="FILE", help="CurveZMQ: this runner's NAME.key_secret"
+        )
+        sp.add_argument(
+            "--server-key", default=None, metavar="FILE", help="CurveZMQ: the GPU server's public NAME.key"
+        )
+
     def device_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         sp.add_argument(
@@ -644,6 +785,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="log lines as (default %(default)s)"
+    )
+    s.add_argument(
+        "--curve-secret",
+        default=None,
+        metavar="FILE",
+        help="encrypt and authenticate the link with CurveZMQ: the server's NAME.key_secret",
+    )
+    s.add_argument(
+        "--allow-keys",
+        default=None,
+        metavar="DIR",
+        help="with --curve-secret: the directory of runner public keys (*.key) allowed to connect",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow binding a non-loopback address without CURVE (plaintext, no authentication)",
     )
     s.set_defaults(func=cmd_serve)
 
@@ -705,6 +863,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="resend a request that got no reply this many times (same request id, new connection; "
         "default %(default)s)",
     )
+    curve_client_args(g)
+    g.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every GPU result with Freivalds fingerprints of the local checkpoint; a failed "
+        "check stops the generation with IntegrityError (plans v3, v2, v3-fused, v2-fused)",
+    )
+    g.add_argument(
+        "--weights-sha256",
+        default=None,
+        metavar="HEX",
+        help="refuse a local single-file checkpoint whose sha256 differs",
+    )
+    g.add_argument(
+        "--weights-manifest",
+        default=None,
+        metavar="FILE",
+        help="refuse a local checkpoint whose files differ from FILE (sha256sum format; "
+        "`teesplit manifest DIR` writes one)",
+    )
     g.add_argument("--stats", action="store_true", help="print RPC/byte/time table to stderr")
     g.add_argument("--stats-json", default=None, metavar="FILE")
     g.set_defaults(func=cmd_generate)
@@ -724,7 +902,21 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument(
         "--retries", type=_non_negative_int, default=0, help="resend an unanswered ping (default %(default)s)"
     )
+    curve_client_args(pg)
     pg.set_defaults(func=cmd_ping)
+
+    mf = sub.add_parser(
+        "manifest", help="print sha256 pins of a model directory's files (--weights-manifest)"
+    )
+    model_args(mf)
+    mf.set_defaults(func=cmd_manifest)
+
+    k = sub.add_parser("keys", help="CurveZMQ keys for the link")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kg = ksub.add_parser("gen", help="write DIR/NAME.key (public) and DIR/NAME.key_secret (secret)")
+    kg.add_argument("dir")
+    kg.add_argument("--name", default="teesplit", help="file name stem (default %(default)s)")
+    kg.set_defaults(func=cmd_keys)
 
     b = sub.add_parser(
         "bench", help="benchmark the plans against monolithic transformers (see --help)", add_help=False
@@ -789,12 +981,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except GPUServerUnavailable as e:
+    except (GPUServerUnavailable, LinkRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RemoteError, ProtocolError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 3
+    except IntegrityError as e:  # a result failed its check, or Init differs from the checkpoint
+        print(f"\nerror: IntegrityError: {e}", file=sys.stderr)
+        return 4
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

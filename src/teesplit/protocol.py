@@ -132,6 +132,13 @@ OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
     "AttnOutGateUp": (_LAYER, (2, 2)),
     "RingLinear": ({"layer": (int, True), "site": (str, True)}, (1, 1)),
 }
+# `f32: true` (runner --verify): compute in float32 from the compute-dtype weights and return
+# float32, so the only honest difference from the exact product is float32 accumulation error
+# (a bfloat16 result would hide a 1e-3 change below its own rounding). OpenSession with f32
+# keeps the session's K/V cache in float32, and QKV with a session and f32 returns v too.
+F32_OPS = ("Embedding", "Linear", "Matmul", "LMHead", "QKV", "GateUp", "AttnScores", "AttnOut", "OpenSession")
+for _op in F32_OPS:
+    OPS[_op] = ({**OPS[_op][0], "f32": (bool, False)}, OPS[_op][1])
 # Operations that need a session id; QKV, EmbedQKV and DownQKV take one optionally.
 SESSION_OPS = ("AttnScores", "AttnOut", "AttnOutGateUp", "CloseSession")
 

@@ -256,7 +256,7 @@ class RequestHandler:
             result = {**result, "version": PROTOCOL_VERSION, "max_message_bytes": self.max_frame_bytes}
             return result, tensors, dt
         if op == "OpenSession":
-            result = s.open_session(args["batch"], args["max_tokens"])
+            result = s.open_session(args["batch"], args["max_tokens"], args.get("f32", False))
             log_event(
                 "session_open",
                 sid=result["sid"],
@@ -284,6 +284,15 @@ class RequestHandler:
             if wire not in WIRE_DTYPES:
                 raise ProtocolError(f"{op}: dtype must be one of {WIRE_DTYPES}", "bad_args")
         session = s.session(sid) if sid is not None and op in SESSION_USERS else None
+        s.exact = args.get("f32", False)  # float32 results for the runner's --verify
+        try:
+            out = self._compute(op, args, t, session)
+        finally:
+            s.exact = False
+        return {}, reply_tensors(out, wire), time.perf_counter() - t0
+
+    def _compute(self, op: str, args: dict[str, Any], t: list, session) -> Any:
+        s = self.service
         if op == "Embedding":
             out = s.embedding(t[0])
         elif op == "Linear":
@@ -314,7 +323,7 @@ class RequestHandler:
             out = s.attn_out_gate_up(session, args["layer"], t[0], t[1])
         else:  # validate_request only admits known ops; this guards a missing branch
             raise ProtocolError(f"operation {op!r} is not implemented by this server", "unknown_op")
-        return {}, reply_tensors(out, wire), time.perf_counter() - t0
+        return out
 
 
 def reply_tensors(out: torch.Tensor | TopK | tuple, wire: str) -> list:
@@ -370,12 +379,14 @@ def serve(
     ready: threading.Event | None = None,
     session_idle_timeout_s: float | None = None,
     linger_s: float = 2.0,
+    curve=None,
 ) -> None:
     """Serve until `stop` is set or SIGINT/SIGTERM arrives (when run in the main thread).
 
     The request in flight when the signal comes is finished and answered (its reply gets up
     to `linger_s` to leave); then every session is dropped. Sessions idle for longer than
-    `session_idle_timeout_s` (None or 0: never) are dropped while serving."""
+    `session_idle_timeout_s` (None or 0: never) are dropped while serving. `curve` (a
+    `teesplit.transport.curve.CurveServer`): encrypt the link and admit only its allowed keys."""
     stop = stop or threading.Event()
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.ROUTER)
@@ -383,6 +394,10 @@ def serve(
     sock.setsockopt(zmq.MAXMSGSIZE, handler.max_frame_bytes)
     sock.setsockopt(zmq.RCVHWM, RCV_QUEUE)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a runner reconnecting under its routing id takes over
+    auth = None
+    if curve is not None:  # the ZAP handler must run before the socket accepts anyone
+        auth = curve.start_authenticator(ctx)
+        curve.apply(sock)
     sock.bind(address)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -413,6 +428,8 @@ def serve(
     finally:
         dropped = handler.drop_sessions("shutdown")
         sock.close(linger=int(linger_s * 1000))  # let the last reply leave
+        if auth is not None:
+            auth.stop()
         log_event(
             "server_stop",
             f"server on {address} stopped after {handler.served} requests ({handler.errors} errors, "

@@ -77,8 +77,9 @@ class SessionLimits:
 class Session:
     """One runner's GPU-side state: rotated K and V for every layer, row lengths per layer."""
 
-    def __init__(self, sid: int, batch: int, max_tokens: int, num_layers: int):
+    def __init__(self, sid: int, batch: int, max_tokens: int, num_layers: int, dtype=None):
         self.sid = sid
+        self.dtype = dtype  # the cache's dtype: the compute dtype, or float32 for a verifying runner
         self.batch = batch
         self.max_tokens = max_tokens
         self.kv: torch.Tensor | None = None  # (2, L, B, Hkv, capacity, D)
@@ -117,8 +118,20 @@ class GPUComputeService:
         self.limits = limits
         self.sessions: dict[int, Session] = {}
         self._ring: dict[tuple[int, str], Any] = {}  # private plans' fixed-point weights, built on use
+        # Set by the request handler for a request with `f32` (the runner's --verify): compute in
+        # float32 from the compute-dtype weights, so results carry no rounding to bfloat16.
+        self.exact = False
 
     # ---- helpers -------------------------------------------------------------------------
+    @property
+    def _cdt(self) -> torch.dtype:
+        """The dtype activations are computed in for the current request."""
+        return torch.float32 if self.exact else self.dtype
+
+    def _w(self, w: torch.Tensor | None) -> torch.Tensor | None:
+        """A weight as the current request multiplies it: upcast (exactly) to float32 when exact."""
+        return w.float() if w is not None and self.exact and w.dtype != torch.float32 else w
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -136,7 +149,7 @@ class GPUComputeService:
             raise _bad(f"{what}: expected shape (B, T, {last_dim}), got {x.shape}")
         if x.shape[0] * x.shape[1] == 0:
             raise _bad(f"{what}: empty batch")
-        return to_torch(x, self.device, self.dtype)
+        return to_torch(x, self.device, self._cdt)
 
     def _check_result_size(self, shape: tuple[int, ...], what: str) -> None:
         n = math.prod(shape)
@@ -154,7 +167,7 @@ class GPUComputeService:
         the merged plans add on the trusted side (their names listed in `biases`)."""
         biases = self.w.bias_stacks()
         result = {"config": self.config.to_dict(), "rope": dict(self.config.rope), "biases": list(biases)}
-        result["dtype"] = str(self.dtype).removeprefix("torch.")  # the private plans need float32
+        result["dtype"] = str(self.dtype).removeprefix("torch.")  # private plans and --verify need it
         return result, [self.w.norm_stack().numpy(), *(b.numpy() for b in biases.values())]
 
     def embedding(self, ids: np.ndarray) -> torch.Tensor:
@@ -174,7 +187,7 @@ class GPUComputeService:
         n_out, n_in = shapes[module]
         xt = self._activation(x, n_in, f"Linear {module}")
         self._check_result_size((*x.shape[:2], n_out), "Linear")
-        return F.linear(xt, lw.weight[module], lw.bias.get(module))
+        return F.linear(xt, self._w(lw.weight[module]), self._w(lw.bias.get(module)))
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
         name = _float_dtype(a, "Matmul a")
@@ -185,13 +198,13 @@ class GPUComputeService:
         if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
             raise _bad(f"Matmul: shapes {a.shape} and {b.shape} do not multiply")
         self._check_result_size((*a.shape[:-1], b.shape[-1]), "Matmul")
-        return torch.matmul(to_torch(a, self.device, self.dtype), to_torch(b, self.device, self.dtype))
+        return torch.matmul(to_torch(a, self.device, self._cdt), to_torch(b, self.device, self._cdt))
 
     def lm_head(self, x: np.ndarray, top_k: int | None = None) -> torch.Tensor | TopK:
         self._check_top_k(top_k, "LMHead")
         xt = self._activation(x, self.config.hidden_size, "LMHead")
         self._check_result_size((*x.shape[:2], self.config.vocab_size), "LMHead")
-        return _top_k(F.linear(xt, self.w.lm_head), top_k)
+        return _top_k(F.linear(xt, self._w(self.w.lm_head)), top_k)
 
     def _check_top_k(self, top_k: int | None, what: str) -> None:
         limit = min(self.config.vocab_size, 1024)
@@ -238,19 +251,21 @@ class GPUComputeService:
         xt = self._activation(x, self.config.hidden_size, "QKV")
         c = self.config
         self._check_result_size((*x.shape[:2], c.q_dim + 2 * c.kv_dim), "QKV")
-        y = F.linear(xt, lw.qkv_weight, lw.qkv_bias)  # (B, T, (H + 2 Hkv) D)
+        y = F.linear(xt, self._w(lw.qkv_weight), self._w(lw.qkv_bias))  # (B, T, (H + 2 Hkv) D)
         if session is None:
             return y
         B, T = x.shape[:2]
         v = y[..., c.q_dim + c.kv_dim :].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         self._write(session, 1, layer, v, pos, "QKV")
+        if self.exact:  # a verifying runner checks v with q|k and uses it in AttnOut's check
+            return y
         return y[..., : c.q_dim + c.kv_dim]
 
     def gate_up(self, layer: int, x: np.ndarray) -> torch.Tensor:
         lw = self._layer(layer, "GateUp")
         xt = self._activation(x, self.config.hidden_size, "GateUp")
         self._check_result_size((*x.shape[:2], 2 * self.config.intermediate_size), "GateUp")
-        return F.linear(xt, lw.gate_up_weight, lw.gate_up_bias)  # (B, T, 2F)
+        return F.linear(xt, self._w(lw.gate_up_weight), self._w(lw.gate_up_bias))  # (B, T, 2F)
 
     # ---- attention against the session's cache -----------------------------------------
     def attn_scores(
@@ -280,11 +295,11 @@ class GPUComputeService:
                 f"AttnScores: expected q (B={B}, {c.num_heads}, T, {c.head_dim}) and k "
                 f"(B, {c.num_kv_heads}, T, {c.head_dim}), got {q.shape} and {k.shape}"
             )
-        self._write(session, 0, layer, to_torch(k, self.device, self.dtype), pos, "AttnScores")
+        self._write(session, 0, layer, to_torch(k, self.device, session.dtype), pos, "AttnScores")
         S = int(session.k_len[layer].max())
         G = c.num_heads // c.num_kv_heads
         keys = session.kv[0, layer, :, :, :S]  # (B, Hkv, S, D)
-        qt = to_torch(q, self.device, self.dtype).reshape(B, c.num_kv_heads, G * T, c.head_dim)
+        qt = to_torch(q, self.device, keys.dtype).reshape(B, c.num_kv_heads, G * T, c.head_dim)
         return torch.matmul(qt, keys.transpose(-1, -2)).view(B, c.num_heads, T, S)
 
     def attn_out(self, session: Session, layer: int, p: np.ndarray) -> torch.Tensor:
@@ -299,10 +314,11 @@ class GPUComputeService:
         T = p.shape[2]
         G = c.num_heads // c.num_kv_heads
         values = session.kv[1, layer, :, :, :S]  # (B, Hkv, S, D)
-        pt = to_torch(p, self.device, self.dtype).reshape(B, c.num_kv_heads, G * T, S)
+        pt = to_torch(p, self.device, values.dtype).reshape(B, c.num_kv_heads, G * T, S)
         o = torch.matmul(pt, values).view(B, c.num_heads, T, c.head_dim)  # (B, H, T, D)
         o = o.transpose(1, 2).reshape(B, T, c.q_dim)
-        return F.linear(o, lw.weight["o_proj"], lw.bias.get("o_proj"))
+        w = self._w(lw.weight["o_proj"])
+        return F.linear(o.to(w.dtype), w, self._w(lw.bias.get("o_proj")))
 
     def _write(
         self, s: Session, which: int, layer: int, x: torch.Tensor, pos: np.ndarray | None, what: str
@@ -332,7 +348,7 @@ class GPUComputeService:
         c = self.config
         cap = min(max(tokens, 2 * s.capacity, 64), s.max_tokens)
         shape = (2, c.num_layers, s.batch, c.num_kv_heads, cap, c.head_dim)
-        new_bytes = int(np.prod(shape)) * torch.empty((), dtype=self.dtype).element_size()
+        new_bytes = int(np.prod(shape)) * torch.empty((), dtype=s.dtype).element_size()
         old_bytes = 0 if s.kv is None else s.kv.numel() * s.kv.element_size()
         total = self.kv_bytes - old_bytes + new_bytes
         if total > self.limits.max_kv_bytes:
@@ -341,7 +357,7 @@ class GPUComputeService:
                 f"{self.limits.max_kv_bytes} (--max-kv-bytes)",
                 "too_large",
             )
-        kv = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: masked slots stay finite
+        kv = torch.zeros(shape, dtype=s.dtype, device=self.device)  # zeros: masked slots stay finite
         if s.kv is not None:
             kv[..., : s.capacity, :] = s.kv
         s.kv = kv
@@ -461,7 +477,7 @@ class GPUComputeService:
     def kv_bytes(self) -> int:
         return sum(s.nbytes for s in self.sessions.values())
 
-    def open_session(self, batch: int, max_tokens: int) -> dict[str, Any]:
+    def open_session(self, batch: int, max_tokens: int, f32: bool = False) -> dict[str, Any]:
         lim = self.limits
         if not 1 <= batch <= lim.max_batch:
             raise _bad(f"OpenSession: batch must lie in [1, {lim.max_batch}]", "bad_args")
@@ -473,12 +489,13 @@ class GPUComputeService:
                 "too_large",
             )
         sid = secrets.randbits(62)
-        self.sessions[sid] = Session(sid, batch, max_tokens, self.config.num_layers)
+        dtype = torch.float32 if f32 else self.dtype
+        self.sessions[sid] = Session(sid, batch, max_tokens, self.config.num_layers, dtype)
         c = self.config
         per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * batch
         return {
             "sid": sid,
-            "kv_bytes_per_token": per_token * torch.empty((), dtype=self.dtype).element_size(),
+            "kv_bytes_per_token": per_token * torch.empty((), dtype=dtype).element_size(),
         }
 
     def session(self, sid: int | None) -> Session:

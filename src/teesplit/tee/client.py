@@ -73,6 +73,7 @@ class InitResult:
     config: ModelConfig
     norms: np.ndarray  # (2L+1, E) float32: input, post-attention for each layer, then final
     biases: dict[str, np.ndarray]  # per-layer stacks for the families that have them (merged plans)
+    dtype: str = "float32"  # the server's compute dtype (its weights are rounded to it)
 
 
 class ProtocolVersionMismatch(ProtocolError):
@@ -114,6 +115,7 @@ class GPUClient:
         self.metrics = Metrics()
         self.config: ModelConfig | None = None  # known after init()
         self._next_id = 1
+        self.f32_results = False  # --verify: ask for float32 results (protocol.F32_OPS)
 
     @property
     def address(self) -> str:
@@ -129,6 +131,8 @@ class GPUClient:
         self._next_id += 1
         if op == "Init":  # the version handshake: the server answers with its own version
             args = {**(args or {}), "version": protocol.PROTOCOL_VERSION}
+        if self.f32_results and op in protocol.F32_OPS:
+            args = {**(args or {}), "f32": True}
         frames = request(rid, op, args, tensors, sid)
         cap = self.max_message_bytes
         biggest = max(len(getattr(f, "buffer", f)) for f in frames) if cap is not None else 0
@@ -254,7 +258,10 @@ class GPUClient:
                 raise ProtocolError(f"Init: bias {name!r} has shape {t.shape}")
             biases[name] = t.astype(np.float32)
         self.config = config
-        return InitResult(config=config, norms=tensors[0].astype(np.float32), biases=biases)
+        dtype = res.get("dtype", "float32")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ProtocolError(f"Init: unknown compute dtype {dtype!r}")
+        return InitResult(config=config, norms=tensors[0].astype(np.float32), biases=biases, dtype=dtype)
 
     def embedding(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)

@@ -18,3 +18,8 @@ class GPUServerUnavailable(ConnectionError):
 
 class ConnectionLost(GPUServerUnavailable):
     """The connection dropped while a reply was awaited: that try has failed, stop waiting."""
+
+
+class LinkRefused(ConnectionError):
+    """The security handshake failed (unknown runner key, wrong server key, CURVE on one side
+    only): retrying cannot help, so this is not a GPUServerUnavailable."""

@@ -20,7 +20,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from teesplit.transport import ConnectionLost, GPUServerUnavailable
+from teesplit.transport import ConnectionLost, GPUServerUnavailable, LinkRefused
 
 SCHEMES = ("tcp://", "ipc://", "inproc://")
 # Replies faster than this are received with one blocking call (the hot path: ~100 round
@@ -28,13 +28,40 @@ SCHEMES = ("tcp://", "ipc://", "inproc://")
 FAST_WAIT_S = 0.05
 
 
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def _refusal(address: str, event: int, curve: bool) -> str:
+    """What a failed security handshake means, in words a user can act on."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            f"the GPU server at {address} refused this runner's public key (not in its --allow-keys "
+            "directory); add the runner's NAME.key there"
+        )
+    if not curve:
+        return (
+            f"the security handshake with the GPU server at {address} failed: it requires CURVE; "
+            "pass --curve-secret FILE and --server-key FILE"
+        )
+    return (
+        f"the CURVE handshake with the GPU server at {address} failed: check --server-key (it must be "
+        "the server's public key) and that the server runs with --curve-secret"
+    )
+
+
 class ZmqTransport:
-    def __init__(self, address: str, timeout_s: float = 60.0, max_message_bytes: int = -1):
+    def __init__(self, address: str, timeout_s: float = 60.0, max_message_bytes: int = -1, curve=None):
+        """`curve`: a `teesplit.transport.curve.CurveClient` to encrypt and authenticate the link."""
         if not address.startswith(SCHEMES):
             raise ValueError(f"unsupported address {address!r}: use tcp://HOST:PORT or ipc://PATH")
         self.address = address
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
+        self.curve = curve
         # A random routing id that survives reconnects (a leading zero byte is reserved by ZeroMQ).
         self.routing_id = bytes([1 + os.urandom(1)[0] % 255]) + os.urandom(15)
         self._sock: zmq.Socket | None = None
@@ -46,12 +73,17 @@ class ZmqTransport:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        if self.curve is not None:
+            self.curve.apply(sock)
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
+        )
         sock.connect(self.address)
         self._sock = sock
         self._rcvtimeo = None
         self._connected = False  # as last seen on the monitor
         self._lost = False  # the connection dropped and has not come back
+        self._refused: str | None = None  # why the security handshake failed, if it did
 
     def send(self, frames: list) -> None:
         self._sock.send_multipart([b"", *frames], copy=False)
@@ -77,6 +109,8 @@ class ZmqTransport:
         poller.register(self._monitor, zmq.POLLIN)
         while True:
             self._read_monitor()
+            if self._refused:
+                raise LinkRefused(self._refused)
             if self._lost:
                 raise ConnectionLost(f"the connection to the GPU server at {self.address} was lost")
             left = deadline - time.monotonic()
@@ -99,7 +133,9 @@ class ZmqTransport:
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
-            if event == zmq.EVENT_CONNECTED:
+            if event & _HANDSHAKE_FAILED:
+                self._refused = _refusal(self.address, event, self.curve is not None)
+            elif event == zmq.EVENT_CONNECTED:
                 self._connected, self._lost = True, False
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected, self._lost = False, True

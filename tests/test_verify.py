@@ -1,0 +1,190 @@
+"""--verify end to end: honest generations pass with every GPU result checked, and a lying
+server is caught (IntegrityError naming the operation and layer) before any token computed from
+the lie is emitted, in-process for every plan and lie, and through real processes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_checkpoint
+from liar import LyingHandler
+
+from teesplit.cli import build_service, free_tcp_address, stop_server
+from teesplit.tee.checkpoint import IntegrityError, TrustedCheckpoint
+from teesplit.tee.generate import Generator, SamplingParams
+from teesplit.tee.model import TEELlamaModel
+from teesplit.tee.plans import get_plan
+from teesplit.tee.verify import VERIFIED_PLANS, CheckedClient
+from teesplit.transport.local import LocalTransport
+
+PLANS = VERIFIED_PLANS
+PROMPT = [3, 17, 42, 99, 5, 61, 7]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def ckpt(request, tmp_path_factory):
+    return make_checkpoint(
+        tmp_path_factory.mktemp(f"verify-{request.param}"), request.param, num_hidden_layers=3
+    )
+
+
+def _client(ckpt, dtype="float32", verify=True, wrap=None):
+    handler, _ = build_service(ckpt, "cpu", dtype, progress=False)
+    handle = wrap(handler).handle if wrap else handler.handle
+    return CheckedClient(LocalTransport(handle), checkpoint=TrustedCheckpoint(ckpt), verify=verify, seed=0)
+
+
+def _generate(client, plan, n=6):
+    model = TEELlamaModel(client, get_plan(plan))
+    return Generator(model, eos_token_ids=set()).generate(PROMPT, SamplingParams(max_new_tokens=n))
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_honest_generation_passes_with_every_result_checked(ckpt, plan):
+    plain = _generate(_client(ckpt, verify=False), plan)
+    client = _client(ckpt)
+    verified = _generate(client, plan)
+    assert verified.tokens == plain.tokens  # float32: the f32 mode changes nothing
+    checked = client.verifier.stats.by_op
+    sent = {
+        op: n for op, n in client.metrics.rpc.items() if op not in ("Init", "OpenSession", "CloseSession")
+    }
+    assert checked == sent  # every result that came back was checked
+
+
+@pytest.mark.parametrize("plan", ["v3-fused", "v2-fused"])
+def test_honest_bfloat16_server_passes(ckpt, plan):
+    client = _client(ckpt, "bfloat16")
+    res = _generate(client, plan)
+    assert len(res.tokens) == 6 and client.verifier.stats.checks > 0
+    assert client.verifier.dtype == np.dtype("bfloat16")  # fingerprints of the bf16-rounded weights
+
+
+# (plan, op, nth call, expected layer in the message): lies during the second decode step.
+LIES = [
+    ("v3", "Linear", 7 * 3 * 2 + 5, "Linear gate_proj of layer 0"),
+    ("v3", "Matmul", 2 * 3 * 2 + 3, "Matmul (QKᵀ) of layer 1"),
+    ("v3", "Embedding", 3, "Embedding"),
+    ("v2", "LMHead", 3, "LMHead"),
+    ("v2-fused", "QKV", 3 * 2 + 2, "QKV of layer 1"),
+    ("v2-fused", "GateUp", 3 * 2 + 3, "GateUp of layer 2"),
+    ("v3-fused", "AttnScores", 3 * 2 + 2, "AttnScores of layer 1"),
+    ("v3-fused", "AttnOut", 3 * 2 + 3, "AttnOut of layer 2"),
+    ("v3-fused", "QKV", 3 * 2 + 2, "QKV of layer 1"),
+]
+
+
+@pytest.mark.parametrize("mode", ["perturb", "swap", "scale", "replay"])
+@pytest.mark.parametrize("plan, op, nth, where", LIES)
+def test_lies_are_caught_in_process(ckpt, plan, op, nth, where, mode):
+    liar = {}
+
+    def wrap(handler):
+        liar["h"] = LyingHandler(handler, mode, op, nth)
+        return liar["h"]
+
+    model = TEELlamaModel(_client(ckpt, wrap=wrap), get_plan(plan))
+    gen = Generator(model, eos_token_ids=set())
+    with pytest.raises(IntegrityError, match="^" + re.escape(where) + ":"):
+        gen.generate(PROMPT, SamplingParams(max_new_tokens=6))
+    assert liar["h"].told
+
+
+@pytest.mark.parametrize("op, nth", [("AttnScores", 3 * 2 + 2), ("AttnOut", 3 * 2 + 2)])
+def test_stale_cache_results_are_caught(ckpt, op, nth):
+    liar = {}
+
+    def wrap(handler):
+        liar["h"] = LyingHandler(handler, "stale", op, nth)
+        return liar["h"]
+
+    model = TEELlamaModel(_client(ckpt, wrap=wrap), get_plan("v3-fused"))
+    with pytest.raises(IntegrityError, match=rf"^{op} of layer {(nth - 1) % 3}\b"):
+        Generator(model, eos_token_ids=set()).generate(PROMPT, SamplingParams(max_new_tokens=6))
+    assert liar["h"].told
+
+
+def test_merged_plans_and_narrow_wire_are_refused(ckpt):
+    model = TEELlamaModel(_client(ckpt), get_plan("v3-merged"))
+    with pytest.raises(ValueError, match="--verify supports the plans"):
+        model.forward(np.array([PROMPT]), model.new_cache())
+    handler, _ = build_service(ckpt, "cpu", "float32", progress=False)
+    with pytest.raises(ValueError, match="float32 on the wire"):
+        CheckedClient(
+            LocalTransport(handler.handle), "bfloat16", checkpoint=TrustedCheckpoint(ckpt), verify=True
+        )
+
+
+# ---- through real processes ------------------------------------------------------------------
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "teesplit", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "plan, mode, op, nth, where",
+    [
+        ("v3-fused", "perturb", "GateUp", 30 * 2 + 5, "GateUp of layer 4"),
+        ("v3-fused", "stale", "AttnOut", 30 * 2 + 12, "AttnOut of layer 11"),
+        ("v2-fused", "replay", "QKV", 30 * 2 + 8, "QKV of layer 7"),
+    ],
+)
+def test_lying_server_process_is_caught(smollm2_dir, tmp_path, plan, mode, op, nth, where):
+    """A real server process lies once, in the second decode step; the runner (the real CLI)
+    stops with IntegrityError, exit status 4, having printed only the verified tokens."""
+    args = ["--model", str(smollm2_dir), "--prompt", "Name a colour.", "--chat", "--max-new-tokens", "4"]
+    args += ["--plan", plan, "--verify"]
+    honest = _honest_text(smollm2_dir, plan, args)
+    address = free_tcp_address()
+    script = Path(__file__).parent / "lying_server.py"
+    cmd = [sys.executable, str(script), str(smollm2_dir), address, mode, op, str(nth)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        _wait_ready(address, proc)
+        r = _cli("generate", "--server", address, *args)
+    finally:
+        stop_server(proc)
+    assert r.returncode == 4, r.stderr
+    assert f"IntegrityError: {where}: the GPU server's result fails its Freivalds check" in r.stderr
+    printed = r.stdout.rstrip("\n")
+    assert printed and honest.stdout.startswith(printed)  # only verified tokens: two of them
+    assert len(printed) < len(honest.stdout.rstrip("\n"))
+
+
+_HONEST: dict[str, str] = {}
+
+
+def _honest_text(smollm2_dir, plan, args) -> subprocess.CompletedProcess:
+    """The verified output of an honest in-process run (float32: the same tokens as the server's)."""
+    if plan not in _HONEST:
+        r = _cli("generate", "--server", "local", "--device", "cpu", "--dtype", "float32", *args)
+        assert r.returncode == 0, r.stderr
+        _HONEST[plan] = r
+    return _HONEST[plan]
+
+
+def _wait_ready(address, proc, timeout=120.0):
+    import time
+
+    from teesplit.tee.client import GPUClient
+    from teesplit.transport import GPUServerUnavailable
+    from teesplit.transport.zmq import ZmqTransport
+
+    client = GPUClient(ZmqTransport(address, timeout_s=0.5))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except GPUServerUnavailable:
+                assert proc.poll() is None, "the lying server exited"
+                assert time.monotonic() < deadline, "the lying server did not start"
+    finally:
+        client.close()
