@@ -430,16 +430,21 @@ def serve(
         sock.close(linger=int(linger_s * 1000))  # let the last reply leave
         if auth is not None:
             auth.stop()
-        log_event(
-            "server_stop",
-            f"server on {address} stopped after {handler.served} requests ({handler.errors} errors, "
-            f"{handler.replayed} resends answered from the cache, {dropped} sessions dropped)",
-            address=address,
-            served=handler.served,
-            errors=handler.errors,
-            replayed=handler.replayed,
-            sessions_dropped=dropped,
-        )
+        log_server_stop(handler, address, dropped)
+
+
+def log_server_stop(handler: RequestHandler, address: str, dropped: int) -> None:
+    """The last line a server logs, whatever its transport."""
+    log_event(
+        "server_stop",
+        f"server on {address} stopped after {handler.served} requests ({handler.errors} errors, "
+        f"{handler.replayed} resends answered from the cache, {dropped} sessions dropped)",
+        address=address,
+        served=handler.served,
+        errors=handler.errors,
+        replayed=handler.replayed,
+        sessions_dropped=dropped,
+    )
 
 
 def _serve_guarded(sock: zmq.Socket, handler: RequestHandler, frames: list) -> None:

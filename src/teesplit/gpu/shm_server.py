@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from teesplit.gpu.server import RequestHandler, log_event
+from teesplit.gpu.server import RequestHandler, log_event, log_server_stop
 from teesplit.protocol import FLOAT_DTYPES
 from teesplit.transport.shm import (
     _HELLO,
@@ -477,13 +477,4 @@ def serve_shm(
     finally:
         server.close()
         dropped = handler.drop_sessions("shutdown")
-        log_event(
-            "server_stop",
-            f"server on {address} stopped after {handler.served} requests ({handler.errors} errors, "
-            f"{handler.replayed} resends answered from the cache, {dropped} sessions dropped)",
-            address=address,
-            served=handler.served,
-            errors=handler.errors,
-            replayed=handler.replayed,
-            sessions_dropped=dropped,
-        )
+        log_server_stop(handler, address, dropped)
