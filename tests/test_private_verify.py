@@ -233,3 +233,14 @@ def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
     assert "IntegrityError: RingLinear gate_up of layer 0: the GPU server's result fails" in r.stderr
     printed = r.stdout.rstrip("\n")
     assert runs[False].stdout.startswith(printed) and len(printed) < len(runs[False].stdout.rstrip("\n"))
+
+
+def test_the_limb_product_is_the_wrapping_integer_product():
+    from teesplit.tee.ring_verify import ring_times_secret
+
+    s = secret_vectors(32, 5000)
+    s[:, 0] = 255  # the largest entries
+    y = random_ring((7, 5000))
+    y[0] = -1  # every limb 0xFFFF
+    y[1] = -(2**63)
+    assert np.array_equal(ring_times_secret(y, s.T.astype(np.float64)), y @ s.T.astype(np.int64))
