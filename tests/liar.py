@@ -20,6 +20,35 @@ from __future__ import annotations
 import numpy as np
 
 MODES = ("perturb", "swap", "scale", "replay", "stale")
+# Lies on ring elements (RingLinear of the private plans, int64 modulo 2^64): one element plus 1,
+# one element with bit 63 flipped (an error of 2^63, the hardest for a check over Z_2^64), two
+# rows exchanged, an earlier reply replayed.
+RING_MODES = ("add1", "bit63", "swap", "replay")
+
+
+def ring_lie(
+    mode: str, y: np.ndarray, rng: np.random.Generator, previous: np.ndarray | None = None
+) -> np.ndarray:
+    """A lying copy of the honest ring result y (int64, rows = all but the last dimension)."""
+    y = np.array(y, dtype=np.int64, copy=True)
+    rows = y.reshape(-1, y.shape[-1])
+    r, n = int(rng.integers(rows.shape[0])), int(rng.integers(rows.shape[1]))
+    if mode == "add1":
+        rows[r, n : n + 1] += 1  # an array add: wraps modulo 2^64 silently
+    elif mode == "bit63":
+        rows[r, n] ^= np.int64(-(2**63))
+    elif mode == "swap":
+        if rows.shape[0] < 2:
+            raise ValueError("swap needs two rows")
+        a, b = rng.choice(rows.shape[0], 2, replace=False)
+        rows[[a, b]] = rows[[b, a]]
+    elif mode == "replay":
+        if previous is None or previous.shape != y.shape:
+            raise ValueError("replay needs an earlier reply of the same shape")
+        return np.array(previous, dtype=np.int64, copy=True)
+    else:
+        raise ValueError(f"unknown ring lie {mode!r}")
+    return y
 
 
 def lie(mode: str, y: np.ndarray, rng: np.random.Generator, previous: np.ndarray | None = None) -> np.ndarray:
@@ -66,7 +95,7 @@ class LyingHandler:
         service = handler.service
         name = {"QKV": "qkv", "GateUp": "gate_up", "Linear": "linear", "LMHead": "lm_head"}
         name |= {"AttnScores": "attn_scores", "AttnOut": "attn_out", "Embedding": "embedding"}
-        name |= {"Matmul": "matmul"}
+        name |= {"Matmul": "matmul", "RingLinear": "ring_linear"}
         method = name[op]
         honest = getattr(service, method)
         liar = self
@@ -77,6 +106,14 @@ class LyingHandler:
                 out = liar._stale(service, method, honest, args)
             else:
                 out = honest(*args, **kwargs)
+            if isinstance(out, np.ndarray):  # ring elements (RingLinear): exact int64 lies
+                if liar.count == liar.nth:
+                    y_lie = ring_lie(liar.mode, out, liar.rng, liar._earlier(out))
+                    liar.told = not np.array_equal(y_lie, out)
+                    liar.history.append(out)
+                    return y_lie
+                liar.history.append(out)
+                return out
             y = out.detach().float().cpu().numpy()
             if liar.count == liar.nth and liar.mode != "stale":
                 y_lie = lie(liar.mode, y, liar.rng, liar._earlier(y))

@@ -345,10 +345,10 @@ def trusted_client_factory(args: argparse.Namespace, model_dir: Path, plan):
         names = check_pins(model_dir, args.weights_sha256, manifest)
         print(f"checkpoint pinned: {', '.join(names)} match", file=sys.stderr)
     if args.verify:
-        from teesplit.tee.verify import VERIFIED_PLANS
+        from teesplit.tee.verify import RING_VERIFIED_PLANS, VERIFIED_PLANS
 
-        if plan is None or plan.name not in VERIFIED_PLANS:
-            raise ValueError(f"--verify supports --plan {', '.join(VERIFIED_PLANS)}")
+        if plan is None or plan.name not in VERIFIED_PLANS + RING_VERIFIED_PLANS:
+            raise ValueError(f"--verify supports --plan {', '.join(VERIFIED_PLANS + RING_VERIFIED_PLANS)}")
         if args.wire_dtype not in (None, "float32"):
             raise ValueError("--verify needs float32 on the wire: drop --wire-dtype")
     from teesplit.tee.verify import CheckedClient
@@ -428,6 +428,12 @@ def format_stats(stats: dict[str, Any]) -> str:
         rows.append(
             f"one-time pads: {p['cpu_ms_per_token']:.1f} ms trusted CPU per token ({p['inline_s']:.3f} s of "
             f"it on the critical path), {_human(p['peak_bytes'])} held at most"
+        )
+    if "verify" in stats:  # --verify: what the checks cost in the trusted side
+        v = stats["verify"]
+        rows.append(
+            f"verify: {v['checks']} checks in {v['check_s']:.3f} s, setup {v['setup_s']:.2f} s, "
+            f"fingerprints {_human(v['fingerprint_bytes'])}"
         )
     return "\n".join(rows)
 

@@ -244,6 +244,15 @@ class _PrivateGPU:
         self.clients = clients
         self.config: ModelConfig = weights.config
         self.sites = {(i, s): RingSite(weights, i, s, keep_weights) for i, s in weights.sites()}
+        self.verifier = None  # --verify: every client's ring products checked (tee/ring_verify.py)
+        if any(getattr(c, "verify", False) for c in clients):
+            from teesplit.tee.ring_verify import RingVerifier
+
+            self.verifier = RingVerifier(weights)
+            for c in clients:
+                if not getattr(c, "verify", False):
+                    raise ValueError("--verify must cover every GPU server of a private plan")
+                c.ring_verifier = self.verifier
 
     # ---- the GPUClient surface the model uses ---------------------------------------------
     def init(self) -> InitResult:

@@ -55,7 +55,15 @@ import numpy as np
 from teesplit.tee.checkpoint import COMPUTE_DTYPES, IntegrityError, TrustedCheckpoint
 from teesplit.tee.client import GPUClient, InitResult
 
-__all__ = ["IntegrityError", "Verifier", "CheckedClient", "VERIFIED_PLANS", "LAMBDA", "VECTORS"]
+__all__ = [
+    "IntegrityError",
+    "Verifier",
+    "CheckedClient",
+    "VERIFIED_PLANS",
+    "RING_VERIFIED_PLANS",
+    "LAMBDA",
+    "VECTORS",
+]
 
 U32 = 2.0**-24  # float32 unit roundoff
 # Tolerance factors over the error models, about 10x the largest ratio |difference| / (model)
@@ -65,6 +73,7 @@ LAMBDA = {"linear": 16.0, "attn_out": 16.0, "attn_scores": 32.0, "matmul": 32.0}
 VECTORS = 8  # secret vectors per weight: a lie passes all with (0.8 tol / ‖δ‖)^8
 BLOCK = 512  # outputs per fingerprint block (LinearPrint); memory ∝ VECTORS / BLOCK
 VERIFIED_PLANS = ("v3", "v2", "v3-fused", "v2-fused")
+RING_VERIFIED_PLANS = ("private-otp", "private-2party")  # exact checks over Z_2^64: tee/ring_verify.py
 LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -518,6 +527,7 @@ class CheckedClient(GPUClient):
         self._sessions: dict[int, SessionState] = {}
         self._layer: int | None = None  # the layer of the last Linear, to name a Matmul's layer
         self._matmuls = 0
+        self.ring_verifier = None  # the private plans' exact check (tee/ring_verify.py), set by them
 
     def init(self) -> InitResult:
         res = super().init()
@@ -549,6 +559,15 @@ class CheckedClient(GPUClient):
             self._matmuls += 1
             self.verifier.matmul(a, b, c, what, self._layer)
         return c
+
+    def ring_linear(self, layer: int, site: str, x: np.ndarray, out_features: int) -> np.ndarray:
+        """The private plans' masked product, checked over Z_2^64 against the input sent."""
+        if self.verify and self.ring_verifier is None:
+            raise ValueError("--verify: a ring product needs the private plan's verifier (tee/private.py)")
+        y = super().ring_linear(layer, site, x, out_features)
+        if self.ring_verifier is not None:
+            self.ring_verifier.check(layer, site, x, y, self.address)
+        return y
 
     def lm_head(self, x: np.ndarray) -> np.ndarray:
         y = super().lm_head(x)

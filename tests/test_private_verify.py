@@ -1,0 +1,246 @@
+"""--verify under the private plans (tee/ring_verify.py): the exact Freivalds check over Z_2^64
+of every RingLinear reply. Honest runs pass with the same tokens; a server that changes one ring
+element (by 1, or by 2^63), swaps rows or replays a reply is caught, under private-otp and from
+either server of private-2party; the check's miss and false-alarm rates, measured; and the real
+CLI against a real `teesplit serve` process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import make_checkpoint
+from liar import RING_MODES, LyingHandler, ring_lie
+
+from teesplit.cli import build_service, free_tcp_address, start_server, stop_server
+from teesplit.tee.checkpoint import IntegrityError, TrustedCheckpoint
+from teesplit.tee.generate import Generator, SamplingParams
+from teesplit.tee.local_weights import load_local_weights
+from teesplit.tee.model import TEELlamaModel
+from teesplit.tee.plans import get_plan
+from teesplit.tee.private import RingSite, private_gpu, random_ring
+from teesplit.tee.ring_verify import VECTORS, RingPrint, RingVerifier, ring_fingerprint, secret_vectors
+from teesplit.tee.verify import CheckedClient
+from teesplit.transport.local import LocalTransport
+
+PROMPT = [3, 17, 42, 99, 5, 61, 7]
+PLANS = ("private-otp", "private-2party")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("pverify"), "llama", num_hidden_layers=2)
+
+
+def _model(ckpt, plan, verify=True, liars=None):
+    """A private plan over in-process services; liars: {server index: (mode, nth)}."""
+    n = 2 if plan == "private-2party" else 1
+    clients, handlers = [], []
+    for i in range(n):
+        h, _ = build_service(ckpt, "cpu", "float32", progress=False)
+        if liars and i in liars:
+            mode, nth = liars[i]
+            h = LyingHandler(h, mode, "RingLinear", nth, seed=i)
+        handlers.append(h)
+        clients.append(
+            CheckedClient(LocalTransport(h.handle), checkpoint=TrustedCheckpoint(ckpt), verify=verify)
+        )
+    gpu = private_gpu(plan, load_local_weights(ckpt), clients, pool_depth=4)
+    return TEELlamaModel(gpu, get_plan(plan)), handlers
+
+
+def _generate(model, n=5):
+    try:
+        return Generator(model, eos_token_ids=set()).generate(PROMPT, SamplingParams(max_new_tokens=n))
+    finally:
+        model.gpu.close()
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_honest_private_runs_pass_with_the_same_tokens(ckpt, plan):
+    plain, _ = _model(ckpt, plan, verify=False)
+    want = _generate(plain).tokens
+    model, _ = _model(ckpt, plan)
+    v = model.gpu.verifier
+    got = _generate(model).tokens
+    assert got == want
+    L = model.config.num_layers
+    calls = (4 * L + 1) * 5 * (2 if plan == "private-2party" else 1)  # 5 forward passes
+    assert v.stats.by_op == {"RingLinear": calls} and v.stats.checks == calls
+    assert v.stats.fingerprint_bytes > 0 and v.stats.setup_s > 0 and v.stats.check_s > 0
+    assert model.gpu.clients[0].verifier is None  # no float fingerprints built
+
+
+def _where(ckpt, nth, plan):
+    """The site of the nth RingLinear call of a server (sites in forward order, one pass each)."""
+    sites = load_local_weights(ckpt).sites()
+    layer, site = sites[(nth - 1) % len(sites)]
+    return f"RingLinear {site}" if layer == -1 else f"RingLinear {site} of layer {layer}"
+
+
+CASES = [
+    ("add1", 2),  # prefill, layer 0 o
+    ("bit63", 9),  # prefill, lm_head (2 layers: 9 sites)
+    ("swap", 5),  # prefill (7 rows), layer 1 qkv
+    ("replay", 9 + 4),  # first decode step, layer 0 down: the reply of an earlier step's site
+    ("add1", 9 * 2 + 7),  # second decode step, layer 1 gate_up
+    ("bit63", 9 * 3 + 1),
+]
+
+
+@pytest.mark.parametrize("plan, server", [("private-otp", 0), ("private-2party", 0), ("private-2party", 1)])
+@pytest.mark.parametrize("mode, nth", CASES)
+def test_ring_lies_are_caught(ckpt, plan, server, mode, nth):
+    if mode == "replay" and nth < 10:
+        pytest.skip("replay needs an earlier reply")
+    model, handlers = _model(ckpt, plan, liars={server: (mode, nth)})
+    with pytest.raises(IntegrityError) as err:
+        _generate(model)
+    assert handlers[server].told
+    msg = str(err.value)
+    assert msg.startswith(f"{_where(ckpt, nth, plan)}: the GPU server's result fails its Freivalds check")
+
+
+def test_replay_of_a_same_site_reply_is_caught(ckpt):
+    """The reply the same site got one step earlier (same shape, an honest product of an
+    earlier pad) is wrong for the fresh pad."""
+    model, handlers = _model(ckpt, "private-otp", liars={0: ("replay", 9 * 2 + 3)})
+    liar = handlers[0]
+    liar._earlier = lambda y: liar.history[-9]  # the same site, one decode step back
+    with pytest.raises(IntegrityError, match="RingLinear gate_up of layer 0"):
+        _generate(model)
+    assert liar.told
+
+
+# ---- the check itself, measured -------------------------------------------------------------
+def test_fingerprint_is_the_exact_ring_product():
+    rng = np.random.default_rng(0)
+    for scale in (1, 2**20, 2**40):  # the float path, the limb path, the integer fallback
+        wq = rng.integers(-scale, scale + 1, (300, 50), dtype=np.int64)
+        s = secret_vectors(8, 300)
+        assert np.array_equal(ring_fingerprint(s, wq), s.astype(np.int64) @ wq)
+
+
+def test_miss_and_false_alarm_rates(ckpt):
+    """>= 10,000 honest checks without a false alarm; >= 1,000 random lies of each kind, errors
+    that are multiples of 2^63 included, caught at >= 99.9% (the bound is 1 - 2^-32)."""
+    lw = load_local_weights(ckpt)
+    site = RingSite(lw, 0, "gate_up", keep_weights=True)
+    fp = RingPrint.of(site.wq, VECTORS)
+    rng = np.random.default_rng(1)
+    x = random_ring((10_000, site.in_features))
+    y = x @ site.wq.T
+    assert not fp.failures(x, y).any()  # 10,000 honest rows: no false alarm
+    n = 1000
+    kinds = {}
+    idx = rng.integers(site.out_features, size=n)
+    rows = np.arange(n)
+    for kind in ("add1", "bit63", "random", "multiple of 2^63 in many entries", "multiple of 2^62"):
+        bad = y[:n].copy()
+        if kind == "add1":
+            bad[rows, idx] += 1
+        elif kind == "bit63":
+            bad[rows, idx] ^= np.int64(-(2**63))
+        elif kind == "random":
+            bad[rows, idx] = random_ring((n,))
+            bad[rows, idx] += (bad[rows, idx] == y[rows, idx]).astype(np.int64)  # never equal
+        elif kind == "multiple of 2^63 in many entries":
+            flips = rng.random(bad.shape) < 0.3
+            flips[rows, idx] = True
+            bad[flips] ^= np.int64(-(2**63))
+        else:
+            bad[rows, idx] += np.int64(2**62)
+        assert (bad != y[:n]).any(axis=1).all()
+        caught = fp.failures(x[:n], bad).any(axis=1)
+        kinds[kind] = caught.mean()
+    swapped = y[:n].copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    kinds["swap"] = fp.failures(x[:n], swapped)[:2].any(axis=1).mean()
+    kinds["replay"] = fp.failures(x[:n], y[n : 2 * n]).any(axis=1).mean()
+    assert all(rate >= 0.999 for rate in kinds.values()), kinds
+
+
+def test_ring_lie_modes_change_the_reply():
+    rng = np.random.default_rng(0)
+    y = random_ring((2, 3, 5))
+    for mode in RING_MODES:
+        assert not np.array_equal(ring_lie(mode, y, rng, random_ring(y.shape)), y)
+
+
+def test_a_client_without_the_verifier_refuses_ring_products(ckpt):
+    h, _ = build_service(ckpt, "cpu", "float32", progress=False)
+    c = CheckedClient(LocalTransport(h.handle), checkpoint=TrustedCheckpoint(ckpt), verify=True)
+    with pytest.raises(ValueError, match="needs the private plan's verifier"):
+        c.ring_linear(0, "o", random_ring((1, 1, 64)), 64)
+    v = RingVerifier(load_local_weights(ckpt), vectors=4)
+    assert len(v.prints) == 4 * 2 + 1
+
+
+# ---- through real server processes and the CLI ----------------------------------------------
+def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
+    """`teesplit generate --plan private-otp --verify` against a real `teesplit serve`: the same
+    text as without --verify and the checks counted in --stats; against a real server process
+    that flips bit 63 of one ring element in the second decode step: exit status 4 and
+    IntegrityError naming the site and layer."""
+    import json
+    from pathlib import Path
+
+    from apihelpers import make_chat_checkpoint
+
+    model = make_chat_checkpoint(tmp_path / "m", smollm2_dir, num_hidden_layers=2)
+    base = [sys.executable, "-m", "teesplit", "generate", "--model", str(model), "--prompt", "Hi"]
+    base += ["--max-new-tokens", "4", "--plan", "private-otp"]
+    stats = tmp_path / "stats.json"
+    address = free_tcp_address()
+    proc = start_server(model, address, ["--device", "cpu", "--dtype", "float32", "--threads", "1"])
+    try:
+        runs = {}
+        for verify in (False, True):
+            extra = ["--verify", "--stats", "--stats-json", str(stats)] if verify else []
+            r = subprocess.run(
+                [*base, "--server", address, *extra], capture_output=True, text=True, timeout=300
+            )
+            assert r.returncode == 0, r.stderr
+            runs[verify] = r
+    finally:
+        stop_server(proc)
+    assert runs[True].stdout == runs[False].stdout
+    s = json.loads(stats.read_text())
+    steps = len(s["tokens"])  # one forward pass per generated token
+    assert s["verify"]["by_op"] == {"RingLinear": steps * (4 * 2 + 1)} == s["rpc"]["by_op"]
+    assert s["verify"]["fingerprint_bytes"] > 0 and s["verify"]["setup_s"] > 0
+    assert f"verify: {steps * 9} checks in" in runs[True].stderr
+
+    address = free_tcp_address()
+    script = Path(__file__).parent / "lying_server.py"
+    nth = 9 * 2 + 3  # second decode step, layer 0 gate_up
+    liar = subprocess.Popen(
+        [sys.executable, str(script), str(model), address, "bit63", "RingLinear", str(nth)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        from test_verify import _wait_ready
+
+        _wait_ready(address, liar)
+        r = subprocess.run(
+            [*base, "--server", address, "--verify"], capture_output=True, text=True, timeout=300
+        )
+    finally:
+        stop_server(liar)
+    assert r.returncode == 4, r.stderr
+    assert "IntegrityError: RingLinear gate_up of layer 0: the GPU server's result fails" in r.stderr
+    printed = r.stdout.rstrip("\n")
+    assert runs[False].stdout.startswith(printed) and len(printed) < len(runs[False].stdout.rstrip("\n"))
+
+
+def test_the_limb_product_is_the_wrapping_integer_product():
+    from teesplit.tee.ring_verify import ring_times_secret
+
+    s = secret_vectors(32, 5000)
+    s[:, 0] = 255  # the largest entries
+    y = random_ring((7, 5000))
+    y[0] = -1  # every limb 0xFFFF
+    y[1] = -(2**63)
+    assert np.array_equal(ring_times_secret(y, s.T.astype(np.float64)), y @ s.T.astype(np.int64))
