@@ -379,6 +379,8 @@ def test_several_runners_at_once(server, ckpt):
     def run(i: int, plan: str) -> None:
         c = client(server["address"])
         try:
+            c.call("Ping")  # connected
+            together.wait(60)  # all four are connected before any generates
             gen = Generator(TEELlamaModel(c, get_plan(plan)), eos_token_ids=set())
             results[i] = gen.generate(PROMPT, PARAMS).tokens
         except BaseException as e:  # reported below
@@ -386,6 +388,7 @@ def test_several_runners_at_once(server, ckpt):
         finally:
             c.close()
 
+    together = threading.Barrier(len(plans))
     threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(plans)]
     for t in threads:
         t.start()

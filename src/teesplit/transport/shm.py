@@ -43,18 +43,20 @@ therefore rechecks `seq` every RECHECK_S, so that case costs a millisecond, neve
 On CPUs without x86's ordered stores (TSO) a spinning reader could see `seq` before the data;
 there every message rings the doorbell and the reader only trusts `seq` after it.
 
-The spin budget: a block and wake-up through the kernel costs on the order of 5 to 30 µs
-(two system calls, a context switch, and the scheduler's wake-up latency). Spinning a few
-times that long before blocking bounds the CPU burned per wait to a small multiple of what
-blocking would have cost in latency (the classic spin-then-block argument), while replies
-that come fast, a Ping or a small decode product, are caught without any system call. On a
-2-core machine the yield keeps a spinning side from delaying the other process when both
-want the same core (with other work on the machine a yield can last a whole time slice,
-about 1 ms here under load, during which the reply has usually come; without the yield, a
-ping under the same load took 170 to 210 µs instead of 55 to 75); after the budget both
-sides block and use no CPU while idle. On a 64-core machine the same budget is
-cheap, and a larger one would gain little: a wait that outlasts 50 µs is dominated by the
-work being waited for, not by the wake-up.
+The spin budget, 2 ms: long enough to span what a runner usually waits for, the server's work
+on one decode product (0.1 to 1 ms for SmolLM2 on one CPU thread; less on a GPU), and what the
+server waits for between two requests, the runner's RMSNorm/RoPE/softmax (tens of µs). A
+block and wake-up through the kernel is far from free: on this project's 2-vCPU VM a blocked
+reader takes about 100 µs to run again (an ipc ping is 160 to 190 µs), and a decode token
+makes 152 round trips on v3-fused. Measured side by side on that VM (teesplit bench
+--only-sections shm): with a 50 µs budget v3-fused over shm decoded at 131 ms/token (45.7 ms of
+it transport) and a ping took 36 µs; with 2 ms, 89 ms/token (15.8 ms transport) and 21.5 µs;
+10 ms gained nothing more. The spin yields the CPU after YIELD_AFTER_S (sched_yield), so on a
+2-core machine a spinning side never keeps the other process off a core it needs (with other
+work on the machine a yield can last a time slice, during which the reply has usually come).
+The cost is bounded: at most 2 ms of CPU per wait, after which both sides block and use no CPU
+while idle. On a 64-core machine the spinning core is otherwise idle, and a co-located pair
+that exchanges hundreds of messages per token is exactly where a core per side is well spent.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ SCHEME = "shm://"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,80}")
 PROTOCOL = 1  # of the control messages below, not of the wire format
 
-SPIN_S = 50e-6  # spin this long on `seq` before blocking (see the module docstring)
+SPIN_S = 2e-3  # spin this long on `seq` before blocking (see the module docstring)
 YIELD_AFTER_S = 5e-6  # then keep spinning, but give the CPU away between checks
 RECHECK_S = 0.001  # a reader that just blocked looks at `seq` again after this long
 CONNECT_RETRY_S = 0.05  # while no server listens, try to connect this often
