@@ -6,14 +6,12 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from helpers import make_checkpoint
+
+from teesplit.cli import free_tcp_port, start_api, stop_server
 
 
 def make_chat_checkpoint(path: Path, tokenizer_dir: Path, **overrides) -> Path:
@@ -26,54 +24,22 @@ def make_chat_checkpoint(path: Path, tokenizer_dir: Path, **overrides) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class APIProcess:
     """`python -m teesplit api ...` in a child process; its stderr goes to a log file."""
 
     def __init__(self, model_dir: Path, server: str, log_path: Path, extra: list[str] | None = None):
-        self.port = free_port()
+        self.port = free_tcp_port()
         self.log_path = log_path
-        cmd = [
-            sys.executable,
-            "-m",
-            "teesplit",
-            "api",
-            "--server",
-            server,
-            "--model",
-            str(model_dir),
-            "--port",
-            str(self.port),
-            "--served-model-name",
-            "tiny",
-            *(extra or []),
-        ]
+        args = ["--server", server, "--model", str(model_dir), "--served-model-name", "tiny", *(extra or [])]
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stderr=self.log, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if request(self.port, "GET", "/v1/models")[0] == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"teesplit api did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
+        try:
+            self.proc = start_api(args, self.port, stderr=self.log)
+        except RuntimeError as e:
+            self.log.close()
+            raise RuntimeError(f"{e}: {log_path.read_text()[-2000:]}") from None
 
     def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_server(self.proc, grace_s=30)
         self.log.close()
         return self.proc.returncode
 

@@ -82,10 +82,10 @@ def test_remote_runner_process_never_loads_torch(smollm2_dir):
 
 def test_api_process_never_loads_torch(smollm2_dir):
     """`teesplit api` against a real server answers a chat completion with no torch loaded."""
-    from teesplit.cli import free_tcp_address, start_server, stop_server
+    from teesplit.cli import free_tcp_address, free_tcp_port, start_server, stop_server
 
     address = free_tcp_address()
-    port = int(free_tcp_address().rsplit(":", 1)[1])
+    port = free_tcp_port()
     proc = start_server(smollm2_dir, address, ["--device", "cpu", "--threads", "1"])
     try:
         code = (

@@ -463,10 +463,14 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 # ---- demo ----------------------------------------------------------------------------------
-def free_tcp_address() -> str:
+def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        return s.getsockname()[1]
+
+
+def free_tcp_address() -> str:
+    return f"tcp://127.0.0.1:{free_tcp_port()}"
 
 
 def start_server(
@@ -510,10 +514,38 @@ def start_server(
         client.close()
 
 
-def stop_server(proc: subprocess.Popen) -> None:
+def start_api(args: list[str], port: int, timeout: float = 300.0, stderr=None, env=None) -> subprocess.Popen:
+    """Start `teesplit api ARGS --port PORT` in a child process and wait until GET /v1/models
+    answers 200; RuntimeError (the child stopped) if it exits or does not answer in time."""
+    import http.client
+
+    cmd = [sys.executable, "-m", "teesplit", "api", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stderr=stderr, stdout=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/v1/models")
+                if conn.getresponse().status == 200:
+                    return proc
+            finally:
+                conn.close()
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"teesplit api exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"teesplit api did not answer within {timeout:g} s")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after grace_s; works for `teesplit serve` and `teesplit api`."""
     proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(grace_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

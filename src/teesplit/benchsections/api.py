@@ -14,8 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -163,43 +161,27 @@ class _APIChild:
     """`teesplit api` in a child process, on a free port."""
 
     def __init__(self, model_dir: Path, server: str, log_path: Path, tee_threads: int, timeout_s: float):
-        from teesplit.cli import free_tcp_address
+        from teesplit.cli import free_tcp_port, start_api
 
-        self.port = int(free_tcp_address().rsplit(":", 1)[1])
-        cmd = [sys.executable, "-m", "teesplit", "api", "--server", server, "--model", str(model_dir)]
-        cmd += ["--port", str(self.port), "--plan", PLAN, "--served-model-name", "bench"]
-        cmd += ["--max-batch", str(max(CLIENTS)), "--timeout", str(timeout_s)]
+        self.port = free_tcp_port()
+        args = ["--server", server, "--model", str(model_dir), "--plan", PLAN, "--served-model-name", "bench"]
+        args += ["--max-batch", str(max(CLIENTS)), "--timeout", str(timeout_s)]
         env = dict(os.environ)
         if tee_threads:  # the same numpy threads as the CLI path in this process
             env |= {
                 k: str(tee_threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
             }
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stderr=self.log, stdout=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/v1/models")
-                ok = conn.getresponse().status == 200
-                conn.close()
-                if ok:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"teesplit api did not start (log: {log_path})")
-            time.sleep(0.2)
+        try:
+            self.proc = start_api(args, self.port, stderr=self.log, env=env)
+        except RuntimeError as e:
+            self.log.close()
+            raise RuntimeError(f"{e} (log: {log_path})") from None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from teesplit.cli import stop_server
+
+        stop_server(self.proc, grace_s=30)
         self.log.close()
 
 
