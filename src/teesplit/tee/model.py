@@ -51,6 +51,32 @@ class KVCache:
     def advance(self, n_new: np.ndarray) -> None:
         self.lengths = self.lengths + n_new
 
+    def join(self, other: KVCache) -> KVCache:
+        """A cache holding this one's rows, then `other`'s (rows joining a running batch)."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = [], []
+        for ka, va, kb, vb in zip(self.k, self.v, other.k, other.v, strict=True):
+            cap = max(ka.shape[2], kb.shape[2])
+            out.k.append(np.concatenate([_pad_capacity(ka, cap), _pad_capacity(kb, cap)]))
+            out.v.append(np.concatenate([_pad_capacity(va, cap), _pad_capacity(vb, cap)]))
+        out.lengths = np.concatenate([self.lengths, other.lengths])
+        return out
+
+    def select_rows(self, rows: np.ndarray) -> KVCache:
+        """A cache holding only `rows` (finished rows leaving a batch)."""
+        out = KVCache.__new__(KVCache)
+        out.k = [k[rows] for k in self.k]
+        out.v = [v[rows] for v in self.v]
+        out.lengths = self.lengths[rows]
+        return out
+
+
+def _pad_capacity(x: np.ndarray, cap: int) -> np.ndarray:
+    """(B, Hkv, S, D) zero-padded along S to `cap` positions."""
+    if x.shape[2] == cap:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (0, cap - x.shape[2]), (0, 0)))
+
 
 class GPUKVCache:
     """The KV cache of plan v3-fused: the data lives in a GPU-server session; only lengths here."""

@@ -303,7 +303,7 @@ class Engine:
             self._cohorts.append(cohort)
         elif self._cohorts:  # trusted-side cache: the new rows join the running batch
             main = self._cohorts[0]
-            main.cache = _concat_caches(main.cache, cohort.cache)
+            main.cache = main.cache.join(cohort.cache)
             main.seqs = main.seqs + cohort.seqs
         else:
             self._cohorts.append(cohort)
@@ -407,7 +407,7 @@ class Engine:
                 self._close(cohort, None)
             elif isinstance(cohort.cache, KVCache) and any(s.done for s in cohort.seqs):
                 keep = np.array([b for b, s in enumerate(cohort.seqs) if not s.done])
-                cohort.cache = _select_rows(cohort.cache, keep)
+                cohort.cache = cohort.cache.select_rows(keep)
                 cohort.seqs = [cohort.seqs[b] for b in keep]
 
     def _close(self, cohort: _Cohort, error: BaseException | None) -> None:
@@ -501,30 +501,3 @@ def _as_serving_error(e: BaseException) -> ServingError:
     if isinstance(e, ProtocolError):
         return ServingError(f"the GPU server sent a malformed reply: {e}", 502, "gpu_protocol")
     return ServingError(f"internal error: {type(e).__name__}: {e}", 500, "internal_error")
-
-
-# ---- trusted-side KV caches: rows join and leave ----------------------------------------------
-def _concat_caches(a: KVCache, b: KVCache) -> KVCache:
-    """a's rows then b's rows in one cache (the capacity of the larger)."""
-    out = KVCache.__new__(KVCache)
-    out.k, out.v = [], []
-    for ka, va, kb, vb in zip(a.k, a.v, b.k, b.v, strict=True):
-        cap = max(ka.shape[2], kb.shape[2])
-        out.k.append(np.concatenate([_pad_to(ka, cap), _pad_to(kb, cap)]))  # (Ba + Bb, Hkv, S_max, D)
-        out.v.append(np.concatenate([_pad_to(va, cap), _pad_to(vb, cap)]))
-    out.lengths = np.concatenate([a.lengths, b.lengths])
-    return out
-
-
-def _select_rows(cache: KVCache, rows: np.ndarray) -> KVCache:
-    out = KVCache.__new__(KVCache)
-    out.k = [k[rows] for k in cache.k]
-    out.v = [v[rows] for v in cache.v]
-    out.lengths = cache.lengths[rows]
-    return out
-
-
-def _pad_to(x: np.ndarray, cap: int) -> np.ndarray:
-    if x.shape[2] == cap:
-        return x
-    return np.pad(x, ((0, 0), (0, 0), (0, cap - x.shape[2]), (0, 0)))
