@@ -188,3 +188,86 @@ def _wait_ready(address, proc, timeout=120.0):
                 assert time.monotonic() < deadline, "the lying server did not start"
     finally:
         client.close()
+
+
+# ---- checks deferred to the end of the pass, batched across layers ---------------------------
+def _recorded_pass(ckpt, plan):
+    """A verifying client mid-generation, and the pending checks of its next decode step."""
+    client = _client(ckpt)
+    model = TEELlamaModel(client, get_plan(plan))
+    cache = model.new_cache()
+    model.forward(np.array([PROMPT]), cache)
+    passes = []
+    check_pass = client.verifier.check_pass
+    client.verifier.check_pass = lambda items: (passes.append(list(items)), check_pass(items))[1]
+    model.forward(np.array([[11]]), cache)
+    client.verifier.check_pass = check_pass
+    return client, passes[-1]
+
+
+def _tamper(items, op, layer):
+    """The pass with the result (last array) of `op` on `layer` scaled by 1.001."""
+    out = []
+    for o, lyr, payload in items:
+        if o.removesuffix("+v") == op and lyr == layer:
+            payload = (*payload[:-1], payload[-1] * np.float32(1.001))
+        out.append((o, lyr, payload))
+    return out
+
+
+@pytest.mark.parametrize("plan", ["v3-fused", "v2-fused"])
+def test_a_pass_is_checked_in_batches_and_the_first_lie_is_named(ckpt, plan):
+    client, items = _recorded_pass(ckpt, plan)
+    per_layer = 5 if plan == "v3-fused" else 4
+    assert len(items) == per_layer * client.config.num_layers + 2  # every result of the step
+    # A lie in layer 2's GateUp and one in layer 1's QKV: the earlier one in call order is named,
+    # whatever order the batches run in (QKV before GateUp within a layer, layer 1 first).
+    bad = _tamper(_tamper(items, "GateUp", 2), "QKV", 1)
+    with pytest.raises(IntegrityError, match=r"^QKV of layer 1:"):
+        _recorded_pass(ckpt, plan)[0].verifier.check_pass(bad)
+    bad = _tamper(_tamper(items, "GateUp", 0), "QKV", 1)
+    with pytest.raises(IntegrityError, match=r"^GateUp of layer 0:"):
+        _recorded_pass(ckpt, plan)[0].verifier.check_pass(bad)
+
+
+def test_an_irregular_pass_is_checked_one_by_one(ckpt):
+    """Results that do not form one pass (a layer twice) take the one-by-one path: same verdicts."""
+    client, items = _recorded_pass(ckpt, "v2-fused")
+    gate_up = [it for it in items if it[0] == "GateUp"]
+    client.verifier.check_pass([gate_up[1], gate_up[1], gate_up[0]])  # honest: passes
+    lied = _tamper([gate_up[0]], "GateUp", 0)
+    with pytest.raises(IntegrityError, match=r"^GateUp of layer 0:"):
+        client.verifier.check_pass([gate_up[1], gate_up[1], *lied])
+
+
+def test_checks_waiting_run_before_an_rpc_error_is_raised(ckpt):
+    """A lie, then the server fails: the runner reports the lie (IntegrityError), not the failure."""
+    from teesplit.protocol import error_reply
+
+    class LiesThenFails(LyingHandler):
+        def __init__(self, handler):
+            super().__init__(handler, "scale", "GateUp", 3 + 1)  # layer 0 of the first decode step
+            self.calls = 0
+            honest = self.handle
+
+            def handle(frames, peer=None):
+                self.calls += 1
+                if self.told:
+                    return error_reply(None, "internal", "server error: out of memory")
+                return honest(frames, peer) if peer is not None else honest(frames)
+
+            self.handle = handle
+
+    model = TEELlamaModel(_client(ckpt, wrap=LiesThenFails), get_plan("v2-fused"))
+    with pytest.raises(IntegrityError, match=r"^GateUp of layer 0:"):
+        Generator(model, eos_token_ids=set()).generate(PROMPT, SamplingParams(max_new_tokens=4))
+
+
+def test_top_k_ids_is_a_stable_sort_of_the_largest():
+    from teesplit.tee.verify import top_k_ids
+
+    rng = np.random.default_rng(5)
+    for k in (1, 2, 7, 40):
+        logits = rng.integers(-5, 5, size=(3, 2, 40)).astype(np.float32)  # many ties
+        want = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+        np.testing.assert_array_equal(top_k_ids(logits, k), want)

@@ -69,7 +69,7 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
             ms_v, tokens_v, step_v = _median_ms(checked, prompt, s.new_tokens, s.repeats)
             n_steps = s.repeats * (s.new_tokens - 1) + s.repeats  # steps + prefills measured
             c = checked.config
-            m = v.layers[0].Fo.shape[0]
+            m = v.o_vectors
             rows[name] = {
                 "decode_ms": ms,
                 "decode_ms_verify": ms_v,

@@ -39,8 +39,18 @@ Which results are checked, and how:
   rounding and its norm unknown, and the tolerance tens of times looser: a 1e-3 change of the
   largest output then went unnoticed about once in a hundred.)
 
+When: CheckedClient defers the checks of a forward pass to its LM-head reply and runs them
+there (`Verifier.check_pass`), before the logits reach the sampler. The fingerprints carry a
+leading axis over layers, so the same check of all layers is one batched product: about ten
+numpy calls per kind of result instead of twenty per result, which is most of what checking
+cost (the products are tiny; the calls were not). The pass reports the failure the checks
+one by one, in call order, would have found first; results that do not form one regular pass
+are checked one by one. The tolerances are compared in two steps: the cheap term (λ u ρ ‖x‖
+for the Linear family) first, the rest only when some difference exceeds it; tol >= the
+cheap term, so the verdicts are unchanged.
+
 A failed check raises IntegrityError naming the operation and the layer; the generation
-stops before the result is used, so no token computed from it is ever emitted.
+stops before any token computed from the result is emitted.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import functools
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -84,8 +95,10 @@ class LinearPrint:
     the float32 noise a check must tolerate grows with the block, not with N, while a lie in
     any output still meets n independent vectors. float64 throughout.
 
-    Rb (n, nb, BLOCK) the vectors' values; idx (nb, BLOCK) their outputs (N: padding);
-    F (n * nb, K) = R' W; c (n * nb,) = R' b; rho (n * nb,) ρ² = Σ R'² ‖W_row‖²."""
+    Every array but idx has a leading axis over layers (L; 1 for the LM head), so the same
+    Linear of many layers is checked in one batched product (`print[a:b]` is a view).
+    Rb (L, n, nb, BLOCK) the vectors' values; idx (nb, BLOCK) their outputs (N: padding);
+    F (L, n * nb, K) = R' W; c (L, n * nb) = R' b; rho (L, n * nb) ρ² = Σ R'² ‖W_row‖²."""
 
     Rb: np.ndarray
     idx: np.ndarray
@@ -112,7 +125,7 @@ class LinearPrint:
         rho = np.sqrt(np.einsum("ibk,bk->ib", Rb * Rb, row2)).reshape(-1)
         b64 = np.zeros(N + 1) if b is None else np.append(b.astype(np.float64), 0.0)
         c = np.einsum("ibk,bk->ib", Rb, b64[idx]).reshape(-1)
-        return cls(Rb, idx, F, c, rho, N)
+        return cls(Rb[None], idx, F[None], c[None], rho[None], N)
 
     @classmethod
     def stack(cls, parts: list[LinearPrint]) -> LinearPrint:
@@ -122,41 +135,61 @@ class LinearPrint:
         idx = np.concatenate(
             [np.where(p.idx == p.N, N, p.idx + o) for p, o in zip(parts, offsets, strict=False)]
         )
-        n = parts[0].Rb.shape[0]
+        L, n = parts[0].Rb.shape[:2]
 
         def by_vector(a: np.ndarray, p: LinearPrint) -> np.ndarray:
-            return a.reshape(n, p.Rb.shape[1], *a.shape[1:])
+            return a.reshape(L, n, p.Rb.shape[2], *a.shape[2:])
 
-        F = np.concatenate([by_vector(p.F, p) for p in parts], axis=1).reshape(-1, parts[0].F.shape[1])
-        c = np.concatenate([by_vector(p.c, p) for p in parts], axis=1).reshape(-1)
-        rho = np.concatenate([by_vector(p.rho, p) for p in parts], axis=1).reshape(-1)
-        return cls(np.concatenate([p.Rb for p in parts], axis=1), idx, F, c, rho, N)
+        F = np.concatenate([by_vector(p.F, p) for p in parts], axis=2).reshape(L, -1, parts[0].F.shape[2])
+        c = np.concatenate([by_vector(p.c, p) for p in parts], axis=2).reshape(L, -1)
+        rho = np.concatenate([by_vector(p.rho, p) for p in parts], axis=2).reshape(L, -1)
+        return cls(np.concatenate([p.Rb for p in parts], axis=2), idx, F, c, rho, N)
+
+    @classmethod
+    def layers(cls, prints: list[LinearPrint]) -> LinearPrint:
+        """One print for the same Linear of consecutive layers (their leading axes joined)."""
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in prints])
+
+        return cls(cat("Rb"), prints[0].idx, cat("F"), cat("c"), cat("rho"), prints[0].N)
+
+    def __getitem__(self, layers: slice) -> LinearPrint:
+        """The prints of a range of layers: views, sharing the transposed vectors too."""
+        view = LinearPrint(
+            self.Rb[layers], self.idx, self.F[layers], self.c[layers], self.rho[layers], self.N
+        )
+        view.__dict__["_RbT"] = self._RbT[layers]
+        view.__dict__["_Rb2T"] = self._Rb2T[layers]
+        return view
 
     @functools.cached_property
     def _RbT(self) -> np.ndarray:
-        return np.ascontiguousarray(self.Rb.transpose(1, 2, 0))  # (nb, BLOCK, n)
+        return np.ascontiguousarray(self.Rb.transpose(0, 2, 3, 1))  # (L, nb, BLOCK, n)
 
     @functools.cached_property
     def _Rb2T(self) -> np.ndarray:
-        return np.ascontiguousarray((self.Rb * self.Rb).transpose(1, 2, 0))
+        return np.ascontiguousarray((self.Rb * self.Rb).transpose(0, 2, 3, 1))
 
-    def _blocks(self, y2: np.ndarray) -> np.ndarray:
-        """Rows y2 (M, N) -> (nb, M, BLOCK), padded with zeros."""
+    def _blocks(self, y: np.ndarray) -> np.ndarray:
+        """Rows y (L, M, N) -> (L, nb, M, BLOCK), padded with zeros."""
+        L, M = y.shape[:2]
         if self.idx.size == self.N:  # N a multiple of BLOCK: a view, no gather
-            return y2.reshape(y2.shape[0], -1, self.idx.shape[1]).transpose(1, 0, 2)
-        return np.concatenate([y2, np.zeros((y2.shape[0], 1))], axis=1)[:, self.idx].transpose(1, 0, 2)
+            return y.reshape(L, M, -1, self.idx.shape[1]).transpose(0, 2, 1, 3)
+        padded = np.concatenate([y, np.zeros((L, M, 1))], axis=2)
+        return padded[:, :, self.idx].transpose(0, 2, 1, 3)
 
-    def ry(self, y2: np.ndarray, yb: np.ndarray | None = None) -> np.ndarray:
-        """R' y for rows y2 (M, N) -> (M, n * nb), as one batched product per block."""
-        yb = self._blocks(y2) if yb is None else yb
-        out = np.matmul(yb, self._RbT)  # (nb, M, n)
-        return out.transpose(1, 2, 0).reshape(y2.shape[0], -1)
+    def ry(self, y: np.ndarray, yb: np.ndarray | None = None) -> np.ndarray:
+        """R' y for rows y (L, M, N) -> (L, M, n * nb), one batched product per layer and block."""
+        yb = self._blocks(y) if yb is None else yb
+        out = np.matmul(yb, self._RbT)  # (L, nb, M, n)
+        return out.transpose(0, 2, 3, 1).reshape(y.shape[0], y.shape[1], -1)
 
-    def ry_abs(self, y2: np.ndarray, yb: np.ndarray | None = None) -> np.ndarray:
-        """‖R' ⊙ y‖ per row and vector: (M, n * nb)."""
-        yb = self._blocks(y2) if yb is None else yb
+    def ry_abs(self, y: np.ndarray, yb: np.ndarray | None = None) -> np.ndarray:
+        """‖R' ⊙ y‖ per row and vector: (L, M, n * nb)."""
+        yb = self._blocks(y) if yb is None else yb
         out = np.matmul(yb * yb, self._Rb2T)
-        return np.sqrt(out.transpose(1, 2, 0).reshape(y2.shape[0], -1))
+        return np.sqrt(out.transpose(0, 2, 3, 1).reshape(y.shape[0], y.shape[1], -1))
 
     @property
     def nbytes(self) -> int:
@@ -164,14 +197,17 @@ class LinearPrint:
         return 3 * self.Rb.nbytes + self.idx.nbytes + self.F.nbytes + self.c.nbytes + self.rho.nbytes
 
 
+def _where(op: str, layer: int | None) -> str:
+    return op + (f" of layer {layer}" if layer is not None else "")
+
+
 def _fail(op: str, layer: int | None, what: str, diff: np.ndarray, tol: np.ndarray) -> IntegrityError:
-    where = f"{op}" + (f" of layer {layer}" if layer is not None else "")
     bad = ~(np.abs(diff) <= tol)  # NaN counts as bad
     idx = int(np.argmax(bad.reshape(-1)))
     d, t = float(np.abs(diff).reshape(-1)[idx]), float(tol.reshape(-1)[idx])
     return IntegrityError(
-        f"{where}: the GPU server's result fails its Freivalds check ({what}: |difference| {d:.3g} > "
-        f"tolerance {t:.3g} in {int(bad.sum())} of {bad.size} checks); generation stopped"
+        f"{_where(op, layer)}: the GPU server's result fails its Freivalds check ({what}: |difference| "
+        f"{d:.3g} > tolerance {t:.3g} in {int(bad.sum())} of {bad.size} checks); generation stopped"
     )
 
 
@@ -180,20 +216,57 @@ def _require(ok: np.ndarray, op: str, layer: int | None, what: str, diff, tol) -
         raise _fail(op, layer, what, np.asarray(diff), np.asarray(tol))
 
 
-def check_linear(fp: LinearPrint, x: np.ndarray, y: np.ndarray, op: str, layer: int | None = None) -> None:
-    """y (..., N) against x (..., K) through the fingerprint of y = W x + b."""
-    K, N = fp.F.shape[1], fp.N
-    x2 = x.reshape(-1, K).astype(np.float64)
-    y2 = y.reshape(-1, N).astype(np.float64)
-    if not np.isfinite(y2).all():
-        raise IntegrityError(f"{op}" + (f" of layer {layer}" if layer is not None else "") + ": NaN or Inf")
+@dataclass
+class Failure:
+    """A failed check, at `index` along a batched check's leading axis (a layer of the batch)."""
+
+    index: int
+    what: str = ""  # what was compared; "NaN or Inf" for a non-finite result
+    diff: np.ndarray | None = None
+    tol: np.ndarray | None = None
+    raised: IntegrityError | None = None  # the error a whole-result check built itself
+
+    def error(self, op: str, layer: int | None) -> IntegrityError:
+        if self.raised is not None:
+            return self.raised
+        if self.diff is None:
+            return IntegrityError(f"{_where(op, layer)}: NaN or Inf")
+        return _fail(op, layer, self.what, self.diff, self.tol)
+
+
+def _compare(diff: np.ndarray, cheap: np.ndarray, extra, what: str, nonfinite: np.ndarray) -> list[Failure]:
+    """|diff| <= tolerance per element, failures per leading index. The tolerance is cheap +
+    extra() with extra() >= 0, so when every difference is within `cheap` the costlier part is
+    never computed, and the decisions are those of the whole tolerance."""
+    failures = [Failure(int(i), "NaN or Inf") for i in np.flatnonzero(nonfinite)]
+    ad = np.abs(diff)
+    if not failures and bool((ad <= cheap).all()):  # NaN compares False: it takes the long way
+        return failures
+    tol = np.broadcast_to(cheap + extra(), diff.shape)
+    bad = ~(ad <= tol).reshape(len(diff), -1).all(axis=1) & ~nonfinite
+    failures += [Failure(int(i), what, diff[i], tol[i]) for i in np.flatnonzero(bad)]
+    return sorted(failures, key=lambda f: f.index)
+
+
+def linear_failures(fp: LinearPrint, x: np.ndarray, y: np.ndarray) -> list[Failure]:
+    """y (L, ..., N) against x (L, ..., K) through the fingerprints of y = W x + b of L layers."""
+    L, K, N = fp.F.shape[0], fp.F.shape[2], fp.N
+    x2 = np.asarray(x, np.float64).reshape(L, -1, K)
+    y2 = np.asarray(y, np.float64).reshape(L, -1, N)
+    nonfinite = ~np.isfinite(y2).reshape(L, -1).all(axis=1)
     yb = fp._blocks(y2)
-    lhs = fp.ry(y2, yb)  # (M, vectors)
-    rhs = x2 @ fp.F.T + fp.c
-    xn = np.sqrt(np.einsum("mk,mk->m", x2, x2))[:, None]
-    tol = LAMBDA["linear"] * U32 * (xn * fp.rho + fp.ry_abs(y2, yb))
-    diff = lhs - rhs
-    _require(np.abs(diff) <= tol, op, layer, "rᵀy against (rᵀW)x", diff, tol)
+    Fx = np.matmul(fp.F, x2.transpose(0, 2, 1)).transpose(0, 2, 1)  # F contiguous: no copy of it
+    diff = fp.ry(y2, yb) - (Fx + fp.c[:, None])  # (L, M, vectors)
+    scale = LAMBDA["linear"] * U32
+    cheap = scale * np.sqrt(np.einsum("lmk,lmk->lm", x2, x2))[..., None] * fp.rho[:, None]
+    return _compare(diff, cheap, lambda: scale * fp.ry_abs(y2, yb), "rᵀy against (rᵀW)x", nonfinite)
+
+
+def check_linear(fp: LinearPrint, x: np.ndarray, y: np.ndarray, op: str, layer: int | None = None) -> None:
+    """y (..., N) against x (..., K) through a one-layer fingerprint of y = W x + b."""
+    failures = linear_failures(fp, x, y)
+    if failures:
+        raise failures[0].error(op, layer)
 
 
 def check_embedding(table_print: np.ndarray, S: np.ndarray, ids: np.ndarray, x: np.ndarray, op: str) -> None:
@@ -226,52 +299,39 @@ def check_matmul(
 
 
 @dataclass
-class LayerPrints:
-    linear: dict[str, LinearPrint]  # q_proj ... down_proj
-    qkv: LinearPrint
-    gate_up: LinearPrint
-    Fo: np.ndarray  # (m, H, D): (W_oᵀ R'_m)_h, o_proj's fingerprint per head, for the PV check
-    Fo_norm: np.ndarray  # (m, H): ‖(W_oᵀ R'_m)_h‖, for its tolerance
-
-    @property
-    def nbytes(self) -> int:
-        fps = [*self.linear.values(), self.qkv, self.gate_up]
-        return sum(p.nbytes for p in fps) + self.Fo.nbytes + self.Fo_norm.nbytes
-
-
-@dataclass
 class KeyState:
-    """Running key fingerprints of one layer of a GPU session: committed positions (never
-    rewritten) and the last write (rewritten in part when a ragged batch's padding is replaced)."""
+    """Running key fingerprints of a GPU session, every layer (leading axis L): committed
+    positions (never rewritten) and each layer's last write (rewritten in part when a ragged
+    batch's padding is replaced)."""
 
-    C: np.ndarray  # (n, B, Hkv, D): Σ_j ρ_ij k_j over committed positions
-    C2: np.ndarray  # (n, B, Hkv): Σ_j ρ_ij² ‖k_j‖²
-    commit: np.ndarray  # (B,)
-    last_pos: np.ndarray | None = None
-    last_k: np.ndarray | None = None  # (B, Hkv, T, D)
+    C: np.ndarray  # (L, n, B, Hkv, D): Σ_j ρ_ij k_j over committed positions
+    C2: np.ndarray  # (L, n, B, Hkv): Σ_j ρ_ij² ‖k_j‖²
+    commit: np.ndarray  # (L, B)
+    last_pos: list[np.ndarray | None]  # per layer
+    last_k: list[np.ndarray | None]  # per layer: (B, Hkv, T, D) float64
 
 
 @dataclass
 class ValueState:
-    """Per layer of a GPU session, for every cached position j: g_mhj = (W_oᵀ R'_m)_h · v_j and
+    """Per GPU session, for every layer and cached position j: g_lmhj = (W_oᵀ R'_m)_h · v_j and
     ‖v_j‖ per KV head, from the v the QKV call returned (and its check accepted)."""
 
-    G: np.ndarray  # (m, B, H, capacity)
-    X: np.ndarray  # (B, Hkv, capacity): ‖v_j‖
+    G: np.ndarray  # (L, m, B, H, capacity)
+    X: np.ndarray  # (L, B, Hkv, capacity): ‖v_j‖
 
     def reserve(self, end: int) -> None:
         cap = self.G.shape[-1]
         if end > cap:
             grow = max(end, 2 * cap)
-            self.G = np.pad(self.G, ((0, 0), (0, 0), (0, 0), (0, grow - cap)))
-            self.X = np.pad(self.X, ((0, 0), (0, 0), (0, grow - cap)))
+            self.G = np.pad(self.G, ((0, 0),) * 4 + ((0, grow - cap),))
+            self.X = np.pad(self.X, ((0, 0),) * 3 + ((0, grow - cap),))
 
 
 @dataclass
 class SessionState:
     rho: np.ndarray  # (n, max_tokens) secret position weights
-    keys: list[KeyState]
-    values: list[ValueState]
+    keys: KeyState
+    values: ValueState
 
 
 @dataclass
@@ -283,8 +343,47 @@ class VerifyStats:
     by_op: dict[str, int] = field(default_factory=dict)
 
 
+# A result awaiting its check: (op, layer or None, what the check needs). Ops: Embedding, Linear
+# (module, x, y), QKV (x, y), QKV+v (state, pos, x, y: a session's QKV, v kept for AttnOut),
+# GateUp, LMHead (x, y), Matmul (a, b, c, what), AttnScores (state, q, k, pos, scores),
+# AttnOut (state, p, o).
+Pending = tuple[str, "int | None", tuple]
+_STATEFUL = ("QKV+v", "AttnScores", "AttnOut")  # in this order: AttnOut reads the values QKV+v kept
+_FUSED = {"QKV": "qkv", "GateUp": "gate_up"}
+
+
+def _name(op: str, payload: tuple) -> str:
+    """The operation as an IntegrityError names it."""
+    return f"Linear {payload[0]}" if op == "Linear" else op.removesuffix("+v")
+
+
+def _batch(items: list[Pending]) -> slice | None:
+    """The layers of one op's results as a slice when they can be checked as one batch: the same
+    op (and module, session, positions) on consecutive layers, arrays of equal shapes."""
+    layers = [layer for _, layer, _ in items]
+    if layers[0] is None or layers != list(range(layers[0], layers[0] + len(items))):
+        return None
+    first = items[0][2]
+    for _, _, payload in items[1:]:
+        for a, b in zip(first, payload, strict=True):
+            if isinstance(a, np.ndarray):
+                if a.shape != b.shape:
+                    return None
+            elif a is not b and not (isinstance(a, str) and a == b):  # module; session (by identity)
+                return None
+    if items[0][0] in ("QKV+v", "AttnScores"):  # the same positions: one update for all layers
+        at = 1 if items[0][0] == "QKV+v" else 3
+        if any(not np.array_equal(first[at], p[at]) for _, _, p in items[1:]):
+            return None
+    return slice(layers[0], layers[0] + len(items))
+
+
 class Verifier:
-    """Fingerprints of one checkpoint at one compute dtype, and the checks that use them."""
+    """Fingerprints of one checkpoint at one compute dtype, and the checks that use them.
+
+    Each check exists once, for a batch of layers (a leading axis L): `check_pass` runs a whole
+    forward pass's checks with L = num_layers, the per-result methods (linear, fused, ...) with
+    L = 1."""
 
     def __init__(
         self,
@@ -300,11 +399,23 @@ class Verifier:
         self.n = vectors
         # Secret: from the OS unless a test fixes it.
         self.rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-        self.layers: list[LayerPrints] = []
+        per_layer: list[dict[str, LinearPrint]] = []
         for i in range(c.num_layers):
             if progress is not None:
                 progress(i, c.num_layers)
-            self.layers.append(self._layer_prints(checkpoint, i))
+            lin = {}
+            for module in LAYER_MODULES:
+                W, b = checkpoint.linear(i, module, self.dtype)
+                lin[module] = LinearPrint.of(W, b, self.rng, self.n)
+            lin["qkv"] = LinearPrint.stack([lin["q_proj"], lin["k_proj"], lin["v_proj"]])
+            lin["gate_up"] = LinearPrint.stack([lin["gate_proj"], lin["up_proj"]])
+            per_layer.append(lin)
+        # One print per Linear, all layers stacked: q_proj ... down_proj, qkv, gate_up.
+        self.prints = {name: LinearPrint.layers([lin[name] for lin in per_layer]) for name in per_layer[0]}
+        del per_layer
+        o = self.prints["o_proj"]
+        self.Fo = o.F.reshape(c.num_layers, o.F.shape[1], c.num_heads, c.head_dim)  # (L, m, H, D)
+        self.Fo_norm = np.sqrt(np.einsum("lmhd,lmhd->lmh", self.Fo, self.Fo))  # (L, m, H)
         emb = checkpoint.embed(self.dtype)  # (V, E)
         self.emb_S = self.rng.standard_normal((self.n, c.hidden_size))
         self.emb_print = emb.astype(np.float64) @ self.emb_S.T  # (V, n)
@@ -313,121 +424,47 @@ class Verifier:
         self.stats = VerifyStats()
         self.stats.setup_s = time.perf_counter() - t0
         self.stats.fingerprint_bytes = (
-            sum(lp.nbytes for lp in self.layers)
+            sum(p.nbytes for p in self.prints.values())
+            + self.Fo_norm.nbytes
             + self.emb_print.nbytes
             + self.emb_S.nbytes
             + self.lm_head.nbytes
         )
 
-    def _layer_prints(self, ck: TrustedCheckpoint, i: int) -> LayerPrints:
-        c, n = self.config, self.n
-        H, D = c.num_heads, c.head_dim
-        lin = {}
-        for module in LAYER_MODULES:
-            W, b = ck.linear(i, module, self.dtype)
-            lin[module] = LinearPrint.of(W, b, self.rng, n)
-        m = lin["o_proj"].F.shape[0]  # o_proj's vectors (n per output block)
-        Fo = lin["o_proj"].F.reshape(m, H, D)  # (W_oᵀ R'_m)_h
-        return LayerPrints(
-            linear=lin,
-            qkv=LinearPrint.stack([lin["q_proj"], lin["k_proj"], lin["v_proj"]]),
-            gate_up=LinearPrint.stack([lin["gate_proj"], lin["up_proj"]]),
-            Fo=Fo,
-            Fo_norm=np.sqrt(np.einsum("mhd,mhd->mh", Fo, Fo)),
-        )
+    @property
+    def o_vectors(self) -> int:
+        """o_proj's vectors (n per output block): the PV check's values per head and position."""
+        return self.Fo.shape[1]
 
-    def _count(self, op: str, t0: float) -> None:
+    def _count(self, op: str, t0: float, n: int = 1) -> None:
         s = self.stats
-        s.checks += 1
+        s.checks += n
         s.check_s += time.perf_counter() - t0
-        s.by_op[op] = s.by_op.get(op, 0) + 1
+        s.by_op[op] = s.by_op.get(op, 0) + n
 
-    # ---- the checks ------------------------------------------------------------------------
+    # ---- the checks, one result at a time ----------------------------------------------------
+    def _one(self, op: str, layer: int | None, args: tuple) -> None:
+        self.check_pass([(op, layer, args)])
+
     def linear(self, layer: int, module: str, x: np.ndarray, y: np.ndarray) -> None:
-        t0 = time.perf_counter()
-        fp = self.layers[layer].linear[module]
-        check_linear(fp, x, y, f"Linear {module}", layer)
-        self._count("Linear", t0)
+        self._one("Linear", layer, (module, x, y))
 
     def fused(self, layer: int, name: str, x: np.ndarray, y: np.ndarray) -> None:
         """name: qkv or gate_up."""
-        t0 = time.perf_counter()
-        op = {"qkv": "QKV", "gate_up": "GateUp"}[name]
-        check_linear(getattr(self.layers[layer], name), x, y, op, layer)
-        self._count(op, t0)
+        self._one({v: k for k, v in _FUSED.items()}[name], layer, (x, y))
 
     def lm_head_logits(self, x: np.ndarray, y: np.ndarray) -> None:
-        t0 = time.perf_counter()
-        check_linear(self.lm_head, x, y, "LMHead")
-        self._count("LMHead", t0)
+        self._one("LMHead", None, (x, y))
 
     def embedding(self, ids: np.ndarray, x: np.ndarray) -> None:
-        t0 = time.perf_counter()
-        check_embedding(self.emb_print, self.emb_S, ids, x, "Embedding")
-        self._count("Embedding", t0)
+        self._one("Embedding", None, (ids, x))
 
     def matmul(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, what: str, layer: int | None) -> None:
-        t0 = time.perf_counter()
-        check_matmul(a, b, c, self.rng, self.n, f"Matmul ({what})", layer)
-        self._count("Matmul", t0)
-
-    # ---- the GPU-side K/V cache (v3-fused) ------------------------------------------------
-    def open_session(self, batch: int, max_tokens: int) -> SessionState:
-        c, n = self.config, self.n
-        rho = self.rng.standard_normal((n, max_tokens))
-        keys = [
-            KeyState(
-                np.zeros((n, batch, c.num_kv_heads, c.head_dim)),
-                np.zeros((n, batch, c.num_kv_heads)),
-                np.zeros(batch, np.int64),
-            )
-            for _ in range(c.num_layers)
-        ]
-        m = self.layers[0].Fo.shape[0]  # o_proj's vectors: n per output block
-        values = [
-            ValueState(np.zeros((m, batch, c.num_heads, 64)), np.zeros((batch, c.num_kv_heads, 64)))
-            for _ in range(c.num_layers)
-        ]
-        return SessionState(rho, keys, values)
+        self._one("Matmul", layer, (a, b, c, what))
 
     def session_values(self, s: SessionState, layer: int, v: np.ndarray, pos: np.ndarray) -> None:
-        """The checked v (B, T, Hkv, D) a session's QKV wrote at pos: keep g and ‖v‖ per position."""
-        lp, vs, c = self.layers[layer], s.values[layer], self.config
-        B, T = v.shape[:2]
-        vs.reserve(int(pos.max()) + T)
-        v64 = v.astype(np.float64)
-        kv_of = np.arange(c.num_heads) // (c.num_heads // c.num_kv_heads)
-        g = np.einsum("mhd,bthd->mbht", lp.Fo, v64[:, :, kv_of])  # (m, B, H, T)
-        vn = np.sqrt(np.einsum("btgd,btgd->bgt", v64, v64))  # (B, Hkv, T)
-        for b in range(B):
-            vs.G[:, b, :, pos[b] : pos[b] + T] = g[:, b]
-            vs.X[b, :, pos[b] : pos[b] + T] = vn[b]
-
-    def _update_keys(self, s: SessionState, layer: int, k: np.ndarray, pos: np.ndarray) -> None:
-        ks = s.keys[layer]
-        B = k.shape[0]
-        for b in range(B):
-            p = int(pos[b])
-            if p < ks.commit[b]:
-                if p != 0:
-                    raise ValueError(f"verify: layer {layer} row {b} rewrites committed position {p}")
-                ks.C[:, b] = 0.0
-                ks.C2[:, b] = 0.0
-                ks.commit[b] = 0
-                continue
-            if ks.last_k is None:
-                continue
-            start, Tl = int(ks.last_pos[b]), ks.last_k.shape[2]
-            if p > start + Tl:
-                raise ValueError(f"verify: layer {layer} row {b} leaves a gap before position {p}")
-            end = min(p, start + Tl)
-            if end > start:
-                kk = ks.last_k[b, :, : end - start]  # (Hkv, T', D)
-                r = s.rho[:, start:end]  # (n, T')
-                ks.C[:, b] += np.einsum("ij,hjd->ihd", r, kk)
-                ks.C2[:, b] += np.einsum("ij,hj->ih", r * r, np.einsum("hjd,hjd->hj", kk, kk))
-            ks.commit[b] = p
-        ks.last_pos, ks.last_k = pos.copy(), k.astype(np.float64)
+        """Keep g and ‖v‖ per position for the checked v (B, T, Hkv, D) a session's QKV wrote at pos."""
+        self._store_values(s, slice(layer, layer + 1), v[None], pos)
 
     def attn_scores(
         self, s: SessionState, layer: int, q: np.ndarray, k: np.ndarray, pos: np.ndarray, scores: np.ndarray
@@ -435,74 +472,254 @@ class Verifier:
         """q (B, H, T, D) and the new keys k (B, Hkv, T, D) at pos; scores (B, H, T, S) over the
         GPU's cache. Positions j >= pos_b + T of row b are hidden from every query of that row
         by the causal mask and are not checked; every value must still be finite."""
-        t0 = time.perf_counter()
-        if not np.isfinite(scores).all():
-            raise IntegrityError(f"AttnScores of layer {layer}: NaN or Inf")
-        self._update_keys(s, layer, k, pos)
-        ks, c = s.keys[layer], self.config
-        B, H, T, S = scores.shape
-        G = H // c.num_kv_heads
-        q64, sc = q.astype(np.float64), scores.astype(np.float64)
-        k64 = k.astype(np.float64)
-        diffs, tols = [], []
-        for b in range(B):
-            p = int(pos[b])
-            end = p + T
-            r = s.rho[:, :end]  # (n, end)
-            Kt = ks.C[:, b] + np.einsum("it,htd->ihd", s.rho[:, p:end], k64[b])  # (n, Hkv, D)
-            K2 = ks.C2[:, b] + np.einsum(
-                "it,ht->ih", s.rho[:, p:end] ** 2, np.einsum("htd,htd->ht", k64[b], k64[b])
-            )
-            lhs = np.einsum("ij,htj->iht", r, sc[b, :, :, :end])  # (n, H, T)
-            Kh, K2h = np.repeat(Kt, G, axis=1), np.repeat(K2, G, axis=1)  # per query head
-            rhs = np.einsum("htd,ihd->iht", q64[b], Kh)
-            qn = np.sqrt(np.einsum("htd,htd->ht", q64[b], q64[b]))
-            tol = (
-                LAMBDA["attn_scores"]
-                * U32
-                * (
-                    qn[None] * np.sqrt(K2h)[:, :, None]
-                    + np.sqrt(np.einsum("ij,htj->iht", r * r, sc[b, :, :, :end] ** 2))
-                )
-            )
-            diffs.append(lhs - rhs)
-            tols.append(tol)
-        diff, tol = np.stack(diffs), np.stack(tols)
-        _require(np.abs(diff) <= tol, "AttnScores", layer, "Σ_j ρ_j s_j against q · Σ_j ρ_j k_j", diff, tol)
-        self._count("AttnScores", t0)
+        self._one("AttnScores", layer, (s, q, k, pos, scores))
 
     def attn_out(self, s: SessionState, layer: int, p: np.ndarray, o: np.ndarray) -> None:
         """p (B, H, T, S) sent; o = o_proj(P V) (B, T, E) returned, V on the GPU."""
+        self._one("AttnOut", layer, (s, p, o))
+
+    # ---- the checks of a whole forward pass ------------------------------------------------
+    def check_pass(self, items: list[Pending]) -> None:
+        """Check results in call order, and raise the IntegrityError that checking them one by
+        one would have raised first. A regular forward pass (each op once per layer, on
+        consecutive layers) is checked op by op, all layers in one batch; anything else one by one."""
         t0 = time.perf_counter()
-        lp, vs, c = self.layers[layer], s.values[layer], self.config
-        fo = lp.linear["o_proj"]
-        if not np.isfinite(o).all():
-            raise IntegrityError(f"AttnOut of layer {layer}: NaN or Inf")
-        B, H, T, S = p.shape
-        p64, o64 = p.astype(np.float64), o.astype(np.float64)
+        groups: dict[Any, list[int]] = {}  # op (and module, session) -> indexes into items
+        for i, (op, _, payload) in enumerate(items):
+            if op in ("Embedding", "Matmul", "LMHead"):  # once per pass, or not batched
+                key: Any = i
+            elif op == "Linear":
+                key = (op, payload[0])
+            elif op in _STATEFUL:
+                key = (op, id(payload[0]))
+            else:
+                key = (op,)
+            groups.setdefault(key, []).append(i)
+        batches = {key: _batch([items[i] for i in seq]) for key, seq in groups.items()}
+        regular = all(
+            b is not None or (len(groups[key]) == 1 and items[groups[key][0]][0] not in _STATEFUL)
+            for key, b in batches.items()
+        )
+        failures: list[tuple[int, IntegrityError]] = []
+        try:
+            if not regular:  # one by one, in order: the first failure raises
+                for op, layer, payload in items:
+                    sl = None if layer is None else slice(layer, layer + 1)
+                    for f in self._group(op, sl, [payload]):
+                        raise f.error(_name(op, payload), layer)
+                return
+
+            def rank(key: Any) -> int:  # stateless first; values stored before AttnOut reads them
+                op = items[groups[key][0]][0]
+                return _STATEFUL.index(op) + 1 if op in _STATEFUL else 0
+
+            for key in sorted(groups, key=rank):
+                seq = groups[key]
+                op, layer, _ = items[seq[0]]
+                sl = batches[key] or (None if layer is None else slice(layer, layer + 1))
+                for f in self._group(op, sl, [items[i][2] for i in seq]):
+                    i = seq[f.index]
+                    failures.append((i, f.error(_name(op, items[i][2]), items[i][1])))
+            if failures:
+                raise min(failures, key=lambda f: f[0])[1]
+        finally:
+            for op, _, _ in items:
+                self.stats.by_op[op.removesuffix("+v")] = self.stats.by_op.get(op.removesuffix("+v"), 0) + 1
+            self.stats.checks += len(items)
+            self.stats.check_s += time.perf_counter() - t0
+
+    def _group(self, op: str, sl: slice | None, payloads: list[tuple]) -> list[Failure]:
+        """The failures among results of one op for the layers `sl` (None: not a layer op)."""
+
+        def stacked(j: int) -> np.ndarray:
+            return np.stack([p[j] for p in payloads])
+
+        if op in ("Embedding", "Matmul"):
+            try:
+                if op == "Embedding":
+                    ids, x = payloads[0]
+                    check_embedding(self.emb_print, self.emb_S, np.asarray(ids, np.int64), x, "Embedding")
+                else:
+                    a, b, c, what = payloads[0]
+                    layer = None if sl is None else sl.start
+                    check_matmul(a, b, c, self.rng, self.n, f"Matmul ({what})", layer)
+            except IntegrityError as e:  # the message names the op itself
+                return [Failure(0, raised=e)]
+            return []
+        if op == "LMHead":
+            return linear_failures(self.lm_head, payloads[0][0][None], payloads[0][1][None])
+        if op == "Linear":
+            return linear_failures(self.prints[payloads[0][0]][sl], stacked(1), stacked(2))
+        if op in ("QKV", "GateUp"):
+            return linear_failures(self.prints[_FUSED[op]][sl], stacked(0), stacked(1))
+        state = payloads[0][0]
+        if op == "QKV+v":
+            c = self.config
+            x, y, pos = stacked(2), stacked(3), payloads[0][1]
+            failures = linear_failures(self.prints["qkv"][sl], x, y)
+            v = y[..., c.q_dim + c.kv_dim :].reshape(*y.shape[:3], c.num_kv_heads, c.head_dim)
+            self._store_values(state, sl, v, pos)
+            return failures
+        if op == "AttnScores":
+            return self._scores(state, sl, stacked(1), stacked(2), payloads[0][3], stacked(4))
+        if op == "AttnOut":
+            return self._out(state, sl, stacked(1), stacked(2))
+        raise ValueError(f"verify: no check for {op!r}")
+
+    # ---- the GPU-side K/V cache (v3-fused) ------------------------------------------------
+    def open_session(self, batch: int, max_tokens: int) -> SessionState:
+        c, n, L = self.config, self.n, self.config.num_layers
+        rho = self.rng.standard_normal((n, max_tokens))
+        keys = KeyState(
+            np.zeros((L, n, batch, c.num_kv_heads, c.head_dim)),
+            np.zeros((L, n, batch, c.num_kv_heads)),
+            np.zeros((L, batch), np.int64),
+            [None] * L,
+            [None] * L,
+        )
+        values = ValueState(
+            np.zeros((L, self.o_vectors, batch, c.num_heads, 64)), np.zeros((L, batch, c.num_kv_heads, 64))
+        )
+        return SessionState(rho, keys, values)
+
+    def _store_values(self, s: SessionState, sl: slice, v: np.ndarray, pos: np.ndarray) -> None:
+        """g and ‖v‖ per position of the values v (L, B, T, Hkv, D) written at pos."""
+        vs, c = s.values, self.config
+        B, T = v.shape[1:3]
+        vs.reserve(int(pos.max()) + T)
+        v64 = v.astype(np.float64)
+        kv_of = np.arange(c.num_heads) // (c.num_heads // c.num_kv_heads)
+        g = np.einsum("lmhd,lbthd->lmbht", self.Fo[sl], v64[:, :, :, kv_of])  # (L, m, B, H, T)
+        vn = np.sqrt(np.einsum("lbtgd,lbtgd->lbgt", v64, v64))  # (L, B, Hkv, T)
+        for b in range(B):
+            vs.G[sl, :, b, :, pos[b] : pos[b] + T] = g[:, :, b]
+            vs.X[sl, b, :, pos[b] : pos[b] + T] = vn[:, b]
+
+    def _update_keys(self, s: SessionState, sl: slice, k: np.ndarray, pos: np.ndarray) -> None:
+        """Commit each layer's previous write up to the new positions, then remember the new keys
+        k (L, B, Hkv, T, D). Layers out of step with each other are updated one by one."""
+        ks = s.keys
+        layers = range(sl.start, sl.stop)
+        first = sl.start
+        in_step = all(
+            np.array_equal(ks.commit[i], ks.commit[first])
+            and (ks.last_pos[i] is None) == (ks.last_pos[first] is None)
+            and (ks.last_pos[i] is None or np.array_equal(ks.last_pos[i], ks.last_pos[first]))
+            and (ks.last_k[i] is None or ks.last_k[i].shape == ks.last_k[first].shape)
+            for i in layers
+        )
+        if not in_step:
+            for j, i in enumerate(layers):
+                self._update_keys(s, slice(i, i + 1), k[j : j + 1], pos)
+            return
+        commit = ks.commit[first].copy()
+        last_pos = ks.last_pos[first]
+        last_k = None if last_pos is None else np.stack([ks.last_k[i] for i in layers])  # (L, B, Hkv, T, D)
+        for b in range(k.shape[1]):
+            p = int(pos[b])
+            if p < commit[b]:
+                if p != 0:
+                    raise ValueError(f"verify: layer {first} row {b} rewrites committed position {p}")
+                ks.C[sl, :, b] = 0.0
+                ks.C2[sl, :, b] = 0.0
+                commit[b] = 0
+                continue
+            if last_k is None:
+                continue
+            start, Tl = int(last_pos[b]), last_k.shape[3]
+            if p > start + Tl:
+                raise ValueError(f"verify: layer {first} row {b} leaves a gap before position {p}")
+            end = min(p, start + Tl)
+            if end > start:
+                kk = last_k[:, b, :, : end - start]  # (L, Hkv, T', D)
+                r = s.rho[:, start:end]  # (n, T')
+                ks.C[sl, :, b] += np.einsum("ij,lhjd->lihd", r, kk)
+                ks.C2[sl, :, b] += np.einsum("ij,lhj->lih", r * r, np.einsum("lhjd,lhjd->lhj", kk, kk))
+            commit[b] = p
+        ks.commit[sl] = commit
+        k64 = k.astype(np.float64)
+        for j, i in enumerate(layers):
+            ks.last_pos[i], ks.last_k[i] = pos.copy(), k64[j]
+
+    def _scores(
+        self, s: SessionState, sl: slice, q: np.ndarray, k: np.ndarray, pos: np.ndarray, scores: np.ndarray
+    ) -> list[Failure]:
+        """q (L, B, H, T, D), new keys k (L, B, Hkv, T, D) at pos, scores (L, B, H, T, S):
+        Σ_j ρ_ij s_j against q · K̃_i per layer, row, vector and query."""
+        L, B, H, T, S = scores.shape
+        nonfinite = ~np.isfinite(scores).reshape(L, -1).all(axis=1)
+        self._update_keys(s, sl, k, pos)
+        ks, n = s.keys, self.n
+        G = H // self.config.num_kv_heads
+        q64, sc, k64 = q.astype(np.float64), scores.astype(np.float64), k.astype(np.float64)
+        scale = LAMBDA["attn_scores"] * U32
+        diffs, cheaps = [], []
+        for b in range(B):
+            p = int(pos[b])
+            end = p + T
+            rn = s.rho[:, p:end]  # (n, T): the new positions' weights
+            Kt = ks.C[sl, :, b] + np.einsum("it,lhtd->lihd", rn, k64[:, b])  # (L, n, Hkv, D)
+            K2 = ks.C2[sl, :, b] + np.einsum(
+                "it,lht->lih", rn**2, np.einsum("lhtd,lhtd->lht", k64[:, b], k64[:, b])
+            )
+            lhs = np.matmul(sc[:, b, :, :, :end].reshape(L, H * T, end), s.rho[:, :end].T)  # (L, H T, n)
+            lhs = lhs.reshape(L, H, T, n).transpose(0, 3, 1, 2)  # (L, n, H, T)
+            rhs = np.einsum("lhtd,lihd->liht", q64[:, b], np.repeat(Kt, G, axis=2))
+            qn = np.sqrt(np.einsum("lhtd,lhtd->lht", q64[:, b], q64[:, b]))  # (L, H, T)
+            diffs.append(lhs - rhs)
+            cheaps.append(scale * qn[:, None] * np.sqrt(np.repeat(K2, G, axis=2))[..., None])
+
+        def extra() -> np.ndarray:  # the scores' own rounding: ‖ρ_i ⊙ s‖ per query
+            out = []
+            for b in range(B):
+                end = int(pos[b]) + T
+                s2 = sc[:, b, :, :, :end].reshape(L, H * T, end) ** 2
+                ss = np.sqrt(np.matmul(s2, (s.rho[:, :end] ** 2).T))  # (L, H T, n)
+                out.append(scale * ss.reshape(L, H, T, n).transpose(0, 3, 1, 2))
+            return np.stack(out, axis=1)
+
+        diff = np.stack(diffs, axis=1)  # (L, B, n, H, T)
+        what = "Σ_j ρ_j s_j against q · Σ_j ρ_j k_j"
+        return _compare(diff, np.stack(cheaps, axis=1), extra, what, nonfinite)
+
+    def _out(self, s: SessionState, sl: slice, p: np.ndarray, o: np.ndarray) -> list[Failure]:
+        """p (L, B, H, T, S) sent; o = o_proj(P V) (L, B, T, E) returned, V on the GPU:
+        R'_m · (o - b_o) against Σ_h Σ_j p_hj g_mhj per layer, row, vector and query."""
+        fo, vs, c = self.prints["o_proj"][sl], s.values, self.config
+        L, B, H, T, S = p.shape
+        nonfinite = ~np.isfinite(o).reshape(L, -1).all(axis=1)
+        p64, o2 = p.astype(np.float64), o.astype(np.float64).reshape(L, B * T, -1)
         vs.reserve(S)
-        lhs = fo.ry(o64.reshape(B * T, -1)).T.reshape(-1, B, T) - fo.c[:, None, None]
-        rhs = np.einsum("bhtj,ibhj->ibt", p64, vs.G[..., :S])
+        m = fo.F.shape[1]
+        lhs = (fo.ry(o2) - fo.c[:, None]).transpose(0, 2, 1).reshape(L, m, B, T)
+        rhs = np.einsum("lbhtj,lmbhj->lmbt", p64, vs.G[sl, ..., :S])
         # Tolerance: PV's and o_proj's float32 accumulation, and the output's rounding; with
         # A_bht = Σ_j p_bhtj ‖v_j‖ >= ‖a_bht‖, the attention output's norm per head.
         kv_of = np.arange(H) // (H // c.num_kv_heads)
-        A = np.einsum("bhtj,bhj->bht", p64, vs.X[:, kv_of, :S])
-        a_norm = np.sqrt(np.einsum("bht,bht->bt", A, A))
-        t_o = fo.rho[:, None, None] * a_norm[None]
-        t_pv = np.sqrt(np.einsum("mh,bht->mbt", lp.Fo_norm**2, A * A))
-        t_y = fo.ry_abs(o64.reshape(B * T, -1)).T.reshape(-1, B, T)
-        tol = LAMBDA["attn_out"] * U32 * (t_o + t_pv + t_y)
-        diff = lhs - rhs
-        _require(np.abs(diff) <= tol, "AttnOut", layer, "rᵀo against Σ_h Σ_j p_hj g_hj", diff, tol)
-        self._count("AttnOut", t0)
+        A = np.einsum("lbhtj,lbhj->lbht", p64, vs.X[sl][:, :, kv_of, :S])
+        a_norm = np.sqrt(np.einsum("lbht,lbht->lbt", A, A))  # (L, B, T)
+        t_o = fo.rho[:, :, None, None] * a_norm[:, None]
+        t_pv = np.sqrt(np.einsum("lmh,lbht->lmbt", self.Fo_norm[sl] ** 2, A * A))
+        scale = LAMBDA["attn_out"] * U32
+        return _compare(
+            lhs - rhs,
+            scale * (t_o + t_pv),
+            lambda: scale * fo.ry_abs(o2).transpose(0, 2, 1).reshape(L, m, B, T),
+            "rᵀo against Σ_h Σ_j p_hj g_hj",
+            nonfinite,
+        )
 
 
 class CheckedClient(GPUClient):
     """A GPUClient that takes the norm weights and RoPE parameters from the runner's own
     checkpoint (refusing an Init that differs) and, with `verify`, checks every result.
 
-    Every check sits between the reply and its use, so a failed one stops the generation
-    before anything computed from the result is sampled."""
+    The checks of a forward pass wait for its logits: the LM head's reply runs them all
+    (`flush`), batched across layers, before the logits reach the sampler; so a failed check
+    still stops the generation before any token computed from a lie is emitted. An RPC that
+    fails while checks wait runs them first, so a lie that made the failure is named as such.
+    Results stay referenced until their check: the model never writes into a reply or an
+    input it sent (every trusted op returns a new array)."""
 
     def __init__(
         self,
@@ -525,6 +742,7 @@ class CheckedClient(GPUClient):
         self._vectors, self._seed, self._progress = vectors, seed, progress
         self.verifier: Verifier | None = None
         self._sessions: dict[int, SessionState] = {}
+        self._pending: list[Pending] = []  # results of the current forward pass, not yet checked
         self._layer: int | None = None  # the layer of the last Linear, to name a Matmul's layer
         self._matmuls = 0
         self.ring_verifier = None  # the private plans' exact check (tee/ring_verify.py), set by them
@@ -538,18 +756,34 @@ class CheckedClient(GPUClient):
         # From here on the model runs on the runner's own values (equal, as just checked).
         return InitResult(ck.config, ck.norms(), ck.biases(COMPUTE_DTYPES[res.dtype]), res.dtype)
 
+    def flush(self) -> None:
+        """Check every result received since the last flush (raises IntegrityError)."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self.verifier.check_pass(pending)
+
+    def call(self, op, args=None, tensors=(), sid=None):
+        try:
+            return super().call(op, args, tensors, sid)
+        except Exception:
+            if self._pending:
+                self.flush()  # a lie received earlier, and perhaps the cause, is reported first
+            raise
+
+    def _check(self, op: str, layer: int | None, *payload) -> None:
+        if self.verifier:
+            self._pending.append((op, layer, payload))
+
     # ---- checked operations ----------------------------------------------------------------
     def embedding(self, ids: np.ndarray) -> np.ndarray:
         x = super().embedding(ids)
-        if self.verifier:
-            self.verifier.embedding(np.asarray(ids, np.int64), x)
+        self._check("Embedding", None, np.array(ids, np.int64), x)
         return x
 
     def linear(self, layer: int, module: str, x: np.ndarray) -> np.ndarray:
         y = super().linear(layer, module, x)
         self._layer, self._matmuls = layer, 0
-        if self.verifier:
-            self.verifier.linear(layer, module, x, y)
+        self._check("Linear", layer, module, x, y)
         return y
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -557,7 +791,7 @@ class CheckedClient(GPUClient):
         if self.verifier:
             what = "QKᵀ" if self._matmuls % 2 == 0 else "PV"
             self._matmuls += 1
-            self.verifier.matmul(a, b, c, what, self._layer)
+            self._check("Matmul", self._layer, a, b, c, what)
         return c
 
     def ring_linear(self, layer: int, site: str, x: np.ndarray, out_features: int) -> np.ndarray:
@@ -571,16 +805,16 @@ class CheckedClient(GPUClient):
 
     def lm_head(self, x: np.ndarray) -> np.ndarray:
         y = super().lm_head(x)
-        if self.verifier:
-            self.verifier.lm_head_logits(x, y)
+        self._check("LMHead", None, x, y)
+        self.flush()  # the end of a forward pass: nothing reaches the sampler unchecked
         return y
 
     def lm_head_top_k(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if not self.verifier:
             return super().lm_head_top_k(x, k)
         logits = self.lm_head(x)  # top-k values cannot be checked: fetch the row, check it, reduce
-        ids = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
-        return np.take_along_axis(logits, ids, axis=-1), ids.astype(np.int64)
+        ids = top_k_ids(logits, k)
+        return np.take_along_axis(logits, ids, axis=-1), ids
 
     def qkv(
         self, layer: int, x: np.ndarray, sid: int | None = None, pos: np.ndarray | None = None
@@ -588,26 +822,21 @@ class CheckedClient(GPUClient):
         if not self.verifier or sid is None:
             y = super().qkv(layer, x, sid, pos)
             self._layer = layer
-            if self.verifier:
-                self.verifier.fused(layer, "qkv", x, y)
+            self._check("QKV", layer, x, y)
             return y
         # With a session and f32 the server returns v as well as writing it: checked with q|k
         # against the q|k|v fingerprint, it feeds AttnOut's check; the model gets q|k only.
         c = self.config
-        pos = np.asarray(pos, np.int64)
+        pos = np.array(pos, np.int64)
         width = c.q_dim + 2 * c.kv_dim
         y = self._call_one("QKV", {"layer": layer}, (self._wire(x), pos), (*x.shape[:-1], width), sid)
         self._layer = layer
-        self.verifier.fused(layer, "qkv", x, y)
-        B, T = x.shape[:2]
-        v = y[..., c.q_dim + c.kv_dim :].reshape(B, T, c.num_kv_heads, c.head_dim)
-        self.verifier.session_values(self._sessions[sid], layer, v, pos)
+        self._check("QKV+v", layer, self._sessions[sid], pos, x, y)
         return y[..., : c.q_dim + c.kv_dim]
 
     def gate_up(self, layer: int, x: np.ndarray) -> np.ndarray:
         y = super().gate_up(layer, x)
-        if self.verifier:
-            self.verifier.fused(layer, "gate_up", x, y)
+        self._check("GateUp", layer, x, y)
         return y
 
     def attn_scores(self, sid, layer, q, k, pos, r=None) -> np.ndarray:
@@ -615,13 +844,13 @@ class CheckedClient(GPUClient):
             raise ValueError("--verify does not support the merged plans")
         scores = super().attn_scores(sid, layer, q, k, pos, r)
         if self.verifier:
-            self.verifier.attn_scores(self._sessions[sid], layer, q, k, np.asarray(pos, np.int64), scores)
+            self._check("AttnScores", layer, self._sessions[sid], q, k, np.array(pos, np.int64), scores)
         return scores
 
     def attn_out(self, sid: int, layer: int, p: np.ndarray) -> np.ndarray:
         o = super().attn_out(sid, layer, p)
         if self.verifier:
-            self.verifier.attn_out(self._sessions[sid], layer, p, o)
+            self._check("AttnOut", layer, self._sessions[sid], p, o)
         return o
 
     def open_session(self, batch: int, max_tokens: int) -> int:
@@ -637,7 +866,9 @@ class CheckedClient(GPUClient):
         return sid
 
     def close_session(self, sid: int) -> None:
-        self._sessions.pop(sid, None)
+        state = self._sessions.pop(sid, None)
+        if state is not None:  # an unfinished pass's results on it: nothing was emitted from them
+            self._pending = [p for p in self._pending if not (p[0] in _STATEFUL and p[2][0] is state)]
         super().close_session(sid)
 
     def _unverifiable(self, *args, **kwargs):
@@ -657,3 +888,19 @@ class CheckedClient(GPUClient):
 
     def attn_out_gate_up(self, *args, **kwargs):
         return self._unverifiable() if self.verify else super().attn_out_gate_up(*args, **kwargs)
+
+
+def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest values of each row (..., V), largest first, ties by lowest id
+    (what a stable argsort of -logits gives), in O(V) per row instead of a full sort."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    V = flat.shape[1]
+    k = min(k, V)
+    out = np.empty((flat.shape[0], k), np.int64)
+    for r, row in enumerate(flat):
+        kth = np.partition(row, V - k)[V - k]  # the k-th largest value
+        above = np.flatnonzero(row > kth)
+        ties = np.flatnonzero(row == kth)[: k - above.size]
+        chosen = np.concatenate([above, ties])
+        out[r] = chosen[np.argsort(-row[chosen], kind="stable")]
+    return out.reshape(*logits.shape[:-1], k)
