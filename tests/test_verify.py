@@ -202,7 +202,8 @@ def _recorded_pass(ckpt, plan):
     client.verifier.check_pass = lambda items: (passes.append(list(items)), check_pass(items))[1]
     model.forward(np.array([[11]]), cache)
     client.verifier.check_pass = check_pass
-    return client, passes[-1]
+    assert [it[0] for it in passes[-1]] == ["LMHead"]  # the rest ran while the server computed it
+    return client, [item for items in passes for item in items]
 
 
 def _tamper(items, op, layer):

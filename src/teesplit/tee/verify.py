@@ -714,9 +714,10 @@ class CheckedClient(GPUClient):
     """A GPUClient that takes the norm weights and RoPE parameters from the runner's own
     checkpoint (refusing an Init that differs) and, with `verify`, checks every result.
 
-    The checks of a forward pass wait for its logits: the LM head's reply runs them all
-    (`flush`), batched across layers, before the logits reach the sampler; so a failed check
-    still stops the generation before any token computed from a lie is emitted. An RPC that
+    The checks of a forward pass wait for its logits: they run (`flush`), batched across
+    layers, while the server computes the LM head, and the LM head's own check follows its
+    reply, all before the logits reach the sampler; so a failed check still stops the
+    generation before any token computed from a lie is emitted. An RPC that
     fails while checks wait runs them first, so a lie that made the failure is named as such.
     Results stay referenced until their check: the model never writes into a reply or an
     input it sent (every trusted op returns a new array)."""
@@ -804,7 +805,14 @@ class CheckedClient(GPUClient):
         return y
 
     def lm_head(self, x: np.ndarray) -> np.ndarray:
-        y = super().lm_head(x)
+        if not self.verifier:
+            return super().lm_head(x)
+        transport = self.transport  # the pass's checks run while the server computes the logits
+        self.transport = _ThenCheck(transport, self.flush)
+        try:
+            y = super().lm_head(x)
+        finally:
+            self.transport = transport
         self._check("LMHead", None, x, y)
         self.flush()  # the end of a forward pass: nothing reaches the sampler unchecked
         return y
@@ -888,6 +896,21 @@ class CheckedClient(GPUClient):
 
     def attn_out_gate_up(self, *args, **kwargs):
         return self._unverifiable() if self.verify else super().attn_out_gate_up(*args, **kwargs)
+
+
+class _ThenCheck:
+    """A transport whose send() runs the waiting checks once the request is out, so they
+    overlap the server's work on it (the LM head, the longest product of a pass)."""
+
+    def __init__(self, transport, check):
+        self._transport, self._check = transport, check
+
+    def send(self, frames: list) -> None:
+        self._transport.send(frames)
+        self._check()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
