@@ -272,3 +272,27 @@ def test_top_k_ids_is_a_stable_sort_of_the_largest():
         logits = rng.integers(-5, 5, size=(3, 2, 40)).astype(np.float32)  # many ties
         want = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
         np.testing.assert_array_equal(top_k_ids(logits, k), want)
+
+
+def test_a_long_prefill_is_checked_in_parts(ckpt, monkeypatch):
+    """Results waiting for their checks are bounded: past PENDING_BYTES they are checked early,
+    in call order, and a lie among them is still named."""
+    import teesplit.tee.verify as verify
+
+    monkeypatch.setattr(verify, "PENDING_BYTES", 1)  # every result is checked as it comes
+    client = _client(ckpt)
+    model = TEELlamaModel(client, get_plan("v3-fused"))
+    calls = []
+    check_pass = client.verifier.check_pass
+    client.verifier.check_pass = lambda items: (calls.append(len(items)), check_pass(items))[1]
+    model.forward(np.array([PROMPT]), model.new_cache())
+    assert calls == [1] * (5 * client.config.num_layers + 2)  # one result at a time
+    liar = {}
+
+    def wrap(handler):
+        liar["h"] = LyingHandler(handler, "scale", "AttnOut", 2)
+        return liar["h"]
+
+    model = TEELlamaModel(_client(ckpt, wrap=wrap), get_plan("v3-fused"))
+    with pytest.raises(IntegrityError, match=r"^AttnOut of layer 1:"):
+        model.forward(np.array([PROMPT]), model.new_cache())

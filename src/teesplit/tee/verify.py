@@ -84,6 +84,9 @@ LAMBDA = {"linear": 16.0, "attn_out": 16.0, "attn_scores": 32.0, "matmul": 32.0}
 VECTORS = 8  # secret vectors per weight: a lie passes all with (0.8 tol / ‖δ‖)^8
 BLOCK = 512  # outputs per fingerprint block (LinearPrint); memory ∝ VECTORS / BLOCK
 VERIFIED_PLANS = ("v3", "v2", "v3-fused", "v2-fused")
+# Results waiting for their checks are flushed early past this size (a long prefill's attention
+# scores are L x H x T x S floats: 18 GB for SmolLM2 at T = S = 4096), checked layer by layer.
+PENDING_BYTES = 64 << 20
 RING_VERIFIED_PLANS = ("private-otp", "private-2party")  # exact checks over Z_2^64: tee/ring_verify.py
 LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -744,6 +747,7 @@ class CheckedClient(GPUClient):
         self.verifier: Verifier | None = None
         self._sessions: dict[int, SessionState] = {}
         self._pending: list[Pending] = []  # results of the current forward pass, not yet checked
+        self._pending_bytes = 0
         self._layer: int | None = None  # the layer of the last Linear, to name a Matmul's layer
         self._matmuls = 0
         self.ring_verifier = None  # the private plans' exact check (tee/ring_verify.py), set by them
@@ -759,7 +763,7 @@ class CheckedClient(GPUClient):
 
     def flush(self) -> None:
         """Check every result received since the last flush (raises IntegrityError)."""
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
         if pending:
             self.verifier.check_pass(pending)
 
@@ -774,6 +778,9 @@ class CheckedClient(GPUClient):
     def _check(self, op: str, layer: int | None, *payload) -> None:
         if self.verifier:
             self._pending.append((op, layer, payload))
+            self._pending_bytes += _arrays_nbytes(payload)
+            if self._pending_bytes > PENDING_BYTES:  # a long prefill: check what came so far
+                self.flush()
 
     # ---- checked operations ----------------------------------------------------------------
     def embedding(self, ids: np.ndarray) -> np.ndarray:
@@ -877,6 +884,9 @@ class CheckedClient(GPUClient):
         state = self._sessions.pop(sid, None)
         if state is not None:  # an unfinished pass's results on it: nothing was emitted from them
             self._pending = [p for p in self._pending if not (p[0] in _STATEFUL and p[2][0] is state)]
+            self._pending_bytes = sum(
+                a.nbytes for p in self._pending for a in p[2] if isinstance(a, np.ndarray)
+            )
         super().close_session(sid)
 
     def _unverifiable(self, *args, **kwargs):
@@ -896,6 +906,10 @@ class CheckedClient(GPUClient):
 
     def attn_out_gate_up(self, *args, **kwargs):
         return self._unverifiable() if self.verify else super().attn_out_gate_up(*args, **kwargs)
+
+
+def _arrays_nbytes(payload: tuple) -> int:
+    return sum(a.nbytes for a in payload if isinstance(a, np.ndarray))
 
 
 class _ThenCheck:
