@@ -116,3 +116,35 @@ def test_cli_refuses_a_mismatching_pin(ckpt):
         timeout=120,
     )
     assert r.returncode == 2 and "but --weights-sha256 pins" in r.stderr and "refused" in r.stderr
+
+
+def test_safetensors_reader_checks_each_entry(tmp_path):
+    """The numpy reader both trusted-side loaders use: offsets that do not match the shape are
+    refused when the file is opened; an integer buffer is refused only when asked for."""
+    import struct
+
+    from teesplit.tee.checkpoint import SafetensorsReader
+
+    def write(name, header, payload):
+        head = json.dumps(header).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(head)) + head + payload)
+        return tmp_path / name
+
+    ok = write(
+        "ok.safetensors",
+        {
+            "model.x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "steps": {"dtype": "I64", "shape": [1], "data_offsets": [8, 16]},
+        },
+        np.arange(2, dtype=np.float32).tobytes() + bytes(8),
+    )
+    reader = SafetensorsReader([ok])
+    np.testing.assert_array_equal(reader.get("x"), [0.0, 1.0])  # "model." may be left out
+    with pytest.raises(ValueError, match="tensor steps has unsupported dtype I64"):
+        reader.get("steps")
+    bad = write("bad.safetensors", {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8))
+    with pytest.raises(ValueError, match="tensor x has inconsistent offsets"):
+        SafetensorsReader([bad])
+    past = write("past.safetensors", {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8))
+    with pytest.raises(ValueError, match="tensor x has inconsistent offsets"):
+        SafetensorsReader([past])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -106,10 +107,11 @@ def check_pins(model_dir: Path, sha256: str | None = None, manifest: Path | None
 
 
 class SafetensorsReader:
-    """Tensors of one or more .safetensors files by name, memory-mapped, numpy only."""
+    """Tensors of one or more .safetensors files by name, memory-mapped, numpy only. Each
+    entry's dtype, shape and offsets are checked against its file when the reader is made."""
 
     def __init__(self, files: list[Path]):
-        self._where: dict[str, tuple[np.memmap, str, list[int], int, int]] = {}
+        self._tensors: dict[str, np.ndarray | ValueError] = {}
         for path in files:
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
@@ -120,25 +122,34 @@ class SafetensorsReader:
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
+                dtype = _ST_DTYPES.get(info.get("dtype"))
+                if dtype is None:  # an integer buffer, say: refused only if asked for
+                    self._tensors[name] = ValueError(
+                        f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}"
+                    )
+                    continue
                 begin, end = info["data_offsets"]
-                self._where[name] = (data, info["dtype"], list(info["shape"]), begin, end)
+                shape = tuple(info["shape"])
+                if not 0 <= begin <= end <= data.size or end - begin != math.prod(shape) * dtype.itemsize:
+                    raise ValueError(f"{path}: tensor {name} has inconsistent offsets")
+                self._tensors[name] = data[begin:end].view(dtype).reshape(shape)
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._tensors)
 
     def has(self, name: str) -> bool:
-        return name in self._where or f"model.{name}" in self._where
+        return name in self._tensors or f"model.{name}" in self._tensors
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as stored (float32, float16 or bfloat16), a read-only view of the file."""
-        key = name if name in self._where else f"model.{name}"
-        if key not in self._where:
+        """The tensor as stored (float32, float16 or bfloat16), a read-only view of the file;
+        `name` may leave out the "model." prefix."""
+        key = name if name in self._tensors else f"model.{name}"
+        if key not in self._tensors:
             raise KeyError(f"checkpoint lacks {name}")
-        data, dt, shape, begin, end = self._where[key]
-        if dt not in _ST_DTYPES:
-            raise ValueError(f"{key}: dtype {dt} is not supported")
-        arr = data[begin:end].view(_ST_DTYPES[dt]).reshape(shape)
-        return arr
+        t = self._tensors[key]
+        if isinstance(t, ValueError):
+            raise t
+        return t
 
 
 class TrustedCheckpoint:

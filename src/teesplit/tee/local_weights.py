@@ -2,24 +2,21 @@
 
 The private plans need it: the embedding lookup happens here (the GPU must not see token
 ids), the one-time pads' unblinding factors r·Wᵀ are computed from trusted weights, and the
-two-party plan subtracts the bias the second server added. The file format is read directly
-(an 8-byte header length, a JSON header, raw little-endian tensors), so neither torch nor a
-framework-specific loader is needed; bfloat16 and float16 tensors are widened to float32.
+two-party plan subtracts the bias the second server added. The files are read by the numpy
+safetensors reader of tee/checkpoint.py (no torch); bfloat16 and float16 tensors are widened
+to float32.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from teesplit.config import ModelConfig
+from teesplit.tee.checkpoint import SafetensorsReader, weight_files
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
 
 # The Linear sites a forward pass of the fused v2 placement crosses, per layer, in order, and
@@ -35,39 +32,6 @@ LM_HEAD = "lm_head"  # the one site outside the layers (layer index -1)
 
 class LocalCheckpointError(ValueError):
     """The local checkpoint is missing, malformed, or does not match its config."""
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of one .safetensors file as a read-only memory map (no copy)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 << 20:
-            raise LocalCheckpointError(f"{path}: implausible header of {n} bytes")
-        header = json.loads(f.read(n))
-    data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
-    out = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(meta.get("dtype"))
-        if dtype is None:
-            raise LocalCheckpointError(f"{path}: tensor {key} has unsupported dtype {meta.get('dtype')}")
-        lo, hi = meta["data_offsets"]
-        shape = tuple(meta["shape"])
-        if hi - lo != int(np.prod(shape)) * np.dtype(dtype).itemsize or hi > data.size:
-            raise LocalCheckpointError(f"{path}: tensor {key} has inconsistent offsets")
-        out[key] = data[lo:hi].view(dtype).reshape(shape)
-    return out
-
-
-def _files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return [model_dir / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise LocalCheckpointError(f"no *.safetensors files in {model_dir}")
-    return files
 
 
 @dataclass
@@ -103,18 +67,21 @@ def load_local_weights(model_dir: str | Path) -> LocalWeights:
     """Read a Hugging Face model directory (config.json + *.safetensors) into LocalWeights."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
-    raw: dict[str, np.ndarray] = {}
-    for f in _files(model_dir):
-        raw.update(_read_safetensors(f))
+    files = weight_files(model_dir)
+    if not files:
+        raise LocalCheckpointError(f"no *.safetensors files in {model_dir}")
+    try:
+        reader = SafetensorsReader(files)
+    except ValueError as e:
+        raise LocalCheckpointError(str(e)) from None
 
     def take(key: str, shape: tuple[int, ...]) -> np.ndarray:
-        for name in (key, f"model.{key}"):
-            if name in raw:
-                t = raw[name]
-                if t.shape != shape:
-                    raise LocalCheckpointError(f"{name} has shape {t.shape}, config implies {shape}")
-                return np.asarray(t, np.float32)
-        raise LocalCheckpointError(f"the local checkpoint {model_dir} lacks {key}")
+        if not reader.has(key):
+            raise LocalCheckpointError(f"the local checkpoint {model_dir} lacks {key}")
+        t = reader.get(key)
+        if t.shape != shape:
+            raise LocalCheckpointError(f"{key} has shape {t.shape}, config implies {shape}")
+        return np.asarray(t, np.float32)
 
     has_bias = {
         **dict.fromkeys(("q_proj", "k_proj", "v_proj"), config.qkv_bias),
