@@ -21,6 +21,7 @@ def test_verify_section_measures_both_plans(tmp_path):
         assert row["same_tokens"], name  # a float32 server: verification changes no token
         assert row["decode_ms"] > 0 and row["decode_ms_verify"] > 0 and row["setup_s"] > 0
         assert row["fingerprint_bytes"] > 0 and row["checks_per_forward"] > 0
+        assert row["check_ms_per_decode"] > 0 and row["check_ms_prefill"] > 0
         assert row["bytes_down_verify"] > row["bytes_down"]  # full logit rows instead of the top-1
     # 2 layers: v3-fused checks QKV, AttnScores, AttnOut, GateUp, down per layer, + Embedding, LMHead
     assert data["plans"]["v3-fused"]["checks_per_forward"] == 5 * 2 + 2
