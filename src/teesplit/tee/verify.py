@@ -439,12 +439,6 @@ class Verifier:
         """o_proj's vectors (n per output block): the PV check's values per head and position."""
         return self.Fo.shape[1]
 
-    def _count(self, op: str, t0: float, n: int = 1) -> None:
-        s = self.stats
-        s.checks += n
-        s.check_s += time.perf_counter() - t0
-        s.by_op[op] = s.by_op.get(op, 0) + n
-
     # ---- the checks, one result at a time ----------------------------------------------------
     def _one(self, op: str, layer: int | None, args: tuple) -> None:
         self.check_pass([(op, layer, args)])
@@ -526,10 +520,11 @@ class Verifier:
             if failures:
                 raise min(failures, key=lambda f: f[0])[1]
         finally:
+            st = self.stats
             for op, _, _ in items:
-                self.stats.by_op[op.removesuffix("+v")] = self.stats.by_op.get(op.removesuffix("+v"), 0) + 1
-            self.stats.checks += len(items)
-            self.stats.check_s += time.perf_counter() - t0
+                st.by_op[op.removesuffix("+v")] = st.by_op.get(op.removesuffix("+v"), 0) + 1
+            st.checks += len(items)
+            st.check_s += time.perf_counter() - t0
 
     def _group(self, op: str, sl: slice | None, payloads: list[tuple]) -> list[Failure]:
         """The failures among results of one op for the layers `sl` (None: not a layer op)."""
