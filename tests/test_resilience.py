@@ -6,6 +6,7 @@ Ctrl-C in the runner, NaN/Inf refused before it reaches a session's KV cache."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def test_generation_survives_a_server_killed_and_restarted(ckpt, tmp_path, plan,
     procs = [start_server(ckpt, address, CPU)]
     c = client(address, timeout_s=20.0, retries=2)
     model = TEELlamaModel(c, get_plan(plan))
-    calls, restart = [0], []
+    calls, restart, starters = [0], [], []
     real_call = c.call
 
     def call(*args, **kwargs):
@@ -253,7 +254,8 @@ def test_generation_survives_a_server_killed_and_restarted(ckpt, tmp_path, plan,
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait()
             restart.append(time.monotonic())
-            threading.Thread(target=lambda: procs.append(start_server(ckpt, address, CPU))).start()
+            starters.append(threading.Thread(target=lambda: procs.append(start_server(ckpt, address, CPU))))
+            starters[-1].start()
         return real_call(*args, **kwargs)
 
     c.call = call
@@ -262,6 +264,8 @@ def test_generation_survives_a_server_killed_and_restarted(ckpt, tmp_path, plan,
         resumed = time.monotonic()
     finally:
         c.close()
+        for t in starters:  # a generation that failed early must not leave the new server behind
+            t.join()
         for p in procs[1:]:
             stop_server(p)
     assert restart, "the server was never killed: the generation was too short"
@@ -367,9 +371,20 @@ def test_server_finishes_the_request_in_flight_then_exits_0(ckpt, tmp_path, sig)
     try:
         c.open_session(1, 8)  # dropped at shutdown
         rng = np.random.default_rng(0)
-        a, b = (rng.standard_normal((1600, 1600)).astype(np.float32) for _ in range(2))
+        # A product that takes long (7 GFLOP) on operands that arrive fast (9 MB).
+        a = rng.standard_normal((3072, 384)).astype(np.float32)
+        b = rng.standard_normal((384, 3072)).astype(np.float32)
+        cpu0 = _cpu_s(proc.pid)
         c.transport.send(request(77, "Matmul", {}, [a, b]))
-        time.sleep(0.3)  # the request has arrived (and is being computed, or queued: both are answered)
+        # The signal must come while the request is computed (or queued: both are answered). An
+        # idle server uses no CPU, receiving the operands a few ms of it: 30 ms means the product
+        # is under way, however long the loaded machine took to get them across.
+        deadline = time.monotonic() + 60
+        while cpu0 is not None and _cpu_s(proc.pid) - cpu0 < 0.03:
+            assert time.monotonic() < deadline, "the server did not start on the request"
+            time.sleep(0.005)
+        if cpu0 is None:
+            time.sleep(0.3)
         proc.send_signal(sig)
         header, (y,) = parse_reply(c.transport.recv(), "Matmul")
         assert header["id"] == 77
@@ -383,6 +398,15 @@ def test_server_finishes_the_request_in_flight_then_exits_0(ckpt, tmp_path, sig)
     assert [e["reason"] for e in lines if e.get("event") == "session_drop"] == ["shutdown"]
     stop = [e for e in lines if e.get("event") == "server_stop"]
     assert len(stop) == 1 and stop[0]["sessions_dropped"] == 1
+
+
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds a process has used so far (Linux /proc), or None."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 # ---- health ---------------------------------------------------------------------------------------

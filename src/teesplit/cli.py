@@ -152,6 +152,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {e}") from None
         return 0
     serve(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None, curve=curve)
+    # The last reply can still be on its way, sent zero-copy from this process's memory: ending
+    # the context waits for it (up to the socket's linger) before the process exits and frees it.
+    import zmq
+
+    zmq.Context.instance().destroy(linger=0)
     return 0
 
 

@@ -26,6 +26,7 @@ SCHEMES = ("tcp://", "ipc://", "inproc://")
 # Replies faster than this are received with one blocking call (the hot path: ~100 round
 # trips per token); slower ones wait in a poll that also watches for a lost connection.
 FAST_WAIT_S = 0.05
+LAST_REPLY_WAIT_MS = 50  # after a disconnect, how long a reply already on its way may take
 
 
 _HANDSHAKE_FAILED = (
@@ -112,6 +113,12 @@ class ZmqTransport:
             if self._refused:
                 raise LinkRefused(self._refused)
             if self._lost:
+                # A server that stops answers the request in flight, then closes: its reply comes
+                # in just before the disconnect, and must not be thrown away with the connection.
+                if self._sock.poll(LAST_REPLY_WAIT_MS, zmq.POLLIN):
+                    frames = self._sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                    if self._ours(frames):
+                        return frames[1:]
                 raise ConnectionLost(f"the connection to the GPU server at {self.address} was lost")
             left = deadline - time.monotonic()
             if left <= 0:
