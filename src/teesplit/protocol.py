@@ -235,7 +235,8 @@ def _frame_and_desc(t: np.ndarray | Int8Rows) -> tuple[Any, list]:
         )
         return memoryview(body), ["int8", list(t.q.shape)]
     a = np.ascontiguousarray(t)
-    return tensor_frame(a), [dtype_name(a.dtype), list(a.shape)]
+    name = _DTYPE_NAMES.get(a.dtype) or dtype_name(a.dtype)
+    return memoryview(a.reshape(-1).view(np.uint8)), [name, list(a.shape)]
 
 
 def encode(header: dict[str, Any], tensors: Sequence[np.ndarray | Int8Rows] = ()) -> list:

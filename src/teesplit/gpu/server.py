@@ -346,7 +346,11 @@ def to_wire(t: torch.Tensor, wire: str) -> np.ndarray | Int8Rows:
         scale = t.abs().amax(dim=-1) / 127.0
         q = torch.round(t / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp_(-127, 127)
         return Int8Rows(q.to(torch.int8).cpu().numpy(), scale.cpu().numpy())
-    t = t.to(TORCH_DTYPES[wire]).cpu()
+    dt = TORCH_DTYPES[wire]
+    if t.dtype != dt:
+        t = t.to(dt)
+    if t.device.type != "cpu":
+        t = t.cpu()
     if wire == "bfloat16":
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
