@@ -153,6 +153,20 @@ class GPUComputeService:
         # Set by the request handler for a request with `f32` (the runner's --verify): compute in
         # float32 from the compute-dtype weights, so results carry no rounding to bfloat16.
         self.exact = False
+        if device.type == "cpu" and weights.lm_head.is_contiguous():
+            self._lm_head_column_major()
+
+    def _lm_head_column_major(self) -> None:
+        """Keep the LM head (V, E) column-major on the CPU: a decode step's one-row product then
+        reads it as x @ Wᵀ with Wᵀ contiguous, which one CPU thread streams ~15% faster than
+        F.linear's row-major product (SmolLM2's 113 MB head: ~8.2 -> ~7.0 ms a token). A tied
+        embedding table becomes the same column-major tensor (no second copy): a lookup then
+        gathers strided rows, which costs microseconds per token. CUDA keeps its layout."""
+        w = self.w
+        tied = w.embed is w.lm_head
+        w.lm_head = w.lm_head.t().contiguous().t()
+        if tied:
+            w.embed = w.lm_head
 
     # ---- helpers -------------------------------------------------------------------------
     @property
@@ -270,8 +284,8 @@ class GPUComputeService:
             raise _bad(f"RingLinear {site}: expected int64 (B, T, {n_in}), got {x.dtype}{x.shape}")
         self._check_result_size((*x.shape[:2], n_out), "RingLinear")
         rw = self._ring.get((layer, site))
-        if rw is None:
-            rw = self._ring[(layer, site)] = RingWeights(w)
+        if rw is None:  # rows contiguous, whatever the layout kept for the float products
+            rw = self._ring[(layer, site)] = RingWeights(w.contiguous())
         return rw.matmul(x.reshape(-1, n_in)).reshape(*x.shape[:2], n_out)
 
     # ---- fused projections -----------------------------------------------------------------
