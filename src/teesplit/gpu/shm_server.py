@@ -234,6 +234,7 @@ class ShmServer:
             self._track_session(r, frames[0], out)
         del frames
         self._reply(r, out, seq)
+        self.handler.replies.settle()  # the reply cache's bookkeeping, while the runner works
 
     def _reply(self, r: Runner, frames: list, seq: int) -> None:
         views = [_buffer(f) for f in frames]
