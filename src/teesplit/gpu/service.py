@@ -301,7 +301,13 @@ class GPUComputeService:
         if session is None:
             return y
         B, T = x.shape[:2]
-        v = y[..., c.q_dim + c.kv_dim :].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        n, split = y.shape[-1], c.q_dim + c.kv_dim
+        if y.is_contiguous():  # the v part as (B, Hkv, T, D) in one view
+            v = y.as_strided(
+                (B, c.num_kv_heads, T, c.head_dim), (T * n, c.head_dim, n, 1), y.storage_offset() + split
+            )
+        else:
+            v = y[..., split:].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         self._write(session, 1, layer, v, pos, "QKV")
         if self.exact:  # a verifying runner checks v with q|k and uses it in AttnOut's check
             return y
@@ -342,10 +348,10 @@ class GPUComputeService:
                 f"(B, {c.num_kv_heads}, T, {c.head_dim}), got {q.shape} and {k.shape}"
             )
         S = self._write(session, 0, layer, to_torch(k, self.device, session.dtype), pos, "AttnScores")
-        G = c.num_heads // c.num_kv_heads
-        keys = session.kv[0, layer, :, :, :S]  # (B, Hkv, S, D)
-        qt = to_torch(q, self.device, keys.dtype).reshape(B, c.num_kv_heads, G * T, c.head_dim)
-        return torch.matmul(qt, keys.transpose(-1, -2)).view(B, c.num_heads, T, S)
+        BH, GT, D = B * c.num_kv_heads, c.num_heads // c.num_kv_heads * T, c.head_dim
+        keys = session.kv[0, layer, :, :, :S].reshape(BH, S, D)  # a view: (B, Hkv) merge
+        qt = to_torch(q, self.device, keys.dtype).reshape(BH, GT, D)  # query head h reads kv h // G
+        return torch.bmm(qt, keys.transpose(1, 2)).view(B, c.num_heads, T, S)
 
     def attn_out(self, session: Session, layer: int, p: np.ndarray) -> torch.Tensor:
         """o_proj(P V) with V from the session's cache: (B, T, E)."""
@@ -357,11 +363,16 @@ class GPUComputeService:
         if p.ndim != 4 or p.shape[0] != B or p.shape[1] != c.num_heads or p.shape[3] != S or p.shape[2] < 1:
             raise _bad(f"AttnOut: expected p (B={B}, {c.num_heads}, T, S={S}), got {p.shape}")
         T = p.shape[2]
-        G = c.num_heads // c.num_kv_heads
-        values = session.kv[1, layer, :, :, :S]  # (B, Hkv, S, D)
-        pt = to_torch(p, self.device, values.dtype).reshape(B, c.num_kv_heads, G * T, S)
-        o = torch.matmul(pt, values).view(B, c.num_heads, T, c.head_dim)  # (B, H, T, D)
-        o = o.transpose(1, 2).reshape(B, T, c.q_dim)
+        BH, GT = B * c.num_kv_heads, c.num_heads // c.num_kv_heads * T
+        values = session.kv[1, layer, :, :, :S].reshape(BH, S, c.head_dim)  # a view: (B, Hkv) merge
+        pt = to_torch(p, self.device, values.dtype).reshape(BH, GT, S)
+        o = torch.bmm(pt, values)  # (B Hkv, G T, D), i.e. (B, H, T, D)
+        # (B, H, T, D) -> (B, T, H D); with T = 1 that is the same memory
+        o = (
+            o.view(B, T, c.q_dim)
+            if T == 1
+            else o.view(B, c.num_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, c.q_dim)
+        )
         w = self._w(lw.weight["o_proj"])
         return F.linear(o if o.dtype == w.dtype else o.to(w.dtype), w, self._w(lw.bias.get("o_proj")))
 
