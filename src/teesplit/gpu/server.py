@@ -366,7 +366,7 @@ def to_wire(t: torch.Tensor, wire: str) -> np.ndarray | Int8Rows:
     dt = TORCH_DTYPES[wire]
     if t.dtype != dt:
         t = t.to(dt)
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.cpu()
     if wire == "bfloat16":
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)

@@ -408,7 +408,7 @@ class GPUComputeService:
         p = self._check_positions(s, lengths, layer, pos, T, what)
         if x.dtype != s.dtype:  # checked as it will be stored: a float16 cache can overflow to Inf
             x = x.to(s.dtype)
-        xn = x.numpy() if x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES else None
+        xn = x.numpy() if x.is_cpu and x.dtype in _NUMPY_DTYPES else None
         finite = bool(np.isfinite(xn).all()) if xn is not None else bool(torch.isfinite(x).all())
         if not finite:  # NaN/Inf would poison every later step of the session
             raise _bad(

@@ -440,8 +440,9 @@ def _private_copy(views: list[memoryview], max_header: int) -> list:
     if not views or len(views[0]) > max_header:
         return views  # the decoder refuses these on their length, without reading them
     frames: list = [bytes(v) if len(v) <= COPY_BELOW else v for v in views]
-    frames[0] = bytes(views[0])
-    big = [i for i in range(1, len(frames)) if isinstance(frames[i], memoryview)]
+    if type(frames[0]) is not bytes:
+        frames[0] = bytes(views[0])
+    big = [i for i in range(1, len(frames)) if type(frames[i]) is not bytes]
     if big:
         try:
             header = msgpack.unpackb(frames[0], raw=False)
