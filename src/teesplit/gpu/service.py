@@ -423,7 +423,7 @@ class GPUComputeService:
         else:
             for b in range(s.batch):  # ragged batch: one slice copy per row
                 kv[which, layer, b, :, p[b] : p[b] + T] = src[b]
-        lengths[layer] = pos + T
+        lengths[layer] = [q + T for q in p]  # from the checked copy, as the writes above
         return end
 
     def _reserve(self, s: Session, tokens: int) -> None:
