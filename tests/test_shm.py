@@ -173,7 +173,7 @@ def test_the_warm_up_between_requests_leaves_no_trace(ckpt, warm):
     real_matmul = service.matmul
     service.matmul = lambda a, b: warm_ups.append(a.shape) or real_matmul(a, b)
     address, stop = shm_address(), threading.Event()
-    server = ShmServer(handler, address, warm=warm)
+    server = ShmServer(handler, address, warm=warm, warm_after_s=0.0)  # the tiny model is quick
     thread = threading.Thread(target=server.serve, args=(stop,))
     thread.start()
     c = client(address)

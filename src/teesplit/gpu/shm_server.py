@@ -85,6 +85,7 @@ MAX_PENDING = 64  # connections that have not finished the handshake
 HANDSHAKE_S = 5.0
 RECONNECT_GRACE_S = 2.0
 COPY_BELOW = 64 << 10  # request frames up to this size are copied out of the region, whatever they hold
+WARM_AFTER_S = 100e-6  # warm up after requests that took this long: products over megabytes
 IDLE_POLL_S = 0.1  # wake up this often while idle, to notice a stop request and sweep sessions
 _PEERCRED = struct.Struct("3i")
 
@@ -114,6 +115,7 @@ class ShmServer:
         grace_s: float = RECONNECT_GRACE_S,
         max_runners: int = MAX_RUNNERS,
         warm: bool = True,
+        warm_after_s: float = WARM_AFTER_S,
     ):
         self.handler = handler
         self.address = address
@@ -122,6 +124,8 @@ class ShmServer:
         self.max_runners = max_runners
         # Only where requests stream weights through the CPU's caches (see _warm).
         self.warm = warm and self.spin_s > 0 and handler.service.device.type == "cpu"
+        self.warm_after_s = warm_after_s
+        self._warm_due = False  # the last request took long enough to have evicted the caches
         self._warm_frames = request(0, "Matmul", {}, (np.ones((1, 1), np.float32),) * 2)
         limits = handler.limits
         self.max_frame = handler.max_frame_bytes
@@ -162,7 +166,7 @@ class ShmServer:
             runner = self._next_ready()
             if runner is not None:
                 self._serve(runner)
-                if self.warm and self._ready() is None:
+                if self.warm and self._warm_due and self._ready() is None:
                     self._warm()
             else:
                 self._wait(min(IDLE_POLL_S, max(next_sweep - time.monotonic(), 0.001)))
@@ -235,7 +239,9 @@ class ShmServer:
         after it then pays for cache misses in every small step (decode, checks, tensor
         views, encode), tens of microseconds in all, 152 times a v3-fused decode token. This
         pass brings those paths back while the runner computes (its RMSNorm, RoPE or softmax
-        takes longer than this pass), so the next request finds them warm. Measured with
+        takes longer than this pass), so the next request finds them warm. Only after a request
+        that took WARM_AFTER_S or more: a quick one (a Ping) evicted nothing, and its sender
+        may be back at once (a ping's round trip must not wait for this). Measured with
         v3-fused over shm on a 2-core VM: -2 to -4 ms a token. Nothing of it is kept: no
         reply, no counter, no reply-cache entry, no session touched."""
         h = self.handler
@@ -261,7 +267,9 @@ class ShmServer:
             return
         r.seen, r.rang = seq, False
         frames = _private_copy(r.rx.views(lengths), self.handler.limits.max_header_bytes)
+        t0 = time.perf_counter()
         out = self.handler.handle(frames, r.client_id)
+        self._warm_due = time.perf_counter() - t0 >= self.warm_after_s
         if isinstance(frames[0], bytes) and b"Session" in frames[0]:  # Open/CloseSession, maybe
             self._track_session(r, frames[0], out)
         del frames
