@@ -235,7 +235,8 @@ def _frame_and_desc(t: np.ndarray | Int8Rows) -> tuple[Any, list]:
         )
         return memoryview(body), ["int8", list(t.q.shape)]
     a = np.ascontiguousarray(t)
-    return tensor_frame(a), [dtype_name(a.dtype), list(a.shape)]
+    name = _DTYPE_NAMES.get(a.dtype) or dtype_name(a.dtype)
+    return memoryview(a.reshape(-1).view(np.uint8)), [name, list(a.shape)]
 
 
 def encode(header: dict[str, Any], tensors: Sequence[np.ndarray | Int8Rows] = ()) -> list:
@@ -245,8 +246,10 @@ def encode(header: dict[str, Any], tensors: Sequence[np.ndarray | Int8Rows] = ()
     return [msgpack.packb(header, use_bin_type=True), *(f for f, _ in parts)]
 
 
-def _buffer(frame: Any) -> memoryview:
+def _buffer(frame: Any) -> memoryview | bytes:
     buf = getattr(frame, "buffer", frame)  # zmq.Frame exposes .buffer; bytes/memoryview pass through
+    if type(buf) is bytes:  # already flat bytes (the common case in process and over shm)
+        return buf
     return memoryview(buf).cast("B")
 
 
@@ -284,16 +287,19 @@ def _decode_tensor(i: int, desc: Any, frame: Any, limits: Limits) -> np.ndarray:
     if not (isinstance(desc, list) and len(desc) == 2 and isinstance(desc[1], list)):
         raise ProtocolError(f"tensor {i}: descriptor must be [dtype, [dims...]]")
     name, shape = desc
-    if name not in DTYPES and name != "int8":
+    dt = DTYPES.get(name) if isinstance(name, str) else None
+    if dt is None and name != "int8":
         raise ProtocolError(f"tensor {i}: dtype {name!r} not in {sorted([*DTYPES, 'int8'])}", "bad_tensor")
     if len(shape) > limits.max_rank:
         raise ProtocolError(f"tensor {i}: rank {len(shape)} exceeds {limits.max_rank}", "bad_tensor")
-    if not all(type(d) is int and d >= 0 for d in shape):
-        raise ProtocolError(f"tensor {i}: dimensions must be non-negative integers", "bad_tensor")
-    if name == "int8":
+    n = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise ProtocolError(f"tensor {i}: dimensions must be non-negative integers", "bad_tensor")
+        n *= d
+    if dt is None:
         return _decode_int8(i, shape, frame, limits)
-    dt = DTYPES[name]
-    nbytes = math.prod(shape) * dt.itemsize
+    nbytes = n * dt.itemsize
     if nbytes > limits.max_tensor_bytes:
         raise ProtocolError(f"tensor {i}: {nbytes} bytes exceed {limits.max_tensor_bytes}", "too_large")
     buf = _buffer(frame)

@@ -108,7 +108,11 @@ class ReplyCache:
     session, CloseSession does not answer no_session). Bounded: `per_peer` replies per peer,
     `max_peers` peers (least recently used first out), `max_bytes` in all; a reply over
     `max_entry_bytes` is not kept, and a resend of it is computed again (every operation is
-    idempotent: cache writes name their positions). Only successful replies are kept."""
+    idempotent: cache writes name their positions). Only successful replies are kept.
+
+    `put` only notes the reply; the bookkeeping (sizes, eviction) is done by `settle`, which
+    a serving loop calls once the reply is on its way (off the runner's critical path), and
+    which every other method does first, so the cache never answers from a stale state."""
 
     def __init__(
         self,
@@ -120,9 +124,12 @@ class ReplyCache:
         self.per_peer, self.max_peers = per_peer, max_peers
         self.max_bytes, self.max_entry_bytes = max_bytes, max_entry_bytes
         self.nbytes = 0
+        self._unsettled: tuple | None = None  # the last put, not yet entered
         self._peers: OrderedDict[bytes, OrderedDict[int, tuple[str, Any, list, int]]] = OrderedDict()
 
     def get(self, peer: bytes, rid: int, op: str, sid: Any) -> list | None:
+        if self._unsettled is not None:
+            self.settle()
         entry = self._peers.get(peer, {}).get(rid)
         if entry is None or entry[0] != op or entry[1] != sid:
             return None
@@ -130,6 +137,15 @@ class ReplyCache:
         return entry[2]
 
     def put(self, peer: bytes, rid: int, op: str, sid: Any, frames: list) -> None:
+        if self._unsettled is not None:
+            self.settle()
+        self._unsettled = (peer, rid, op, sid, frames)
+
+    def settle(self) -> None:
+        """Enter the reply noted by the last `put`, if any."""
+        if self._unsettled is None:
+            return
+        (peer, rid, op, sid, frames), self._unsettled = self._unsettled, None
         n = sum(len(getattr(f, "buffer", f)) for f in frames)
         if n > self.max_entry_bytes:
             return
@@ -149,6 +165,7 @@ class ReplyCache:
                 self._peers.popitem(last=False)
 
     def __len__(self) -> int:
+        self.settle()
         return sum(len(e) for e in self._peers.values())
 
 
@@ -346,7 +363,11 @@ def to_wire(t: torch.Tensor, wire: str) -> np.ndarray | Int8Rows:
         scale = t.abs().amax(dim=-1) / 127.0
         q = torch.round(t / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp_(-127, 127)
         return Int8Rows(q.to(torch.int8).cpu().numpy(), scale.cpu().numpy())
-    t = t.to(TORCH_DTYPES[wire]).cpu()
+    dt = TORCH_DTYPES[wire]
+    if t.dtype != dt:
+        t = t.to(dt)
+    if not t.is_cpu:
+        t = t.cpu()
     if wire == "bfloat16":
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
@@ -470,3 +491,4 @@ def _serve_one(sock: zmq.Socket, handler: RequestHandler, frames: list) -> None:
     envelope, message = parts
     peer = bytes(envelope[0].buffer)
     sock.send_multipart([*envelope, *handler.handle(message, peer)], copy=False)
+    handler.replies.settle()  # the reply cache's bookkeeping, now that the reply is out

@@ -134,8 +134,9 @@ class GPUClient:
         if self.f32_results and op in protocol.F32_OPS:
             args = {**(args or {}), "f32": True}
         frames = request(rid, op, args, tensors, sid)
+        sizes = [len(f) for f in frames]  # request() makes bytes and flat byte views
         cap = self.max_message_bytes
-        biggest = max(len(getattr(f, "buffer", f)) for f in frames) if cap is not None else 0
+        biggest = max(sizes)
         if cap is not None and biggest > cap:
             raise ProtocolError(
                 f"{op}: a frame of {biggest} bytes exceeds the GPU server's limit of {cap} bytes "
@@ -192,7 +193,7 @@ class GPUClient:
         m.rpc_wall_s += time.perf_counter() - t0
         m.gpu_s += float(header.get("gpu_s", 0.0))
         m.rpc[op] += 1
-        m.bytes_to_gpu += _nbytes(frames)
+        m.bytes_to_gpu += sum(sizes)
         m.bytes_from_gpu += _nbytes(reply_frames)
         return header.get("res", {}), out
 
