@@ -265,13 +265,6 @@ def linear_failures(fp: LinearPrint, x: np.ndarray, y: np.ndarray) -> list[Failu
     return _compare(diff, cheap, lambda: scale * fp.ry_abs(y2, yb), "rᵀy against (rᵀW)x", nonfinite)
 
 
-def check_linear(fp: LinearPrint, x: np.ndarray, y: np.ndarray, op: str, layer: int | None = None) -> None:
-    """y (..., N) against x (..., K) through a one-layer fingerprint of y = W x + b."""
-    failures = linear_failures(fp, x, y)
-    if failures:
-        raise failures[0].error(op, layer)
-
-
 def check_embedding(table_print: np.ndarray, S: np.ndarray, ids: np.ndarray, x: np.ndarray, op: str) -> None:
     """Rows x (..., E) against the table's fingerprint T = W_emb Sᵀ (V, n) at ids."""
     x2 = x.reshape(-1, S.shape[1]).astype(np.float64)
