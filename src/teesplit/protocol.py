@@ -211,6 +211,9 @@ def dequantize_int8(t: Int8Rows) -> np.ndarray:
 
 
 def dtype_name(dt: np.dtype) -> str:
+    name = _DTYPE_NAMES.get(dt)  # a numpy dtype already: no conversion (every tensor sent)
+    if name is not None:
+        return name
     try:
         return _DTYPE_NAMES[np.dtype(dt)]
     except KeyError:
@@ -235,8 +238,7 @@ def _frame_and_desc(t: np.ndarray | Int8Rows) -> tuple[Any, list]:
         )
         return memoryview(body), ["int8", list(t.q.shape)]
     a = np.ascontiguousarray(t)
-    name = _DTYPE_NAMES.get(a.dtype) or dtype_name(a.dtype)
-    return memoryview(a.reshape(-1).view(np.uint8)), [name, list(a.shape)]
+    return tensor_frame(a), [dtype_name(a.dtype), list(a.shape)]
 
 
 def encode(header: dict[str, Any], tensors: Sequence[np.ndarray | Int8Rows] = ()) -> list:
