@@ -268,7 +268,10 @@ def _publish_raw(t: ShmTransport, lengths: list[int], seq: int | None = None) ->
     t._sent = t._sent + 1 if seq is None else seq
     t._pending = []
     ctl[shm.SEQ] = t._sent
-    shm.send_control(t._sock, shm.DOORBELL)
+    try:
+        shm.send_control(t._sock, shm.DOORBELL)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # a spinning server saw the seq, refused the request and dropped us first
 
 
 @pytest.mark.parametrize(
