@@ -138,6 +138,44 @@ def test_cache_writes_are_idempotent_and_gapless(ckpt):
     assert s1.shape == s2.shape == (1, c.num_heads, 2, 2)
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_numpy_attention_matches_torch(ckpt, monkeypatch, T):
+    """A float32 CPU session multiplies attention in numpy (gpu/service.py `_numpy_attention`);
+    torch's bmm, the path of every other dtype and device, gives the same products, also for a
+    ragged batch whose shorter row reads zeros past its end."""
+    import teesplit.gpu.service as service_module
+
+    real, chosen = service_module._numpy_attention, []
+
+    def run(use_numpy: bool):
+        monkeypatch.setattr(
+            service_module, "_numpy_attention", lambda *a: chosen.append(real(*a)) or (use_numpy and real(*a))
+        )
+        handler, _ = build_service(ckpt, "cpu", "float32", progress=False)
+        s = handler.service
+        c = s.config
+        sess = s.session(s.open_session(2, 32)["sid"])
+        rng = np.random.default_rng(1)
+        out = []
+        for start in ([0, 0], [4, 2]):  # a prefill of 4 rows, then a ragged step
+            n = 4 if start == [0, 0] else T
+            pos = np.array(start)
+            x = rng.standard_normal((2, n, c.hidden_size)).astype(np.float32)
+            q = rng.standard_normal((2, c.num_heads, n, c.head_dim)).astype(np.float32)
+            k = rng.standard_normal((2, c.num_kv_heads, n, c.head_dim)).astype(np.float32)
+            s.qkv(0, x, sess, pos)
+            scores = s.attn_scores(sess, 0, q, k, pos).numpy()
+            p = rng.random(scores.shape).astype(np.float32)
+            out += [scores, s.attn_out(sess, 0, p).numpy()]
+        return out
+
+    with_numpy = run(True)
+    assert chosen and all(chosen)  # float32 on the CPU: numpy, at every product
+    for got, want in zip(with_numpy, run(False), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_rows_round_trip():
     x = (
         np.random.default_rng(0).standard_normal((2, 3, 50)).astype(np.float32)
