@@ -91,3 +91,21 @@ def test_reply_comes_back_in_request_dtype(handler, wire):
     x = np.ones((1, 1, 64), DTYPES[wire])
     _, (y,) = call(handler, "Linear", {"layer": 0, "module": "k_proj"}, [x])
     assert y.dtype == DTYPES[wire] and y.shape == (1, 1, 32)
+
+
+def test_server_threads_also_limit_numpy_blas(tmp_path):
+    """--threads N holds numpy's BLAS (the CPU attention products) to N threads, as torch."""
+    import torch
+
+    from teesplit.blas import _openblas, blas_threads
+
+    funcs = _openblas()
+    if funcs is None:
+        pytest.skip("numpy here has no OpenBLAS")
+    torch_threads = torch.get_num_threads()
+    try:
+        with blas_threads(2):
+            build_service(make_checkpoint(tmp_path, "llama"), "cpu", "float32", threads=1, progress=False)
+            assert funcs[1]() == 1
+    finally:
+        torch.set_num_threads(torch_threads)

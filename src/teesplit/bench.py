@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from teesplit.blas import blas_threads
 from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams, generate_pipelined
 from teesplit.tee.model import TEELlamaModel
@@ -940,43 +941,6 @@ def source_version() -> str | None:
     if commit.returncode != 0:
         return None
     return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
-
-_OPENBLAS_SYMBOLS = (  # (set, get) in numpy's bundled scipy-openblas and in a plain OpenBLAS
-    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
-    ("openblas_set_num_threads", "openblas_get_num_threads"),
-)
-
-
-@contextlib.contextmanager
-def blas_threads(n: int) -> Iterator[int | None]:
-    """Limit the OpenBLAS behind numpy (the trusted side's matmuls) to n threads, as
-    threadpoolctl does, and restore the old count afterwards. Yields the count in force, or
-    None where no OpenBLAS is found (then nothing changes)."""
-    import ctypes
-
-    funcs = None
-    with contextlib.suppress(OSError):
-        paths = {
-            ln.split()[-1] for ln in Path("/proc/self/maps").read_text().splitlines() if "openblas" in ln
-        }
-        for path in sorted(paths):
-            lib = ctypes.CDLL(path)
-            for set_name, get_name in _OPENBLAS_SYMBOLS:
-                if hasattr(lib, set_name) and hasattr(lib, get_name):
-                    funcs = getattr(lib, set_name), getattr(lib, get_name)
-                    break
-    if funcs is None or n <= 0:
-        yield None
-        return
-    set_threads, get_threads = funcs
-    old = get_threads()
-    set_threads(n)
-    try:
-        yield n
-    finally:
-        set_threads(old)
 
 
 def machine_info(device: str) -> dict[str, Any]:

@@ -35,12 +35,14 @@ def build_service(
     """Load the GPU side (imports torch). Returns (RequestHandler, description)."""
     import torch
 
+    from teesplit.blas import set_blas_threads
     from teesplit.gpu.server import RequestHandler
     from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService, SessionLimits
     from teesplit.gpu.weights import load_weights
 
     if threads:
         torch.set_num_threads(threads)
+        set_blas_threads(threads)  # numpy's BLAS: the CPU attention products (gpu/service.py)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
