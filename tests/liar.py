@@ -106,7 +106,7 @@ class LyingHandler:
                 out = liar._stale(service, method, honest, args)
             else:
                 out = honest(*args, **kwargs)
-            if isinstance(out, np.ndarray):  # ring elements (RingLinear): exact int64 lies
+            if isinstance(out, np.ndarray) and out.dtype == np.int64:  # ring elements: exact int64 lies
                 if liar.count == liar.nth:
                     y_lie = ring_lie(liar.mode, out, liar.rng, liar._earlier(out))
                     liar.told = not np.array_equal(y_lie, out)
@@ -114,10 +114,11 @@ class LyingHandler:
                     return y_lie
                 liar.history.append(out)
                 return out
-            y = out.detach().float().cpu().numpy()
+            numpy_out = isinstance(out, np.ndarray)  # a float32 CPU server's results are numpy
+            y = np.array(out, np.float32) if numpy_out else out.detach().float().cpu().numpy()
             if liar.count == liar.nth and liar.mode != "stale":
                 y_lie = lie(liar.mode, y, liar.rng, liar._earlier(y))
-                out = torch.from_numpy(y_lie).to(out.dtype)
+                out = y_lie if numpy_out else torch.from_numpy(y_lie).to(out.dtype)
                 liar.told = not np.array_equal(y_lie, y)
             liar.history.append(y)
             return out
@@ -161,8 +162,8 @@ class LyingHandler:
             qt = torch.from_numpy(np.array(q)).to(keys.dtype).reshape(B, Hkv, (H // Hkv) * T, D)
             stale = torch.matmul(qt, keys.transpose(-1, -2)).view(B, H, T, S)
             kv[0, layer, :, :, p0] = new
-            self.told = not torch.equal(stale, out)
-            return stale
+            self.told = not torch.equal(stale, torch.as_tensor(out))
+            return stale.numpy() if isinstance(out, np.ndarray) else stale
         if method == "attn_out":
             session, layer = args[:2]
             S = int(session.v_len[layer].max())

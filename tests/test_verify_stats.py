@@ -17,6 +17,12 @@ from teesplit.tee.checkpoint import IntegrityError, TrustedCheckpoint
 from teesplit.tee.client import GPUClient
 from teesplit.tee.verify import Verifier
 
+
+def f32(y) -> np.ndarray:
+    """A service result as float32 numpy (a float32 CPU server returns numpy, others torch)."""
+    return np.asarray(y, np.float32) if isinstance(y, np.ndarray) else y.float().numpy()
+
+
 LAYER = 7  # a middle layer of SmolLM2's 30
 TRIALS = 1000
 HONEST_PER_OP = 1250  # x 8 operations = 10,000 honest results per dtype
@@ -166,7 +172,7 @@ def test_linear_lies_are_caught_and_honest_results_pass(setup, recorded):
             # One token (decode) or a 4-token block (prefill), from the recorded activations.
             T = 1 if t % 2 else 4
             x = inputs[rng.choice(len(inputs), T, replace=False)][None].astype(np.float32)
-            y = compute(x).float().numpy()
+            y = f32(compute(x))
             if t < HONEST_PER_OP:
                 check(x, y)  # an honest result must pass: raises IntegrityError otherwise
             honest.append((x, y))
@@ -190,7 +196,7 @@ def test_embedding_lies_are_caught(setup, recorded):
     cases = []
     for t in range(TRIALS):
         i = ids[rng.choice(len(ids), 1 + t % 2, replace=False)][None]
-        x = service.embedding(i).float().numpy()
+        x = f32(service.embedding(i))
         verifier.embedding(i, x)
         cases.append((i, x))
     xs = [x for _, x in cases]
@@ -206,7 +212,7 @@ def test_embedding_lies_are_caught(setup, recorded):
 def _write_values(service, verifier, sess, state, x, pos):
     """QKV with a session, as a verifying runner asks for it: v comes back, is kept, and cached."""
     c = verifier.config
-    y = service.qkv(LAYER, x, sess, pos).float().numpy()  # exact: q|k|v
+    y = f32(service.qkv(LAYER, x, sess, pos))  # exact: q|k|v
     v = y[..., c.q_dim + c.kv_dim :].reshape(*x.shape[:2], c.num_kv_heads, c.head_dim)
     if state is not None:
         verifier.session_values(state, LAYER, v, pos)
@@ -219,7 +225,7 @@ def _attention_session(service, verifier, keys, xs, S):
     pos0 = np.zeros(1, np.int64)
     _write_values(service, verifier, sess, state, xs[None, : S - 1], pos0)
     q0 = np.zeros((1, verifier.config.num_heads, S - 1, verifier.config.head_dim), np.float32)
-    scores = service.attn_scores(sess, LAYER, q0, keys[:, :, : S - 1], pos0).float().numpy()
+    scores = f32(service.attn_scores(sess, LAYER, q0, keys[:, :, : S - 1], pos0))
     verifier.attn_scores(state, LAYER, q0, keys[:, :, : S - 1], pos0, scores)
     return sess, state
 
@@ -248,7 +254,7 @@ def test_kv_cache_lies_are_caught_and_honest_results_pass(setup, recorded):
     for t in range(max(TRIALS, HONEST_PER_OP)):
         q = queries[:, :, rng.integers(n_q)][:, :, None]  # (1, H, 1, D): real queries, varied
         q = q[:, rng.permutation(c.num_heads)]
-        scores = service.attn_scores(sess, LAYER, q, k_new, pos).float().numpy()
+        scores = f32(service.attn_scores(sess, LAYER, q, k_new, pos))
         # The stale result: the new key's slot as it was before the write (zeros: a fresh slot).
         kv = sess.kv
         new = kv[0, LAYER, :, :, S - 1].clone()
@@ -262,8 +268,8 @@ def test_kv_cache_lies_are_caught_and_honest_results_pass(setup, recorded):
         z = scores * np.float32(c.head_dim**-0.5)
         p = np.exp(z - z.max(-1, keepdims=True))
         p = (p / p.sum(-1, keepdims=True)).astype(np.float32)
-        o = service.attn_out(sess, LAYER, p).float().numpy()
-        o_stale = service.attn_out(stale_sess, LAYER, p).float().numpy()
+        o = f32(service.attn_out(sess, LAYER, p))
+        o_stale = f32(service.attn_out(stale_sess, LAYER, p))
         if t < HONEST_PER_OP:
             verifier.attn_out(state, LAYER, p, o)
         out_cases.append((p, o, o_stale))

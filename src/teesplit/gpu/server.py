@@ -343,7 +343,7 @@ class RequestHandler:
         return out
 
 
-def reply_tensors(out: torch.Tensor | TopK | tuple, wire: str) -> list:
+def reply_tensors(out: torch.Tensor | np.ndarray | TopK | tuple, wire: str) -> list:
     """An operation's result(s) -> reply tensors: activations in the wire dtype; a top-k result
     as float32 values and int64 ids, whatever the wire dtype."""
     parts = out if isinstance(out, tuple) and not isinstance(out, TopK) else (out,)
@@ -356,8 +356,14 @@ def reply_tensors(out: torch.Tensor | TopK | tuple, wire: str) -> list:
     return tensors
 
 
-def to_wire(t: torch.Tensor, wire: str) -> np.ndarray | Int8Rows:
-    """A result tensor -> numpy in the wire dtype (int8: quantized per row on the device)."""
+def to_wire(t: torch.Tensor | np.ndarray, wire: str) -> np.ndarray | Int8Rows:
+    """A result tensor -> numpy in the wire dtype (int8: quantized per row on the device). A
+    numpy result (a float32 CPU server's, gpu/service.py `_rows`) goes out as it is on a
+    float32 wire."""
+    if isinstance(t, np.ndarray):
+        if wire == "float32" and t.dtype == np.float32:
+            return t
+        t = torch.from_numpy(t)
     if wire == "int8":
         t = t.float()
         scale = t.abs().amax(dim=-1) / 127.0

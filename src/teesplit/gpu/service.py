@@ -166,6 +166,9 @@ class GPUComputeService:
         self.limits = limits
         self.sessions: dict[int, Session] = {}
         self._ring: dict[tuple[int, str], Any] = {}  # private plans' fixed-point weights, built on use
+        # A float32 CPU server multiplies the seed's operations in numpy (see `_rows`).
+        self.numpy_products = device.type == "cpu" and dtype == torch.float32
+        self._wt: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # id(weight) -> (weight, Wᵀ in numpy)
         # Set by the request handler for a request with `f32` (the runner's --verify): compute in
         # float32 from the compute-dtype weights, so results carry no rounding to bfloat16.
         self.exact = False
@@ -223,12 +226,45 @@ class GPUComputeService:
         return out, time.perf_counter() - t0
 
     def _activation(self, x: np.ndarray, last_dim: int, what: str) -> torch.Tensor:
+        self._check_activation(x, last_dim, what)
+        return to_torch(x, self.device, self._cdt)
+
+    def _check_activation(self, x: np.ndarray, last_dim: int, what: str) -> None:
         _float_dtype(x, what)
         if x.ndim != 3 or x.shape[-1] != last_dim:
             raise _bad(f"{what}: expected shape (B, T, {last_dim}), got {x.shape}")
         if x.shape[0] * x.shape[1] == 0:
             raise _bad(f"{what}: empty batch")
-        return to_torch(x, self.device, self._cdt)
+
+    def _rows(self, x: np.ndarray, last_dim: int, what: str) -> np.ndarray | torch.Tensor:
+        """A checked activation as `_linear` multiplies it: float32 numpy on a float32 CPU
+        server, else torch on the device in the compute dtype.
+
+        Why numpy there: a decode step's products are one-row products bound by memory
+        bandwidth, as fast in numpy's BLAS as in torch (SmolLM2 v3-fused, one thread, 121
+        products: 34.4-34.9 ms against 34.8-35.6 ms a token). But each request comes right
+        after a product has streamed megabytes through the caches, so every call runs with
+        cold caches, and a torch call's path through its dispatcher is long: torch.bmm of a
+        decode step's attention takes 91 µs cold where numpy takes 31. A request that stays in
+        numpy from its decoded frames to its reply skips that path entirely."""
+        if not self.numpy_products:
+            return self._activation(x, last_dim, what)
+        self._check_activation(x, last_dim, what)
+        return x if x.dtype == _F32 else x.astype(np.float32)  # bfloat16 and float16 wires: exact
+
+    def _linear(
+        self, x: np.ndarray | torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
+    ) -> np.ndarray | torch.Tensor:
+        """x Wᵀ + b, in numpy for a numpy x (`_rows`), else F.linear."""
+        if not isinstance(x, np.ndarray):
+            return F.linear(x, self._w(w), self._w(b))
+        kept = self._wt.get(id(w))
+        if kept is None:  # the weight is kept with its view, so its id cannot be reused
+            kept = self._wt[id(w)] = (w, w.numpy().T)
+        y = np.matmul(x, kept[1])
+        if b is not None:
+            y += b.numpy()
+        return y
 
     def _check_result_size(self, shape: tuple[int, ...], what: str) -> None:
         n = math.prod(shape)
@@ -258,15 +294,15 @@ class GPUComputeService:
         self._check_result_size((*ids.shape, self.config.hidden_size), "Embedding")
         return F.embedding(to_torch(ids, self.device), self.w.embed)
 
-    def linear(self, layer: int, module: str, x: np.ndarray) -> torch.Tensor:
+    def linear(self, layer: int, module: str, x: np.ndarray) -> torch.Tensor | np.ndarray:
         lw = self._layer(layer, "Linear")
         shapes = self.config.linear_shapes
         if module not in shapes:
             raise _bad(f"Linear: unknown module {module!r}; known: {', '.join(shapes)}", "bad_args")
         n_out, n_in = shapes[module]
-        xt = self._activation(x, n_in, f"Linear {module}")
+        xt = self._rows(x, n_in, f"Linear {module}")
         self._check_result_size((*x.shape[:2], n_out), "Linear")
-        return F.linear(xt, self._w(lw.weight[module]), self._w(lw.bias.get(module)))
+        return self._linear(xt, lw.weight[module], lw.bias.get(module))
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
         name = _float_dtype(a, "Matmul a")
@@ -279,11 +315,14 @@ class GPUComputeService:
         self._check_result_size((*a.shape[:-1], b.shape[-1]), "Matmul")
         return torch.matmul(to_torch(a, self.device, self._cdt), to_torch(b, self.device, self._cdt))
 
-    def lm_head(self, x: np.ndarray, top_k: int | None = None) -> torch.Tensor | TopK:
+    def lm_head(self, x: np.ndarray, top_k: int | None = None) -> torch.Tensor | np.ndarray | TopK:
         self._check_top_k(top_k, "LMHead")
-        xt = self._activation(x, self.config.hidden_size, "LMHead")
+        xt = self._rows(x, self.config.hidden_size, "LMHead")
         self._check_result_size((*x.shape[:2], self.config.vocab_size), "LMHead")
-        return _top_k(F.linear(xt, self._w(self.w.lm_head)), top_k)
+        logits = self._linear(xt, self.w.lm_head)
+        if top_k is not None and isinstance(logits, np.ndarray):
+            logits = torch.from_numpy(logits)
+        return _top_k(logits, top_k)
 
     def _check_top_k(self, top_k: int | None, what: str) -> None:
         limit = min(self.config.vocab_size, 1024)
@@ -324,18 +363,20 @@ class GPUComputeService:
     # ---- fused projections -----------------------------------------------------------------
     def qkv(
         self, layer: int, x: np.ndarray, session: Session | None = None, pos: np.ndarray | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | np.ndarray:
         """q|k|v in one product; with a session, v goes into its cache and only q|k come back."""
         lw = self._layer(layer, "QKV")
-        xt = self._activation(x, self.config.hidden_size, "QKV")
+        xt = self._rows(x, self.config.hidden_size, "QKV")
         c = self.config
         self._check_result_size((*x.shape[:2], c.q_dim + 2 * c.kv_dim), "QKV")
-        y = F.linear(xt, self._w(lw.qkv_weight), self._w(lw.qkv_bias))  # (B, T, (H + 2 Hkv) D)
+        y = self._linear(xt, lw.qkv_weight, lw.qkv_bias)  # (B, T, (H + 2 Hkv) D)
         if session is None:
             return y
         B, T = x.shape[:2]
         n, split = y.shape[-1], c.q_dim + c.kv_dim
-        if y.is_contiguous():  # the v part as (B, Hkv, T, D) in one view
+        if isinstance(y, np.ndarray):
+            v = y[..., split:].reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        elif y.is_contiguous():  # the v part as (B, Hkv, T, D) in one view
             v = y.as_strided(
                 (B, c.num_kv_heads, T, c.head_dim), (T * n, c.head_dim, n, 1), y.storage_offset() + split
             )
@@ -346,11 +387,11 @@ class GPUComputeService:
             return y
         return y[..., : c.q_dim + c.kv_dim]
 
-    def gate_up(self, layer: int, x: np.ndarray) -> torch.Tensor:
+    def gate_up(self, layer: int, x: np.ndarray) -> torch.Tensor | np.ndarray:
         lw = self._layer(layer, "GateUp")
-        xt = self._activation(x, self.config.hidden_size, "GateUp")
+        xt = self._rows(x, self.config.hidden_size, "GateUp")
         self._check_result_size((*x.shape[:2], 2 * self.config.intermediate_size), "GateUp")
-        return F.linear(xt, self._w(lw.gate_up_weight), self._w(lw.gate_up_bias))  # (B, T, 2F)
+        return self._linear(xt, lw.gate_up_weight, lw.gate_up_bias)  # (B, T, 2F)
 
     # ---- attention against the session's cache -----------------------------------------
     def attn_scores(
@@ -361,7 +402,7 @@ class GPUComputeService:
         k: np.ndarray,
         pos: np.ndarray,
         r: np.ndarray | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | np.ndarray:
         """Write the rotated k at pos, return q Kᵀ over every cached position: (B, H, T, S).
         With row scales r (B, T) (merged plans), first turn the pending v into cache entries."""
         lw = self._layer(layer, "AttnScores")
@@ -384,14 +425,13 @@ class GPUComputeService:
         if _numpy_attention(session, q, k):
             S = self._write(session, 0, layer, k, pos, "AttnScores")
             keys_np = session.kv_np[0, layer, :, :, :S].reshape(BH, S, D)  # a view: (B, Hkv) merge
-            scores = np.matmul(q.reshape(BH, GT, D), keys_np.transpose(0, 2, 1))
-            return torch.from_numpy(scores.reshape(B, c.num_heads, T, S))
+            return np.matmul(q.reshape(BH, GT, D), keys_np.transpose(0, 2, 1)).reshape(B, c.num_heads, T, S)
         S = self._write(session, 0, layer, to_torch(k, self.device, session.dtype), pos, "AttnScores")
         keys = session.kv[0, layer, :, :, :S].reshape(BH, S, D)  # a view: (B, Hkv) merge
         qt = to_torch(q, self.device, keys.dtype).reshape(BH, GT, D)  # query head h reads kv h // G
         return torch.bmm(qt, keys.transpose(1, 2)).view(B, c.num_heads, T, S)
 
-    def attn_out(self, session: Session, layer: int, p: np.ndarray) -> torch.Tensor:
+    def attn_out(self, session: Session, layer: int, p: np.ndarray) -> torch.Tensor | np.ndarray:
         """o_proj(P V) with V from the session's cache: (B, T, E)."""
         lw = self._layer(layer, "AttnOut")
         c = self.config
@@ -404,17 +444,26 @@ class GPUComputeService:
         BH, GT = B * c.num_kv_heads, c.num_heads // c.num_kv_heads * T
         if _numpy_attention(session, p):
             values_np = session.kv_np[1, layer, :, :, :S].reshape(BH, S, c.head_dim)
-            o = torch.from_numpy(np.matmul(p.reshape(BH, GT, S), values_np))
+            o_np = np.matmul(p.reshape(BH, GT, S), values_np)  # (B Hkv, G T, D), i.e. (B, H, T, D)
+            if T == 1:
+                o_np = o_np.reshape(B, T, c.q_dim)  # the same memory
+            else:
+                o_np = (
+                    o_np.reshape(B, c.num_heads, T, c.head_dim).transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)
+                )
+            if self.numpy_products:
+                return self._linear(o_np, lw.weight["o_proj"], lw.bias.get("o_proj"))
+            o = torch.from_numpy(o_np)
         else:
             values = session.kv[1, layer, :, :, :S].reshape(BH, S, c.head_dim)  # a view: (B, Hkv) merge
             pt = to_torch(p, self.device, values.dtype).reshape(BH, GT, S)
             o = torch.bmm(pt, values)  # (B Hkv, G T, D), i.e. (B, H, T, D)
-        # (B, H, T, D) -> (B, T, H D); with T = 1 that is the same memory
-        o = (
-            o.view(B, T, c.q_dim)
-            if T == 1
-            else o.view(B, c.num_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, c.q_dim)
-        )
+            # (B, H, T, D) -> (B, T, H D); with T = 1 that is the same memory
+            o = (
+                o.view(B, T, c.q_dim)
+                if T == 1
+                else o.view(B, c.num_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, c.q_dim)
+            )
         w = self._w(lw.weight["o_proj"])
         return F.linear(o if o.dtype == w.dtype else o.to(w.dtype), w, self._w(lw.bias.get("o_proj")))
 
@@ -428,13 +477,14 @@ class GPUComputeService:
         what: str,
     ) -> int:
         """Write x (B, Hkv, T, D) at each row's position; the row's length becomes pos + T.
-        Returns the longest row's new length. A numpy x must already be in the cache's dtype
-        (`_numpy_attention`)."""
+        Returns the longest row's new length. x may be numpy (a float32 CPU server's)."""
         lengths = s.k_len if which == 0 else s.v_len
         T = x.shape[2]
         p = self._check_positions(s, lengths, layer, pos, T, what)
+        if isinstance(x, np.ndarray) and (x.dtype != _F32 or s.dtype != torch.float32):
+            x = torch.from_numpy(np.ascontiguousarray(x))  # the cache's dtype decides, below
         if isinstance(x, np.ndarray):
-            xn = x
+            xn = x  # float32 into a float32 CPU cache: its numpy view (`_reserve`)
         else:
             if x.dtype != s.dtype:  # checked as it will be stored: a float16 cache can overflow to Inf
                 x = x.to(s.dtype)
@@ -584,6 +634,8 @@ class GPUComputeService:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """o = o_proj(P V) from the session's cache, and the unscaled gate|up on x + o."""
         o = self.attn_out(session, layer, p)
+        if isinstance(o, np.ndarray):  # a float32 CPU server's (`_rows`)
+            o = torch.from_numpy(o)
         xt = self._activation(x, self.config.hidden_size, "AttnOutGateUp x")
         if tuple(xt.shape) != tuple(o.shape):
             raise _bad(f"AttnOutGateUp: x must have shape {tuple(o.shape)}, got {x.shape}")
