@@ -103,3 +103,34 @@ def test_legacy_rope_fields_are_normalized():
 def test_bad_configs_are_rejected(change, match):
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_hf({**TINY_HF, **change})
+
+
+def test_host_arena_keeps_values_layout_and_alignment():
+    from teesplit.gpu.hostmem import ALIGN, HUGE_PAGE, HostArena
+
+    rng = np.random.default_rng(0)
+    ws = [torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in ((96, 40), (7, 13), (40, 96))]
+    arena = HostArena(HostArena.bytes_for(ws))
+    base = arena._buf.ctypes.data
+    first = arena.copy(ws[0], column_major=True)
+    assert first.data_ptr() % HUGE_PAGE == 0  # the arena starts on a huge-page boundary
+    rows = arena.copy(ws[1])
+    last = arena.copy(ws[2], column_major=True)
+    for got, want in zip((first, rows, last), ws, strict=True):
+        assert torch.equal(got, want)
+        assert got.data_ptr() % ALIGN == 0 and base <= got.data_ptr() < base + len(arena._buf)
+    assert first.t().is_contiguous() and not first.is_contiguous() and rows.is_contiguous()
+    with pytest.raises(MemoryError, match="full"):
+        arena.empty((1 << 20,), torch.float32)
+
+
+def test_a_cpu_server_keeps_its_matrices_in_one_arena(tmp_path):
+    from teesplit.cli import build_service
+
+    handler, _ = build_service(make_checkpoint(tmp_path, "llama"), "cpu", "float32", progress=False)
+    s = handler.service
+    lo, hi = s._arena._buf.ctypes.data, s._arena._buf.ctypes.data + len(s._arena._buf)
+    lw = s.w.layers[0]
+    for w in (s.w.lm_head, lw.qkv_weight, lw.gate_up_weight, lw.weight["o_proj"], lw.weight["down_proj"]):
+        assert lo <= w.data_ptr() < hi
+    assert lw.weight["k_proj"].data_ptr() > lw.weight["q_proj"].data_ptr()  # still views of the fused

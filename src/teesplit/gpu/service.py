@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from teesplit.gpu.hostmem import HostArena, release_freed_memory
 from teesplit.gpu.weights import Weights
 from teesplit.protocol import DTYPES, FLOAT_DTYPES, ProtocolError
 
@@ -68,11 +69,6 @@ def to_torch(x: np.ndarray, device: torch.device, dtype: torch.dtype | None = No
     if device.type == "cpu" and (dtype is None or dtype == t.dtype):
         return t
     return t.to(device=device, dtype=dtype or t.dtype, non_blocking=False)
-
-
-def _column_major(w: torch.Tensor) -> torch.Tensor:
-    """The same matrix with transposed storage: w.t() is contiguous."""
-    return w.t().contiguous().t()
 
 
 def _bad(message: str, code: str = "bad_tensor") -> ProtocolError:
@@ -184,16 +180,27 @@ class GPUComputeService:
         is slower that way (+0.7 ms) and stays row-major; prefills (128 and 512 rows) are
         within a few percent either way. A tied embedding table becomes the same tensor as the
         LM head (no second copy): a lookup gathers strided rows, microseconds a token. The
-        per-module weights stay views of the fused ones. CUDA keeps its layout."""
+        per-module weights stay views of the fused ones. CUDA keeps its layout.
+
+        All of these matrices, down_proj too, move into one arena on huge pages where the
+        kernel allows (gpu/hostmem.py)."""
         w, c = self.w, self.config
         tied = w.embed is w.lm_head
-        w.lm_head = _column_major(w.lm_head)
+        moved = [w.lm_head] + [
+            m
+            for lw in w.layers
+            for m in (lw.qkv_weight, lw.gate_up_weight, lw.weight["o_proj"], lw.weight["down_proj"])
+        ]
+        self._arena = arena = HostArena(HostArena.bytes_for(moved))
+        del moved  # each original is freed as soon as its copy replaces it
+        w.lm_head = arena.copy(w.lm_head, column_major=True)
         if tied:
             w.embed = w.lm_head
         for lw in w.layers:
-            lw.qkv_weight = _column_major(lw.qkv_weight)
-            lw.gate_up_weight = _column_major(lw.gate_up_weight)
-            lw.weight["o_proj"] = _column_major(lw.weight["o_proj"])
+            lw.qkv_weight = arena.copy(lw.qkv_weight, column_major=True)
+            lw.gate_up_weight = arena.copy(lw.gate_up_weight, column_major=True)
+            lw.weight["o_proj"] = arena.copy(lw.weight["o_proj"], column_major=True)
+            lw.weight["down_proj"] = arena.copy(lw.weight["down_proj"])
             for fused, modules in (
                 (lw.qkv_weight, ("q_proj", "k_proj", "v_proj")),
                 (lw.gate_up_weight, ("gate_proj", "up_proj")),
@@ -203,6 +210,7 @@ class GPUComputeService:
                     n = c.linear_shapes[m][0]
                     lw.weight[m] = fused[start : start + n]
                     start += n
+        release_freed_memory()
 
     # ---- helpers -------------------------------------------------------------------------
     @property
