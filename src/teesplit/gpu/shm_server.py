@@ -266,7 +266,7 @@ class ShmServer:
             self._drop(r, str(e), error=True)
             return
         r.seen, r.rang = seq, False
-        frames = _private_copy(r.rx.views(lengths), self.handler.limits.max_header_bytes)
+        frames = _request_frames(r.rx, lengths, self.handler.limits.max_header_bytes)
         t0 = time.perf_counter()
         out = self.handler.handle(frames, r.client_id)
         self._warm_due = time.perf_counter() - t0 >= self.warm_after_s
@@ -469,6 +469,14 @@ class ShmServer:
             sock.close()
         self.pending.clear()
         self.listener.close()
+
+
+def _request_frames(region: Region, lengths: list[int], max_header: int) -> list:
+    """The request's frames as the handler gets them (`_private_copy`); a message of small
+    frames only (every decode step's) is copied out directly."""
+    if lengths and lengths[0] <= max_header and max(lengths) <= COPY_BELOW:
+        return region.copies(lengths)
+    return _private_copy(region.views(lengths), max_header)
 
 
 def _private_copy(views: list[memoryview], max_header: int) -> list:

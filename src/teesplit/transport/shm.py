@@ -128,12 +128,12 @@ def socket_name(address: str) -> bytes:
 
 
 def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+    return (n + ALIGN - 1) & -ALIGN  # ALIGN is a power of two
 
 
 def region_bytes(lengths: Sequence[int]) -> int:
     """The region size a message with frames of these lengths needs."""
-    return DATA + sum(_aligned(n) for n in lengths)
+    return DATA + sum([(n + ALIGN - 1) & -ALIGN for n in lengths])
 
 
 def new_region_size(size: int, need: int) -> int | None:
@@ -147,9 +147,13 @@ def new_region_size(size: int, need: int) -> int | None:
     return None
 
 
-def _buffer(frame: Any) -> memoryview:
-    buf = getattr(frame, "buffer", frame)  # zmq.Frame-like objects expose .buffer
-    return memoryview(buf).cast("B")
+def _buffer(frame: Any) -> bytes | memoryview:
+    """A frame as a region write takes it: bytes as they are, anything else as a flat byte
+    view (zmq.Frame-like objects expose .buffer)."""
+    if type(frame) is bytes:
+        return frame
+    view = memoryview(getattr(frame, "buffer", frame))
+    return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
 # ---- regions ---------------------------------------------------------------------------------------
@@ -171,27 +175,27 @@ class Region:
             pass
 
     # -- writer side
-    def write(self, frames: Sequence[memoryview], seq: int) -> None:
-        """Copy the frames in (the only copy on this side) and publish them as message `seq`."""
+    def write(self, frames: Sequence[bytes | memoryview], seq: int) -> None:
+        """Copy the frames in (the only copy on this side) and publish them as message `seq`.
+        Frames are bytes or flat byte views (`_buffer`)."""
         off = DATA
-        ctl = self.ctl
+        ctl, buf = self.ctl, self.buf
         ctl[NFRAMES] = len(frames)
         for i, f in enumerate(frames):
             n = len(f)
-            self.buf[off : off + n] = f
+            buf[off : off + n] = f
             ctl[NFRAMES + 1 + i] = n
-            off += _aligned(n)
+            off += (n + ALIGN - 1) & -ALIGN
         ctl[SEQ] = seq  # last: the reader trusts nothing before it sees this
 
     # -- reader side
     def lengths(self, max_frame: int) -> list[int]:
         """The frame lengths of the message in this region, read once and checked: the peer
         can rewrite them at any time, so only this copy is used afterwards."""
-        words = self.ctl[NFRAMES : NFRAMES + 1 + MAX_FRAMES].tolist()
-        n = words[0]
+        n = self.ctl[NFRAMES]
         if not 0 <= n <= MAX_FRAMES:
             raise ShmError(f"message of {n} frames (at most {MAX_FRAMES})")
-        lengths = words[1 : 1 + n]
+        lengths = self.ctl[NFRAMES + 1 : NFRAMES + 1 + n].tolist()
         for length in lengths:
             if length > max_frame:
                 raise ShmError(f"frame of {length} bytes exceeds the limit of {max_frame}")
@@ -204,7 +208,15 @@ class Region:
         out, off = [], DATA
         for n in lengths:
             out.append(self.buf[off : off + n].toreadonly())
-            off += _aligned(n)
+            off += (n + ALIGN - 1) & -ALIGN
+        return out
+
+    def copies(self, lengths: list[int]) -> list[bytes]:
+        """The frames copied out, as bytes (offsets computed here, never read)."""
+        out, off, buf = [], DATA, self.buf
+        for n in lengths:
+            out.append(bytes(buf[off : off + n]))
+            off += (n + ALIGN - 1) & -ALIGN
         return out
 
 
@@ -469,7 +481,7 @@ class ShmTransport:
             self._close()
             raise ProtocolError(f"malformed reply in shared memory from {self.address}: {e}") from None
         # Copied out: the model keeps reply arrays past the next call, which reuses the region.
-        frames = [bytes(v) for v in rx.views(lengths)]
+        frames = rx.copies(lengths)
         self._got = want
         self._pending = None
         return frames
