@@ -222,7 +222,7 @@ def dtype_name(dt: np.dtype) -> str:
 
 
 # dtypes whose arrays the buffer protocol exposes directly (bfloat16, an extension dtype, it does not)
-_BUFFER_DTYPES = frozenset(dt for name, dt in DTYPES.items() if name != "bfloat16")
+_BUFFER_DTYPES = {dt: name for name, dt in DTYPES.items() if name != "bfloat16"}
 
 
 def tensor_frame(x: np.ndarray) -> memoryview:
@@ -236,6 +236,10 @@ def tensor_frame(x: np.ndarray) -> memoryview:
 
 
 def _frame_and_desc(t: np.ndarray | Int8Rows) -> tuple[Any, list]:
+    if type(t) is np.ndarray and t.flags.c_contiguous and t.size:  # most tensors sent, in one step
+        name = _BUFFER_DTYPES.get(t.dtype)
+        if name is not None:
+            return t.data.cast("B"), [name, list(t.shape)]
     if isinstance(t, Int8Rows):
         # One frame: the float32 row scales, then the int8 values (a small copy to join them).
         body = np.concatenate(
