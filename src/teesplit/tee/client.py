@@ -225,16 +225,12 @@ class GPUClient:
         """One RPC whose reply tensors have known shapes: activations come back as float32; with
         `top_k_ids` the last tensor is token ids, which must lie in the vocabulary."""
         _, out = self.call(op, args, tensors, sid)
-        if len(out) != len(shapes):
+        if [o.shape for o in out] != shapes:
             raise ProtocolError(f"{op}: expected tensors of shapes {shapes}, got {[o.shape for o in out]}")
         acts = out[:-1] if top_k_ids else out
         result = []
-        # One loop, no generators (this runs for every reply): each shape as expected, and the
-        # activations float32 as sent, or float16/bfloat16 widened to it; never int64 ids.
-        for o, shape in zip(out, shapes, strict=True):
-            if o.shape != shape:
-                got = [o.shape for o in out]
-                raise ProtocolError(f"{op}: expected tensors of shapes {shapes}, got {got}")
+        # A loop, not generators (this runs for every reply): activations float32 as sent, or
+        # float16/bfloat16 widened to it; never int64 ids.
         for o in acts:
             dt = o.dtype
             if dt is not _F32:
