@@ -125,6 +125,22 @@ def test_rms_mean_in_float32_equals_numpy_mean_over_a_whole_binade():
         assert np.array_equal((sums / F32(n)).view(np.uint32), want.view(np.uint32))
 
 
+def test_float32_square_root_through_float64_is_numpys_over_two_binades():
+    """rms_scale of one row takes the square root in float64 (math.sqrt) and rounds it: the
+    same bits as float32's, checked on every float in [1, 4) (both exponent parities)."""
+    v = (np.arange(1 << 24, dtype=np.uint32) + np.uint32(0x3F800000)).view(F32)
+    via_float64 = np.sqrt(v.astype(np.float64)).astype(F32)
+    assert np.array_equal(via_float64.view(np.uint32), np.sqrt(v).view(np.uint32))
+
+
+def test_one_row_and_many_rows_take_the_same_steps():
+    x = values(10, (6, 576), 3.0, extremes=False)
+    many = ops.rms_scale(x, 1e-5)
+    for i in range(6):
+        one = ops.rms_scale(x[i : i + 1], 1e-5)
+        assert one.shape == (1, 1) and same_bits(one, many[i : i + 1])
+
+
 def test_silu_and_silu_mul_match_the_plain_expression_bit_for_bit():
     x = values(3, (4, 1536), 30.0)
     x.reshape(-1)[-4:] = [np.inf, -np.inf, np.nan, -0.0]

@@ -34,9 +34,15 @@ def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:
     # an intp, which numpy does in float64 and rounds to float32. Dividing in float32 gives the
     # same bits: float64 has more than 2 * 24 + 2 bits, so rounding twice is innocuous for a
     # quotient (Figueroa 1995); checked exhaustively over a binade for common widths.
-    ms = np.add.reduce(np.square(x), axis=-1, keepdims=True) / F32(x.shape[-1])
-    # New arrays, not out=: on a few row values numpy's in-place path costs more.
-    return F32(1) / np.sqrt(ms + F32(eps))
+    ss = np.add.reduce(np.square(x), axis=-1, keepdims=True)
+    n, eps = F32(x.shape[-1]), F32(eps)
+    if ss.size == 1:
+        # One row (a decode step at batch 1): the same float32 steps on a scalar cost less than
+        # numpy calls on a one-element array. The square root in float64 rounded to float32 is
+        # the float32 square root, by the same argument (checked exhaustively over [1, 4)).
+        ss.fill(F32(1) / F32(math.sqrt(F32(ss.item()) / n + eps)))
+        return ss
+    return F32(1) / np.sqrt(ss / n + eps)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
