@@ -9,6 +9,7 @@ Shapes: B batch, T tokens, S keys, H query heads, Hkv key/value heads, D head_di
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,6 +26,13 @@ F32 = np.float32
 # in its comments, so the results are bit for bit the same. They never write into their inputs:
 # a verifying client keeps references to arrays sent and received until it checks them.
 _LOWEST = np.finfo(F32).min
+_ONE = F32(1)  # making a float32 scalar costs about as much as a small ufunc call
+
+
+@functools.lru_cache(maxsize=64)
+def _width_and_eps(width: int, eps: float) -> tuple[np.float32, np.float32]:
+    """RMSNorm's count and epsilon as float32 scalars, made once per model."""
+    return F32(width), F32(eps)
 
 
 def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:
@@ -35,14 +43,17 @@ def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:
     # same bits: float64 has more than 2 * 24 + 2 bits, so rounding twice is innocuous for a
     # quotient (Figueroa 1995); checked exhaustively over a binade for common widths.
     ss = np.add.reduce(np.square(x), axis=-1, keepdims=True)
-    n, eps = F32(x.shape[-1]), F32(eps)
+    try:
+        n, eps = _width_and_eps(x.shape[-1], eps)
+    except TypeError:  # an unhashable eps (a 0-d array): converted here
+        n, eps = F32(x.shape[-1]), F32(eps)
     if ss.size == 1:
         # One row (a decode step at batch 1): the same float32 steps on a scalar cost less than
         # numpy calls on a one-element array. The square root in float64 rounded to float32 is
         # the float32 square root, by the same argument (checked exhaustively over [1, 4)).
-        ss.fill(F32(1) / F32(math.sqrt(F32(ss.item()) / n + eps)))
+        ss.fill(_ONE / F32(math.sqrt(F32(ss.item()) / n + eps)))
         return ss
-    return F32(1) / np.sqrt(ss / n + eps)
+    return _ONE / np.sqrt(ss / n + eps)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -68,7 +79,7 @@ def silu(x: np.ndarray) -> np.ndarray:
     # pass cheaper than np.where; bit for bit the same, infinities and -0.0 included.
     f = np.maximum(e, x >= 0, dtype=F32)
     np.multiply(x, f, out=f)
-    np.add(e, F32(1), out=e)
+    np.add(e, _ONE, out=e)
     return np.divide(f, e, out=f)
 
 
@@ -104,7 +115,7 @@ def _softmax_into(e: np.ndarray, axis: int) -> np.ndarray:
         np.exp(e, out=e)
     # The max element contributes exp(0) = 1, so a sum is >= 1, NaN, or 0 for an all -inf
     # slice (all zeros): raising it to 1 is the old where(s == 0, 1, s).
-    s = np.maximum(np.add.reduce(e, axis=axis, keepdims=True), F32(1))
+    s = np.maximum(np.add.reduce(e, axis=axis, keepdims=True), _ONE)
     return np.divide(e, s, out=e)
 
 
