@@ -335,7 +335,7 @@ class GPUClient:
         row scales r (B, T) (merged plans), the session's pending v enters the cache first."""
         B, H, T, _ = q.shape
         pos = np.asarray(pos, np.int64)
-        S = max(pos.tolist()) + T  # the list's max: np.max costs microseconds on a few rows
+        S = max(pos.reshape(-1).tolist()) + T  # a list's max: np.max costs microseconds on a few rows
         tensors = (self._wire(q), self._wire(k), pos)
         if r is not None:
             tensors += (np.ascontiguousarray(r.reshape(B, T), np.float32),)
