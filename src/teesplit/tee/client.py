@@ -29,6 +29,8 @@ from teesplit.protocol import (
 )
 from teesplit.transport import ConnectionLost, GPUServerUnavailable
 
+_F32, _I64 = np.dtype(np.float32), np.dtype(np.int64)
+
 
 @dataclass
 class Metrics:
@@ -65,7 +67,10 @@ class Metrics:
 
 
 def _nbytes(frames: list) -> int:
-    return sum(len(getattr(f, "buffer", f)) for f in frames)
+    n = 0
+    for f in frames:  # a loop, not sum() over a generator: this runs for every reply
+        n += len(f) if type(f) is bytes else len(getattr(f, "buffer", f))
+    return n
 
 
 @dataclass
@@ -114,6 +119,7 @@ class GPUClient:
         self.max_message_bytes: int | None = None  # the server's cap per frame, known after init()
         self.metrics = Metrics()
         self.config: ModelConfig | None = None  # known after init()
+        self._linear_shapes: tuple[ModelConfig | None, dict] = (None, {})  # config.linear_shapes, kept
         self._next_id = 1
         self.f32_results = False  # --verify: ask for float32 results (protocol.F32_OPS)
 
@@ -134,9 +140,13 @@ class GPUClient:
         if self.f32_results and op in protocol.F32_OPS:
             args = {**(args or {}), "f32": True}
         frames = request(rid, op, args, tensors, sid)
-        sizes = [len(f) for f in frames]  # request() makes bytes and flat byte views
+        sent = biggest = 0
+        for f in frames:  # request() makes bytes and flat byte views
+            n = len(f)
+            sent += n
+            if n > biggest:
+                biggest = n
         cap = self.max_message_bytes
-        biggest = max(sizes)
         if cap is not None and biggest > cap:
             raise ProtocolError(
                 f"{op}: a frame of {biggest} bytes exceeds the GPU server's limit of {cap} bytes "
@@ -193,7 +203,7 @@ class GPUClient:
         m.rpc_wall_s += time.perf_counter() - t0
         m.gpu_s += float(header.get("gpu_s", 0.0))
         m.rpc[op] += 1
-        m.bytes_to_gpu += sum(sizes)
+        m.bytes_to_gpu += sent
         m.bytes_from_gpu += _nbytes(reply_frames)
         return header.get("res", {}), out
 
@@ -218,9 +228,16 @@ class GPUClient:
         if [o.shape for o in out] != shapes:
             raise ProtocolError(f"{op}: expected tensors of shapes {shapes}, got {[o.shape for o in out]}")
         acts = out[:-1] if top_k_ids else out
-        if any(o.dtype == np.int64 for o in acts):
-            raise ProtocolError(f"{op}: expected float tensors, got {[str(o.dtype) for o in acts]}")
-        result = [o.astype(np.float32, copy=False) for o in acts]
+        result = []
+        # A loop, not generators (this runs for every reply): activations float32 as sent, or
+        # float16/bfloat16 widened to it; never int64 ids.
+        for o in acts:
+            dt = o.dtype
+            if dt is not _F32:
+                if dt == _I64:
+                    raise ProtocolError(f"{op}: expected float tensors, got {[str(o.dtype) for o in acts]}")
+                o = o.astype(np.float32)
+            result.append(o)
         if top_k_ids:
             ids = out[-1]
             if ids.dtype != np.int64 or (ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size)):
@@ -229,9 +246,12 @@ class GPUClient:
         return result
 
     def _wire(self, x: np.ndarray) -> np.ndarray | Int8Rows:
-        if self.wire_dtype == "int8":
+        wire_dtype = self.wire_dtype
+        if wire_dtype == "float32" and x.dtype is _F32:  # the common case: nothing to convert
+            return x
+        if wire_dtype == "int8":
             return quantize_int8(x)
-        return x.astype(DTYPES[self.wire_dtype], copy=False)
+        return x.astype(DTYPES[wire_dtype], copy=False)
 
     # ---- the seed's operations -------------------------------------------------------------
     def init(self) -> InitResult:
@@ -271,7 +291,10 @@ class GPUClient:
         )
 
     def linear(self, layer: int, module: str, x: np.ndarray) -> np.ndarray:
-        out_features = self.config.linear_shapes[module][0]
+        config, shapes = self._linear_shapes
+        if config is not self.config:  # the property builds a new dict on each use
+            config, shapes = self._linear_shapes = (self.config, self.config.linear_shapes)
+        out_features = shapes[module][0]
         return self._call_one(
             "Linear", {"layer": layer, "module": module}, (self._wire(x),), (*x.shape[:-1], out_features)
         )
@@ -311,8 +334,9 @@ class GPUClient:
         """Store the rotated k at pos in the session's cache; q Kᵀ over the whole cache. With the
         row scales r (B, T) (merged plans), the session's pending v enters the cache first."""
         B, H, T, _ = q.shape
-        S = int(np.max(pos)) + T
-        tensors = (self._wire(q), self._wire(k), np.asarray(pos, np.int64))
+        pos = np.asarray(pos, np.int64)
+        S = max(pos.reshape(-1).tolist()) + T  # a list's max: np.max costs microseconds on a few rows
+        tensors = (self._wire(q), self._wire(k), pos)
         if r is not None:
             tensors += (np.ascontiguousarray(r.reshape(B, T), np.float32),)
         return self._call_one("AttnScores", {"layer": layer}, tensors, (B, H, T, S), sid)

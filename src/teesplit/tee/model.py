@@ -16,7 +16,16 @@ from __future__ import annotations
 import numpy as np
 
 from teesplit.tee.client import GPUClient
-from teesplit.tee.ops import RotaryEmbedding, apply_rope, repeat_kv, rms_norm, rms_scale, silu, softmax
+from teesplit.tee.ops import (
+    RotaryEmbedding,
+    repeat_kv,
+    rms_norm,
+    rms_scale,
+    rope_rotate,
+    rope_signed_sin,
+    scaled_softmax,
+    silu_mul,
+)
 from teesplit.tee.plans import Plan
 
 
@@ -130,13 +139,16 @@ class TEELlamaModel:
         pos = cache.lengths  # (B,) where each row's new tokens start
         positions = pos[:, None] + np.arange(T)  # (B, T)
         cos, sin = self.rope(positions)  # (B, T, D) each
+        # Once per pass, in the (B, T, heads, D) layout the projections come back in: cos
+        # (B, T, 1, D) and the signed sin (B, T, 1, 2, D/2) that rope_rotate takes.
+        rope = cos[:, :, None], rope_signed_sin(sin[:, :, None])
         mask = self._mask(positions, int(pos.max()) + T)
         if self.plan.merged:
-            return self._forward_merged(ids, cache, n_new, all_logits, top_k, pos, cos, sin, mask)
+            return self._forward_merged(ids, cache, n_new, all_logits, top_k, pos, rope, mask)
         x = self.gpu.embedding(ids)  # (B, T, E)
         for i in range(self.config.num_layers):
             h = rms_norm(x, self.input_norms[i], self.config.rms_norm_eps)
-            x = x + self.attention(i, h, cos, sin, mask, cache, pos)
+            x = x + self.attention(i, h, rope, mask, cache, pos)
             h = rms_norm(x, self.post_attention_norms[i], self.config.rms_norm_eps)
             x = x + self.mlp(i, h)
         cache.advance(n_new)
@@ -151,8 +163,7 @@ class TEELlamaModel:
         self,
         i: int,
         x: np.ndarray,
-        cos: np.ndarray,
-        sin: np.ndarray,
+        rope: tuple[np.ndarray, np.ndarray],
         mask: np.ndarray | None,
         cache: KVCache | GPUKVCache,
         pos: np.ndarray,
@@ -162,22 +173,20 @@ class TEELlamaModel:
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         if self.plan.gpu_kv_cache:  # v stays on the GPU, in the session's cache
             qk = self.gpu.qkv(i, x, cache.sid, pos)  # (B, T, (H + Hkv) D)
-            q, k = qk[..., : c.q_dim], qk[..., c.q_dim :]
-        elif self.plan.fused:
+            q, k = self._rotate_qk(qk, rope)
+            scores = self.gpu.attn_scores(cache.sid, i, q, k, pos)  # (B, H, T, S)
+            p = self._probs(scores, mask)
+            return self.gpu.attn_out(cache.sid, i, p)  # o_proj(P V): (B, T, E)
+        if self.plan.fused:
             qkv = self.gpu.qkv(i, x)  # (B, T, (H + 2 Hkv) D)
-            q, k, v = np.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+            q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)
+            v = qkv[..., c.q_dim + c.kv_dim :]
         else:
             q = self.gpu.linear(i, "q_proj", x)
             k = self.gpu.linear(i, "k_proj", x)
             v = self.gpu.linear(i, "v_proj", x)
-        q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        k = k.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, k, cos, sin)
-
-        if self.plan.gpu_kv_cache:
-            scores = self.gpu.attn_scores(cache.sid, i, q, k, pos)  # (B, H, T, S)
-            p = self._probs(scores, mask)
-            return self.gpu.attn_out(cache.sid, i, p)  # o_proj(P V): (B, T, E)
+            q = rope_rotate(q.reshape(B, T, H, D), *rope).transpose(0, 2, 1, 3)  # (B, H, T, D)
+            k = rope_rotate(k.reshape(B, T, Hkv, D), *rope).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
 
         v = v.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
         if self.plan.fused:  # grouped attention here: no repeat_kv copies
@@ -192,20 +201,26 @@ class TEELlamaModel:
         out = out.transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)  # (B, T, H*D)
         return self.gpu.linear(i, "o_proj", out)
 
-    def _forward_merged(self, ids, cache, n_new, all_logits, top_k, pos, cos, sin, mask):
+    def _rotate_qk(self, qk: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """q|k (B, T, (H + Hkv) D) -> RoPE-rotated q (B, H, T, D) and k (B, Hkv, T, D): all heads
+        in one pass (the same element-wise operations as rotating q and k apart)."""
+        c = self.config
+        B, T, _ = qk.shape
+        y = rope_rotate(qk.reshape(B, T, c.num_heads + c.num_kv_heads, c.head_dim), *rope)
+        return y[:, :, : c.num_heads].transpose(0, 2, 1, 3), y[:, :, c.num_heads :].transpose(0, 2, 1, 3)
+
+    def _forward_merged(self, ids, cache, n_new, all_logits, top_k, pos, rope, mask):
         """The merged plans: each call returns a Linear's output and the next Linear's unscaled
         product z = W (w ⊙ residual); the trusted side applies the row scale r and the bias."""
         c, eps = self.config, self.config.rms_norm_eps
         B, T = ids.shape
-        H, Hkv, D, F = c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        Hkv, D, F = c.num_kv_heads, c.head_dim, c.intermediate_size
         sid = cache.sid if self.plan.gpu_kv_cache else None
         x, z = self.gpu.embed_qkv(ids, sid, pos)  # (B, T, E), (B, T, (H + Hkv [+ Hkv]) D)
         for i in range(c.num_layers):
             r = rms_scale(x, eps)  # (B, T, 1)
             qkv = r * z + self._bias("qkv", i, z.shape[-1])
-            q = qkv[..., : c.q_dim].reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-            k = qkv[..., c.q_dim : c.q_dim + c.kv_dim].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-            q, k = apply_rope(q, k, cos, sin)
+            q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)  # (B, H, T, D), (B, Hkv, T, D)
             if self.plan.gpu_kv_cache:
                 scores = self.gpu.attn_scores(sid, i, q, k, pos, r)  # r turns the pending v into V
                 o, z = self.gpu.attn_out_gate_up(sid, i, self._probs(scores, mask), x)
@@ -214,7 +229,7 @@ class TEELlamaModel:
                 o, z = self.gpu.o_gate_up(i, self._local_attention(i, q, k, v, mask, cache, pos), x)
             x = x + o
             gate_up = rms_scale(x, eps) * z + self._bias("gate_up", i, 2 * F)
-            m = silu(gate_up[..., :F]) * gate_up[..., F:]  # (B, T, F)
+            m = silu_mul(gate_up[..., :F], gate_up[..., F:])  # (B, T, F)
             if i < c.num_layers - 1:
                 y, z = self.gpu.down_qkv(i, m, x, sid, pos)
                 x = x + y
@@ -250,11 +265,10 @@ class TEELlamaModel:
         else:
             gate = self.gpu.linear(i, "gate_proj", x)  # (B, T, F)
             up = self.gpu.linear(i, "up_proj", x)  # (B, T, F)
-        return self.gpu.linear(i, "down_proj", silu(gate) * up)  # (B, T, E)
+        return self.gpu.linear(i, "down_proj", silu_mul(gate, up))  # (B, T, E)
 
     def _probs(self, scores: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        scores = scores * self.scale
-        return softmax(scores if mask is None else scores + mask)
+        return scaled_softmax(scores, self.scale, mask)  # softmax(scores * scale + mask)
 
     def _mask(self, positions: np.ndarray, S: int) -> np.ndarray | None:
         """Additive (B, 1, T, S) mask: key s is visible to the query at position p when s <= p

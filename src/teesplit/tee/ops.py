@@ -9,6 +9,7 @@ Shapes: B batch, T tokens, S keys, H query heads, Hkv key/value heads, D head_di
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -17,19 +18,51 @@ import numpy as np
 F32 = np.float32
 
 
+# The ops below run for every layer of every token on arrays of a few hundred floats, where
+# numpy's per-call overhead, not the arithmetic, is the cost: they call ufuncs directly (not
+# the np.mean / np.sum / np.max wrappers) and work in place in the temporaries they allocate
+# (except on per-row values, where out= costs more than a new array).
+# Each does the same float32 operations in the same order as the plain expression it replaces
+# in its comments, so the results are bit for bit the same. They never write into their inputs:
+# a verifying client keeps references to arrays sent and received until it checks them.
+_LOWEST = np.finfo(F32).min
+_ONE = F32(1)  # making a float32 scalar costs about as much as a small ufunc call
+
+
+@functools.lru_cache(maxsize=64)
+def _width_and_eps(width: int, eps: float) -> tuple[np.float32, np.float32]:
+    """RMSNorm's count and epsilon as float32 scalars, made once per model."""
+    return F32(width), F32(eps)
+
+
 def rms_scale(x: np.ndarray, eps: float) -> np.ndarray:
     """The non-linear half of RMSNorm: 1 / sqrt(mean(x^2) + eps) per row, (..., 1) float32."""
     x = np.asarray(x, dtype=F32)
-    variance = np.mean(np.square(x), axis=-1, keepdims=True)
-    return F32(1) / np.sqrt(variance + F32(eps))
+    # np.mean(np.square(x), axis=-1, keepdims=True) is this pairwise sum divided by the count as
+    # an intp, which numpy does in float64 and rounds to float32. Dividing in float32 gives the
+    # same bits: float64 has more than 2 * 24 + 2 bits, so rounding twice is innocuous for a
+    # quotient (Figueroa 1995); checked exhaustively over a binade for common widths.
+    ss = np.add.reduce(np.square(x), axis=-1, keepdims=True)
+    try:
+        n, eps = _width_and_eps(x.shape[-1], eps)
+    except TypeError:  # an unhashable eps (a 0-d array): converted here
+        n, eps = F32(x.shape[-1]), F32(eps)
+    if ss.size == 1:
+        # One row (a decode step at batch 1): the same float32 steps on a scalar cost less than
+        # numpy calls on a one-element array. The square root in float64 rounded to float32 is
+        # the float32 square root, by the same argument (checked exhaustively over [1, 4)).
+        ss.fill(_ONE / F32(math.sqrt(F32(ss.item()) / n + eps)))
+        return ss
+    return _ONE / np.sqrt(ss / n + eps)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """LlamaRMSNorm over the last axis: x (..., E), weight (E,) -> float32 (..., E)."""
     x = np.asarray(x, dtype=F32)
     # transformers rounds the normalized value back to the input dtype before scaling; inputs here are
-    # float32, so that rounding is a no-op.
-    return np.asarray(weight, dtype=F32) * (x * rms_scale(x, eps))
+    # float32, so that rounding is a no-op. weight * (x * r), in place in the product.
+    y = np.multiply(x, rms_scale(x, eps))
+    return np.multiply(np.asarray(weight, dtype=F32), y, out=y)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -37,9 +70,23 @@ def silu(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=F32)
     # exp(-|x|) never overflows, and its underflow to 0 is the right limit; for x >= 0 this is
     # exactly torch's x / (1 + exp(-x)).
+    e = np.abs(x)
+    np.negative(e, out=e)
     with np.errstate(under="ignore"):
-        e = np.exp(-np.abs(x))
-    return np.where(x >= 0, x, x * e) / (F32(1) + e)
+        np.exp(e, out=e)
+    # The numerator where(x >= 0, x, x * e) as x * f with f = 1 where x >= 0 and e elsewhere
+    # (x * 1 is x exactly): f = max(e, x >= 0), as e <= 1, and a NaN e (x NaN) stays NaN. One
+    # pass cheaper than np.where; bit for bit the same, infinities and -0.0 included.
+    f = np.maximum(e, x >= 0, dtype=F32)
+    np.multiply(x, f, out=f)
+    np.add(e, _ONE, out=e)
+    return np.divide(f, e, out=f)
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, the SwiGLU product, in one float32 temporary."""
+    y = silu(gate)
+    return np.multiply(y, np.asarray(up, dtype=F32), out=y)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -50,12 +97,35 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     NaN there. NaN or +inf inputs still produce NaN, as in torch.
     """
     x = np.asarray(x, dtype=F32)
-    m = np.max(x, axis=axis, keepdims=True)
-    m = np.where(m == -np.inf, F32(0), m)  # keeps -inf - -inf from making NaN
+    return _softmax_into(x - _row_max(x, axis), axis)
+
+
+def _row_max(x: np.ndarray, axis: int) -> np.ndarray:
+    """max over `axis`, with -inf (an all -inf slice) raised to the lowest finite float32.
+
+    That keeps -inf - -inf from making NaN, and changes nothing else: every other max is
+    >= the lowest float (or NaN, which np.maximum keeps), and x - lowest is -inf for x = -inf,
+    whose exp is 0, as the old substitution of 0 gave."""
+    return np.maximum(np.maximum.reduce(x, axis=axis, keepdims=True), _LOWEST)
+
+
+def _softmax_into(e: np.ndarray, axis: int) -> np.ndarray:
+    """exp(e) / sum(exp(e)) in place, for e = x - max (a temporary of the caller's)."""
     with np.errstate(under="ignore"):  # tiny probabilities flush to 0, as they should
-        e = np.exp(x - m)
-    s = np.sum(e, axis=axis, keepdims=True)
-    return e / np.where(s == 0, F32(1), s)
+        np.exp(e, out=e)
+    # The max element contributes exp(0) = 1, so a sum is >= 1, NaN, or 0 for an all -inf
+    # slice (all zeros): raising it to 1 is the old where(s == 0, 1, s).
+    s = np.maximum(np.add.reduce(e, axis=axis, keepdims=True), _ONE)
+    return np.divide(e, s, out=e)
+
+
+def scaled_softmax(scores: np.ndarray, scale: np.float32, mask: np.ndarray | None) -> np.ndarray:
+    """softmax(scores * scale [+ mask]) over the last axis, in one float32 temporary."""
+    x = np.multiply(scores, scale, dtype=F32)
+    if mask is not None:
+        np.add(x, mask, out=x)
+    np.subtract(x, _row_max(x, -1), out=x)
+    return _softmax_into(x, -1)
 
 
 def repeat_kv(x: np.ndarray, n_rep: int) -> np.ndarray:
@@ -72,8 +142,28 @@ def apply_rope(
     q: np.ndarray, k: np.ndarray, cos: np.ndarray, sin: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """q (B, H, T, D), k (B, Hkv, T, D), cos/sin (B, T, D) -> rotated (q, k), like apply_rotary_pos_emb."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    cos, sin = cos[:, None], rope_signed_sin(sin[:, None])  # (B, 1, T, D): broadcast over heads
+    return rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
+
+
+def rope_signed_sin(sin: np.ndarray) -> np.ndarray:
+    """sin (..., D) -> (..., 2, D/2): [-first half, second half], for rope_rotate."""
+    half = sin.shape[-1] // 2
+    return np.concatenate((-sin[..., :half], sin[..., half:]), axis=-1).reshape(*sin.shape[:-1], 2, half)
+
+
+def rope_rotate(x: np.ndarray, cos: np.ndarray, signed_sin: np.ndarray) -> np.ndarray:
+    """x * cos + rotate_half(x) * sin, with signed_sin = rope_signed_sin(sin); cos broadcasts to
+    x (..., D) and signed_sin to (..., 2, D/2).
+
+    rotate_half(x) * sin is [-x2 * s1, x1 * s2], and -x2 * s1 is x2 * -s1 exactly, so it is the
+    halves of x swapped (a view: the (2, D/2) split reversed) times signed_sin: the same
+    products and sum as apply_rotary_pos_emb, without the negated copy and the concatenation."""
+    half = x.shape[-1] // 2
+    swapped = x.reshape(*x.shape[:-1], 2, half)[..., ::-1, :]
+    y = np.multiply(x, cos)
+    y += np.multiply(swapped, signed_sin).reshape(y.shape)
+    return y
 
 
 # --- rotary position embeddings -------------------------------------------------------------------
