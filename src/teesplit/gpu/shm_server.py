@@ -74,9 +74,8 @@ from teesplit.transport.shm import (
     _buffer,
     adopt_region,
     create_region,
-    new_region_size,
     recv_control,
-    region_bytes,
+    resize_for,
     send_control,
     socket_name,
 )
@@ -295,7 +294,7 @@ class ShmServer:
         if len(views) > MAX_FRAMES:  # never: replies carry a header and a few tensors
             self._drop(r, f"reply of {len(views)} frames", error=True)
             return
-        size = new_region_size(r.tx.size, region_bytes([len(v) for v in views]))
+        size = resize_for(r.tx.size, views)
         if size is None:
             r.tx.write(views, seq)
             if not TSO or r.tx.ctl[WAITING]:

@@ -147,6 +147,17 @@ def new_region_size(size: int, need: int) -> int | None:
     return None
 
 
+def resize_for(size: int, frames: Sequence[bytes | memoryview]) -> int | None:
+    """`new_region_size` for a message of these frames, the common case (it fits, the region
+    is small) decided without building the list of lengths."""
+    need = DATA
+    for f in frames:
+        need += (len(f) + ALIGN - 1) & -ALIGN
+    if need <= size <= SHRINK_ABOVE:
+        return None
+    return new_region_size(size, need)
+
+
 def _buffer(frame: Any) -> bytes | memoryview:
     """A frame as a region write takes it: bytes as they are, anything else as a flat byte
     view (zmq.Frame-like objects expose .buffer)."""
@@ -413,7 +424,7 @@ class ShmTransport:
 
     def _publish(self, views: list[memoryview]) -> None:
         """Write the request into the region (or a larger new one) and wake the server if it sleeps."""
-        size = new_region_size(self._tx.size, region_bytes([len(v) for v in views]))
+        size = resize_for(self._tx.size, views)
         seq = self._sent + 1
         try:
             if size is not None:  # a new region, holding this message, replaces the old one
