@@ -407,6 +407,43 @@ def test_a_peer_scribbling_on_its_region_mid_read_never_hurts_the_server(server,
     assert server["proc"].poll() is None
 
 
+def test_a_runner_that_keeps_the_server_busy_does_not_lock_others_out(server):
+    """Another process pings without a pause, so the server never waits in poll(2); a new
+    runner's handshake and requests are still answered within its 5 s timeout (the loop looks
+    at its connections every few milliseconds, not only when idle)."""
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from teesplit.tee.client import GPUClient\n"
+            "from teesplit.transport.shm import ShmTransport\n"
+            "c = GPUClient(ShmTransport(sys.argv[1], timeout_s=20))\n"
+            "print('up', flush=True)\n"
+            "end = time.monotonic() + 20\n"
+            "while time.monotonic() < end:\n"
+            "    c.ping()\n",
+            server["address"],
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert busy.stdout.readline().strip() == "up"
+        time.sleep(0.3)  # well past the 2 ms spin budget: the loop is now serving back to back
+        for _ in range(3):
+            late = client(server["address"], timeout_s=5)
+            try:
+                late.ping()  # GPUServerUnavailable (the handshake unanswered) was the bug
+            finally:
+                late.close()
+        assert busy.poll() is None  # and the busy runner is still being served
+    finally:
+        busy.kill()
+        busy.wait()
+        busy.stdout.close()
+
+
 # ---- several runners, sessions --------------------------------------------------------------------
 def test_several_runners_at_once(server, ckpt):
     plans = ["v3-fused", "v2-fused", "v3-merged", "v3-fused"]

@@ -8,10 +8,12 @@ the ZeroMQ loop in `server.py`, so validation, error codes, sessions, limits, th
 
 The loop is single-threaded: it spins over every runner's `seq` for a few microseconds, then
 marks each runner "waiting" and blocks in poll(2) on the listening socket and every runner's
-connection. A request is handled to the end before the next one is looked at. On a CPU
-server, right after answering, the loop passes a tiny uncounted request through the request
-path while the runner works, to bring that path back into the caches the request's weights
-just went through (`ShmServer._warm`).
+connection. While requests keep coming it never gets that far, so every LOOK_EVERY_S it also
+looks at those connections without blocking (new runners, moved regions, end-of-file). A
+request is handled to the end before the next one is looked at. On a CPU server, right after
+answering, the loop passes a tiny uncounted request through the request path while the
+runner works, to bring that path back into the caches the request's weights just went
+through (`ShmServer._warm`).
 
 The regions are hostile input, exactly like a socket: a runner can rewrite its request region
 at any time, also while the server reads it. So the server reads the frame count and lengths
@@ -87,6 +89,10 @@ RECONNECT_GRACE_S = 2.0
 COPY_BELOW = 64 << 10  # request frames up to this size are copied out of the region, whatever they hold
 WARM_AFTER_S = 100e-6  # warm up after requests that took this long: products over megabytes
 IDLE_POLL_S = 0.1  # wake up this often while idle, to notice a stop request and sweep sessions
+# While requests keep the loop busy it never waits in poll(2), so it looks at the connections
+# this often (one poll(2) that does not block): a busy runner must not keep a new runner's
+# handshake, another runner's moved region or a dead runner's end-of-file waiting.
+LOOK_EVERY_S = 0.005
 _PEERCRED = struct.Struct("3i")
 
 
@@ -164,13 +170,17 @@ class ShmServer:
         session_idle_timeout_s: float | None = None,
     ) -> None:
         sweep_every = min(1.0, session_idle_timeout_s / 4) if session_idle_timeout_s else 1.0
-        next_sweep = time.monotonic()
+        next_sweep = next_look = time.monotonic()
         while not stop.is_set():
-            if time.monotonic() >= next_sweep:
+            now = time.monotonic()
+            if now >= next_sweep:
                 if session_idle_timeout_s:
                     self.handler.expire_sessions(session_idle_timeout_s)
                 self._sweep()
                 next_sweep = time.monotonic() + sweep_every
+            if now >= next_look:  # requests that keep coming must not starve the connections
+                self._events(self._poll.poll(0))
+                next_look = now + LOOK_EVERY_S
             runner = self._next_ready()
             if runner is not None:
                 self._serve(runner)
@@ -227,16 +237,21 @@ class ShmServer:
             events = self._poll.poll(max(1, int(timeout * 1000)))
             if not events and runners and self._ready() is None:
                 events = self._poll.poll(max(1, int(idle_s * 1000)))
-            for fd, _ in events:
-                if fd == self.listener.fileno():
-                    self._accept()
-                elif fd in self.pending:
-                    self._handshake(fd)
-                elif fd in self.runners:
-                    self._control(self.runners[fd])
+            self._events(events)
         finally:
             for r in self.runners.values():
                 r.rx.ctl[WAITING] = 0
+
+    def _events(self, events: list[tuple[int, int]]) -> None:
+        """New connections, handshakes, and what connected runners sent (doorbells, moved
+        regions, end-of-file)."""
+        for fd, _ in events:
+            if fd == self.listener.fileno():
+                self._accept()
+            elif fd in self.pending:
+                self._handshake(fd)
+            elif fd in self.runners:
+                self._control(self.runners[fd])
 
     def _warm(self) -> None:
         """Run a tiny request (a 1x1 Matmul) through the request path, uncounted and unanswered,
