@@ -6,6 +6,7 @@ trusted runner and the GPU server agree on every shape. numpy-free, torch-free.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,9 +49,10 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    @property
+    @functools.cached_property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(out_features, in_features) of every per-layer Linear, by module name."""
+        """(out_features, in_features) of every per-layer Linear, by module name (made once:
+        both sides look it up on every Linear call)."""
         E, F = self.hidden_size, self.intermediate_size
         return {
             "q_proj": (self.q_dim, E),

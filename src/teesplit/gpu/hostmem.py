@@ -29,12 +29,10 @@ class HostArena:
     def __init__(self, nbytes: int):
         size = nbytes + HUGE_PAGE  # room to start on a huge-page boundary
         self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.huge = False
         advice = getattr(mmap, "MADV_HUGEPAGE", None)
         if advice is not None:
             try:
                 self._mm.madvise(advice)  # before any page is touched
-                self.huge = True
             except OSError:  # a kernel without transparent huge pages: 4 KiB pages, as before
                 pass
         self._buf = np.frombuffer(self._mm, np.uint8)

@@ -453,12 +453,8 @@ class GPUComputeService:
         if _numpy_attention(session, p):
             values_np = session.kv_np[1, layer, :, :, :S].reshape(BH, S, c.head_dim)
             o_np = np.matmul(p.reshape(BH, GT, S), values_np)  # (B Hkv, G T, D), i.e. (B, H, T, D)
-            if T == 1:
-                o_np = o_np.reshape(B, T, c.q_dim)  # the same memory
-            else:
-                o_np = (
-                    o_np.reshape(B, c.num_heads, T, c.head_dim).transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)
-                )
+            # (B, H, T, D) -> (B, T, H D); with T = 1 numpy returns a view of the same memory
+            o_np = o_np.reshape(B, c.num_heads, T, c.head_dim).transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)
             if self.numpy_products:
                 return self._linear(o_np, lw.weight["o_proj"], lw.bias.get("o_proj"))
             o = torch.from_numpy(o_np)

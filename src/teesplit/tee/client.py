@@ -119,7 +119,6 @@ class GPUClient:
         self.max_message_bytes: int | None = None  # the server's cap per frame, known after init()
         self.metrics = Metrics()
         self.config: ModelConfig | None = None  # known after init()
-        self._linear_shapes: tuple[ModelConfig | None, dict] = (None, {})  # config.linear_shapes, kept
         self._next_id = 1
         self.f32_results = False  # --verify: ask for float32 results (protocol.F32_OPS)
 
@@ -291,10 +290,7 @@ class GPUClient:
         )
 
     def linear(self, layer: int, module: str, x: np.ndarray) -> np.ndarray:
-        config, shapes = self._linear_shapes
-        if config is not self.config:  # the property builds a new dict on each use
-            config, shapes = self._linear_shapes = (self.config, self.config.linear_shapes)
-        out_features = shapes[module][0]
+        out_features = self.config.linear_shapes[module][0]
         return self._call_one(
             "Linear", {"layer": layer, "module": module}, (self._wire(x),), (*x.shape[:-1], out_features)
         )
