@@ -11,7 +11,7 @@ from typing import Any
 
 from helpers import make_checkpoint
 
-from teesplit.cli import free_tcp_port, start_api, stop_server
+from teesplit.launch import free_tcp_port, start_api, stop_server
 
 
 def make_chat_checkpoint(path: Path, tokenizer_dir: Path, **overrides) -> Path:

@@ -48,16 +48,15 @@ def load_hf(path: Path):
     return m
 
 
-def local_model(path: Path, plan: str = "v3"):
-    """TEELlamaModel over the in-process transport (the real codec, no socket)."""
-    from teesplit.cli import build_service
-    from teesplit.tee.client import GPUClient
-    from teesplit.tee.model import TEELlamaModel
-    from teesplit.tee.plans import get_plan
-    from teesplit.transport.local import LocalTransport
+def local_model(path: Path, plan: str = "v3", **settings):
+    """TEELlamaModel over the in-process transport (the real codec, no socket), built by the one
+    assembly every entry point uses (tee/assemble.py). `settings`: RunnerSettings fields."""
+    from teesplit.launch import build_service
+    from teesplit.tee.assemble import Assembly, RunnerSettings
 
     handler, _ = build_service(Path(path), "cpu", "float32", progress=False)
-    return TEELlamaModel(GPUClient(LocalTransport(handler.handle)), get_plan(plan))
+    rs = RunnerSettings(Path(path), servers=("local",), plan=plan, log=lambda _message: None, **settings)
+    return Assembly(rs, local=lambda _i: handler.handle).connect()[0]
 
 
 def hf_stepwise_logits(model, ids: list[int], n_prefill: int) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 from apihelpers import APIProcess, make_chat_checkpoint, metrics, request, stream
 from helpers import local_model
 
-from teesplit.cli import free_tcp_address, start_server, stop_server
+from teesplit.launch import free_tcp_address, start_server, stop_server
 from teesplit.tee.generate import Generator, SamplingParams
 from teesplit.tee.tokenizer import Tokenizer
 

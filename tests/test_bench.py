@@ -8,7 +8,7 @@ import json
 import pytest
 from helpers import make_checkpoint
 
-from teesplit.bench import main
+from teesplit.bench.run import main
 from teesplit.tee.plans import PLANS, get_plan
 
 pytest.importorskip("matplotlib")
@@ -122,7 +122,7 @@ def test_streamed_checkpoint_loads_and_runs(tmp_path):
     """The TinyLlama writer (safetensors layout written by hand), on a tiny shape."""
     from helpers import local_model
 
-    from teesplit.bench import TINYLLAMA, make_tinyllama, split_profile
+    from teesplit.bench.common import TINYLLAMA, make_tinyllama, split_profile
 
     shape = dict(TINYLLAMA, vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     shape.update(num_attention_heads=4, num_key_value_heads=2)

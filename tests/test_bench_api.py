@@ -9,8 +9,8 @@ import json
 from apihelpers import make_chat_checkpoint
 from helpers import make_checkpoint
 
-from teesplit import bench
-from teesplit.benchsections import api as section
+from teesplit.bench import run as bench
+from teesplit.bench.sections import api as section
 
 
 def test_api_section_measures_1_4_8_clients(tmp_path, smollm2_dir):

@@ -6,7 +6,7 @@ import json
 
 from helpers import make_checkpoint
 
-from teesplit import bench
+from teesplit.bench import run as bench
 
 
 def test_private_section_measures_costs_against_v2_fused(tmp_path):

@@ -1,4 +1,4 @@
-"""The extension point of `teesplit bench`: sections found in teesplit.benchsections, measured
+"""The extension point of `teesplit bench`: sections found in teesplit.bench.sections, measured
 alone (--only-sections) with their own JSON, Markdown and targets."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import pytest
 from helpers import make_checkpoint
 
-import teesplit.benchsections as sections
-from teesplit import bench
-from teesplit.benchsections import Section, SectionContext
+import teesplit.bench.sections as sections
+from teesplit.bench import run as bench
+from teesplit.bench.sections import Section, SectionContext
 
 
 def _measure(ctx: SectionContext) -> dict:

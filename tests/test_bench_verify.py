@@ -7,7 +7,7 @@ import json
 
 from helpers import make_checkpoint
 
-from teesplit import bench
+from teesplit.bench import run as bench
 
 
 def test_verify_section_measures_both_plans(tmp_path):

@@ -61,7 +61,7 @@ def test_importing_the_trusted_side_loads_no_torch():
 
 def test_remote_runner_process_never_loads_torch(smollm2_dir):
     """`teesplit generate` against a real server: the runner process ends with no torch loaded."""
-    from teesplit.cli import free_tcp_address, start_server, stop_server
+    from teesplit.launch import free_tcp_address, start_server, stop_server
 
     address = free_tcp_address()
     proc = start_server(smollm2_dir, address, ["--device", "cpu", "--threads", "1"])
@@ -82,7 +82,7 @@ def test_remote_runner_process_never_loads_torch(smollm2_dir):
 
 def test_api_process_never_loads_torch(smollm2_dir):
     """`teesplit api` against a real server answers a chat completion with no torch loaded."""
-    from teesplit.cli import free_tcp_address, free_tcp_port, start_server, stop_server
+    from teesplit.launch import free_tcp_address, free_tcp_port, start_server, stop_server
 
     address = free_tcp_address()
     port = free_tcp_port()

@@ -9,7 +9,7 @@ import pytest
 from apihelpers import make_chat_checkpoint
 from helpers import local_model
 
-from teesplit.cli import start_server, stop_server
+from teesplit.launch import start_server, stop_server
 from teesplit.tee.generate import Generator, SamplingParams
 from teesplit.tee.tokenizer import Tokenizer
 

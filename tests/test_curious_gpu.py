@@ -24,7 +24,7 @@ import pytest
 from recording import Recorder, load_recordings
 from test_private import private_model
 
-from teesplit.cli import build_service, free_tcp_address, stop_server
+from teesplit.launch import build_service, free_tcp_address, stop_server
 from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams
 from teesplit.tee.local_weights import load_local_weights

@@ -14,7 +14,7 @@ import pytest
 from helpers import make_checkpoint
 from safetensors.numpy import load_file
 
-from teesplit.cli import free_tcp_address, start_server, stop_server
+from teesplit.launch import free_tcp_address, start_server, stop_server
 from teesplit.tee.client import GPUClient
 from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import get_plan

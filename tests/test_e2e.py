@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
-from teesplit.cli import free_tcp_address, start_server, stop_server
+from teesplit.launch import free_tcp_address, start_server, stop_server
 from teesplit.protocol import PROTOCOL_VERSION, RemoteError, parse_reply, request
 
 PROMPT = "What is the capital of France?"

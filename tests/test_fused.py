@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from helpers import local_model, make_checkpoint
 
-from teesplit.cli import build_service
 from teesplit.gpu.service import SessionLimits
+from teesplit.launch import build_service
 from teesplit.protocol import RemoteError, dequantize_int8, quantize_int8
 from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams

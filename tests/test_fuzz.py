@@ -17,7 +17,7 @@ from helpers import local_model, make_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from teesplit.cli import free_tcp_address, start_server, stop_server
+from teesplit.launch import free_tcp_address, start_server, stop_server
 from teesplit.protocol import ERROR_CODES, OPS, PROTOCOL_VERSION, RemoteError, parse_reply, request
 
 MAX_RSS_GROWTH = 64 << 20
@@ -490,7 +490,7 @@ def test_server_still_correct_and_memory_bounded_after_fuzzing(server, ckpt):
     assert server["sent"] >= 10_000, f"only {server['sent']} malformed messages were sent"
     assert server["proc"].poll() is None, "the server died"
     # The correct answer, computed in-process on the same weights.
-    from teesplit.cli import build_service
+    from teesplit.launch import build_service
 
     local, _ = build_service(ckpt, "cpu", "float32", progress=False)
     x = np.random.default_rng(0).standard_normal((2, 3, F)).astype(np.float32)

@@ -9,7 +9,7 @@ import threading
 import pytest
 from helpers import local_model, make_checkpoint
 
-from teesplit.cli import free_tcp_address, start_server, stop_server
+from teesplit.launch import free_tcp_address, start_server, stop_server
 from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams
 from teesplit.tee.model import TEELlamaModel

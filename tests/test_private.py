@@ -15,8 +15,8 @@ from helpers import local_model, make_checkpoint, split_stepwise_logits
 from test_resilience import LossyServer
 
 from teesplit import protocol
-from teesplit.cli import build_service, free_tcp_address, start_server, stop_server
 from teesplit.gpu.ring import RingWeights, fixed_point_weights, limb_matmul
+from teesplit.launch import build_service, free_tcp_address, start_server, stop_server
 from teesplit.protocol import RemoteError, parse_reply, request
 from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams

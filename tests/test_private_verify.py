@@ -14,15 +14,16 @@ import pytest
 from helpers import make_checkpoint
 from liar import RING_MODES, LyingHandler, ring_lie
 
-from teesplit.cli import build_service, free_tcp_address, start_server, stop_server
+from teesplit.launch import build_service, free_tcp_address, start_server, stop_server
 from teesplit.tee.checkpoint import IntegrityError, TrustedCheckpoint
+from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams
 from teesplit.tee.local_weights import load_local_weights
 from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import get_plan
 from teesplit.tee.private import RingSite, private_gpu, random_ring
 from teesplit.tee.ring_verify import VECTORS, RingPrint, RingVerifier, ring_fingerprint, secret_vectors
-from teesplit.tee.verify import CheckedClient
+from teesplit.tee.verify import VerifiedPort
 from teesplit.transport.local import LocalTransport
 
 PROMPT = [3, 17, 42, 99, 5, 61, 7]
@@ -45,7 +46,9 @@ def _model(ckpt, plan, verify=True, liars=None):
             h = LyingHandler(h, mode, "RingLinear", nth, seed=i)
         handlers.append(h)
         clients.append(
-            CheckedClient(LocalTransport(h.handle), checkpoint=TrustedCheckpoint(ckpt), verify=verify)
+            VerifiedPort(
+                GPUClient(LocalTransport(h.handle)), checkpoint=TrustedCheckpoint(ckpt), verify=verify
+            )
         )
     gpu = private_gpu(plan, load_local_weights(ckpt), clients, pool_depth=4)
     return TEELlamaModel(gpu, get_plan(plan)), handlers
@@ -171,7 +174,7 @@ def test_ring_lie_modes_change_the_reply():
 
 def test_a_client_without_the_verifier_refuses_ring_products(ckpt):
     h, _ = build_service(ckpt, "cpu", "float32", progress=False)
-    c = CheckedClient(LocalTransport(h.handle), checkpoint=TrustedCheckpoint(ckpt), verify=True)
+    c = VerifiedPort(GPUClient(LocalTransport(h.handle)), checkpoint=TrustedCheckpoint(ckpt), verify=True)
     with pytest.raises(ValueError, match="needs the private plan's verifier"):
         c.ring_linear(0, "o", random_ring((1, 1, 64)), 64)
     v = RingVerifier(load_local_weights(ckpt), vectors=4)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import make_checkpoint
 
-from teesplit.cli import build_service
+from teesplit.launch import build_service
 from teesplit.protocol import PROTOCOL_VERSION, RemoteError, parse_reply, request
 
 

@@ -72,7 +72,7 @@ def test_joining_and_leaving_rows_get_their_solo_greedy_tokens(ckpt, plan):
         per_forward = model.plan.rpcs_per_forward(model.config.num_layers)
         assert sum(snap["rpc"].values()) == per_forward * (snap["prefill_passes"] + snap["decode_steps"])
     else:
-        assert model.gpu.call("Ping")[0]["sessions"] == 0, "every GPU session is closed"
+        assert model.gpu.inner.call("Ping")[0]["sessions"] == 0, "every GPU session is closed"
 
 
 def test_sampled_rows_follow_their_seed(ckpt):

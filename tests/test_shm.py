@@ -23,7 +23,7 @@ from test_fuzz import _mutate, _templates
 from test_resilience import PARAMS, PROMPT, expected_tokens
 from test_server import BAD
 
-from teesplit.cli import start_server, stop_server
+from teesplit.launch import start_server, stop_server
 from teesplit.protocol import ERROR_CODES, PROTOCOL_VERSION, RemoteError, parse_reply, request
 from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator
@@ -139,8 +139,8 @@ def test_regions_grow_for_a_large_message_and_shrink_after(server):
 def test_without_ordered_stores_every_message_rings_and_results_are_the_same(ckpt, monkeypatch):
     """On CPUs without x86's store order (aarch64) neither side spins: each message rings the
     doorbell and is read only after it. Forced here, in-process, with the server in a thread."""
-    from teesplit.cli import build_service
     from teesplit.gpu import shm_server
+    from teesplit.launch import build_service
 
     monkeypatch.setattr(shm, "TSO", False)
     monkeypatch.setattr(shm_server, "TSO", False)
@@ -165,8 +165,8 @@ def test_the_warm_up_between_requests_leaves_no_trace(ckpt, warm):
     """A CPU server passes a tiny request through the request path after each reply (to keep
     it in the caches): the tokens, the served and error counts and the reply cache are the same
     as without it, and it runs only when enabled."""
-    from teesplit.cli import build_service
     from teesplit.gpu.shm_server import ShmServer
+    from teesplit.launch import build_service
 
     handler, _ = build_service(ckpt, "cpu", "float32", progress=False)
     service, warm_ups = handler.service, []
@@ -196,8 +196,8 @@ def test_the_warm_up_between_requests_leaves_no_trace(ckpt, warm):
 
 
 def test_runners_over_the_cap_are_refused_with_the_reason(ckpt):
-    from teesplit.cli import build_service
     from teesplit.gpu.shm_server import ShmServer
+    from teesplit.launch import build_service
 
     handler, _ = build_service(ckpt, "cpu", "float32", progress=False)
     address, stop = shm_address(), threading.Event()
@@ -632,7 +632,7 @@ def test_a_closed_transport_leaves_no_fd_and_no_mapping(server):
 def test_bench_section_in_tiny_mode(tmp_path, dev_shm_unchanged):
     import json
 
-    from teesplit import bench
+    from teesplit.bench import run as bench
 
     ckpt = make_checkpoint(tmp_path / "m", "llama", num_hidden_layers=2, max_position_embeddings=128)
     out = tmp_path / "out"

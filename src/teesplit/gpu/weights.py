@@ -15,6 +15,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from teesplit.config import ModelConfig
+from teesplit.errors import UsageError
 
 LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {
@@ -22,7 +23,7 @@ _PARENT = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """The checkpoint is missing a tensor or has one of the wrong shape."""
 
 

@@ -67,24 +67,27 @@ def bytes_per_token(
     HD, KD, HS = c.q_dim, c.kv_dim, c.num_heads * context
     L = c.num_layers
     head = 12 * top_k if top_k else c.vocab_size * w
-    if plan.name == "v3-merged":
+    if plan.private is not None:
+        raise ValueError(f"no byte model for the private plan {plan.name}")
+    gpu = plan.attention_on_gpu
+    if plan.merged and gpu:
         # ids+pos; per layer q, k, pos, r (float32) | p, x | m, x (+pos but the last); the last
         # layer's rows. Back: x0, q|k; per layer scores | o, gate|up | y, next q|k (not the last).
         up = 16 + L * ((HD + KD + HS + 2 * E + F) * w + 8 + 4) + (L - 1) * 8 + 8
         down = (E + HD + KD) * w + L * (HS + E + 2 * F) * w + (L - 1) * (E + HD + KD) * w + E * w + head
         return up, down
-    if plan.name == "v2-merged":
+    if plan.merged:
         up = 8 + L * (HD + 2 * E + F) * w + 8
         down = (E + HD + 2 * KD) * w + L * (E + 2 * F) * w + (L - 1) * (E + HD + 2 * KD) * w + E * w + head
         return up, down
-    if plan.name == "v3":
+    if plan.crossing == "seed" and gpu:
         up = 3 * E + HD + HD * S + HS + HS * c.head_dim + HD + 2 * E + F
         down = HD + 2 * KD + HS + HD + E + 2 * F + E
-    elif plan.name == "v2":
+    elif plan.crossing == "seed":
         up, down = 3 * E + HD + 2 * E + F, HD + 2 * KD + E + 2 * F + E
-    elif plan.name == "v3-fused":
+    elif gpu:
         up, down = E + HD + KD + HS + E + F, HD + KD + HS + E + 2 * F + E
-    else:  # v2-fused
+    else:  # fused, trusted attention
         up, down = E + HD + E + F, HD + 2 * KD + E + 2 * F + E
     up_b = L * up * w + (16 if plan.gpu_kv_cache else 0) * L + 8 + E * w
     down_b = L * down * w + E * w + head

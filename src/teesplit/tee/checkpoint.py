@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from teesplit.config import ModelConfig
+from teesplit.errors import UsageError
 
 _ST_DTYPES = {
     "F32": np.dtype(np.float32),
@@ -43,7 +44,7 @@ class IntegrityError(Exception):
     """The GPU server's reply (or Init) does not match what the trusted side knows to be right."""
 
 
-class PinError(ValueError):
+class PinError(UsageError):
     """A checkpoint file does not match its pinned hash, or the pin cannot be checked."""
 
 

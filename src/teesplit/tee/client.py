@@ -1,15 +1,15 @@
-"""The trusted side's only door to the GPU: one method per remote operation (TRUSTED side).
+"""The plain port: one method per remote operation, over a transport (TRUSTED side).
 
-Everything that crosses the trust boundary goes through a `GPUClient`, so `grep gpu\\.` in
-tee/model.py lists every remote call. The client also keeps the seed's numbers: RPCs by
-operation, bytes each way, and time spent waiting on the link versus computing on the GPU.
+`GPUClient` implements `tee.port.GPUPort`, what the model may ask of the GPU, by sending each
+call as one request and checking the reply's shapes and dtypes. It also keeps the seed's
+numbers: RPCs by operation, bytes each way, and time spent waiting on the link versus
+computing on the GPU. `tee/verify.py` and `tee/private.py` build the other ports on top of it.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -27,43 +27,10 @@ from teesplit.protocol import (
     quantize_int8,
     request,
 )
+from teesplit.tee.port import InitResult, Metrics
 from teesplit.transport import ConnectionLost, GPUServerUnavailable
 
 _F32, _I64 = np.dtype(np.float32), np.dtype(np.int64)
-
-
-@dataclass
-class Metrics:
-    rpc: Counter = field(default_factory=Counter)  # op -> calls
-    bytes_to_gpu: int = 0
-    bytes_from_gpu: int = 0
-    rpc_wall_s: float = 0.0  # wall time inside RPCs (transport + GPU compute)
-    gpu_s: float = 0.0  # GPU compute as reported by the server
-
-    def copy(self) -> Metrics:
-        return Metrics(Counter(self.rpc), self.bytes_to_gpu, self.bytes_from_gpu, self.rpc_wall_s, self.gpu_s)
-
-    def __sub__(self, other: Metrics) -> Metrics:
-        return Metrics(
-            self.rpc - other.rpc,
-            self.bytes_to_gpu - other.bytes_to_gpu,
-            self.bytes_from_gpu - other.bytes_from_gpu,
-            self.rpc_wall_s - other.rpc_wall_s,
-            self.gpu_s - other.gpu_s,
-        )
-
-    def summary(self, wall_s: float) -> dict[str, Any]:
-        """The stats JSON groups for a span of `wall_s` seconds of which these RPCs were part."""
-        return {
-            "rpc": {"total": sum(self.rpc.values()), "by_op": dict(sorted(self.rpc.items()))},
-            "bytes": {"to_gpu": self.bytes_to_gpu, "from_gpu": self.bytes_from_gpu},
-            "time_s": {
-                "tee": max(wall_s - self.rpc_wall_s, 0.0),
-                "gpu": self.gpu_s,
-                "transport": max(self.rpc_wall_s - self.gpu_s, 0.0),
-                "total": wall_s,
-            },
-        }
 
 
 def _nbytes(frames: list) -> int:
@@ -71,14 +38,6 @@ def _nbytes(frames: list) -> int:
     for f in frames:  # a loop, not sum() over a generator: this runs for every reply
         n += len(f) if type(f) is bytes else len(getattr(f, "buffer", f))
     return n
-
-
-@dataclass
-class InitResult:
-    config: ModelConfig
-    norms: np.ndarray  # (2L+1, E) float32: input, post-attention for each layer, then final
-    biases: dict[str, np.ndarray]  # per-layer stacks for the families that have them (merged plans)
-    dtype: str = "float32"  # the server's compute dtype (its weights are rounded to it)
 
 
 class ProtocolVersionMismatch(ProtocolError):
@@ -104,6 +63,10 @@ def _reply_header(frames: list) -> dict[str, Any]:
 
 
 class GPUClient:
+    """The plain port (`tee.port.GPUPort`) over a transport."""
+
+    private = False  # what crosses is in the clear: the private plans refuse this port
+
     def __init__(self, transport, wire_dtype: str = "float32", retries: int = 0):
         """`retries`: how many times a request that got no reply (timeout or lost connection) is
         sent again, on a fresh connection and with the same request id, before the call raises
@@ -127,11 +90,17 @@ class GPUClient:
         return self.transport.address
 
     def call(
-        self, op: str, args: dict[str, Any] | None = None, tensors: tuple = (), sid: int | None = None
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        tensors: tuple = (),
+        sid: int | None = None,
+        after_send: Callable[[], None] | None = None,
     ) -> tuple[dict[str, Any], list[np.ndarray]]:
         """One request, one reply. A try that gets no reply (timeout, lost connection) is sent
         again with the same request id on a fresh connection, `retries` times; the server
-        answers a repeated id from its reply cache. Replies to other ids are dropped."""
+        answers a repeated id from its reply cache. `after_send` runs once the first try is out
+        (work that can overlap the server's)."""
         rid = self._next_id
         self._next_id += 1
         if op == "Init":  # the version handshake: the server answers with its own version
@@ -139,6 +108,21 @@ class GPUClient:
         if self.f32_results and op in protocol.F32_OPS:
             args = {**(args or {}), "f32": True}
         frames = request(rid, op, args, tensors, sid)
+        sent = self._check_sizes(op, frames)
+        t0 = time.perf_counter()
+        header, out, reply_frames = self._exchange(op, rid, frames, after_send)
+        if op == "Init":
+            self._handshake(header.get("res", {}))
+        m = self.metrics
+        m.rpc_wall_s += time.perf_counter() - t0
+        m.gpu_s += float(header.get("gpu_s", 0.0))
+        m.rpc[op] += 1
+        m.bytes_to_gpu += sent
+        m.bytes_from_gpu += _nbytes(reply_frames)
+        return header.get("res", {}), out
+
+    def _check_sizes(self, op: str, frames: list) -> int:
+        """The request's size in bytes; refused here if a frame exceeds the server's limit."""
         sent = biggest = 0
         for f in frames:  # request() makes bytes and flat byte views
             n = len(f)
@@ -152,59 +136,64 @@ class GPUClient:
                 "(its --max-message-mb); use a smaller batch or prompt",
                 "too_large",
             )
+        return sent
+
+    def _exchange(
+        self, op: str, rid: int, frames: list, after_send: Callable[[], None] | None
+    ) -> tuple[dict[str, Any], list[np.ndarray], list]:
+        """Send, and wait for the reply to `rid`: up to 1 + retries tries, each on a fresh
+        connection after the first."""
         timeout = getattr(self.transport, "timeout_s", None)
         tries = 1 + self.retries
         lost = False
-        t0 = time.perf_counter()
         for attempt in range(tries):
             if attempt:
                 self.retried += 1
                 self.transport.reconnect()  # drops anything still queued for the failed try
             self.transport.send(frames)
-            deadline = None if timeout is None else time.monotonic() + timeout
+            if after_send is not None:
+                after_send, run = None, after_send
+                run()
             try:
-                while True:
-                    left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-                    reply_frames = self.transport.recv(left)
-                    try:
-                        header, out = parse_reply(reply_frames, op)
-                    except RemoteError:
-                        if _reply_header(reply_frames).get("id") != rid:
-                            continue  # a late error reply to an earlier request
-                        raise
-                    except ProtocolError as e:
-                        if e.code == "bad_version":
-                            theirs = _reply_header(reply_frames).get("v")
-                            ours = protocol.PROTOCOL_VERSION
-                            raise ProtocolVersionMismatch(self.address, ours, theirs) from None
-                        raise
-                    if header.get("id") == rid:
-                        break
-                    # A late reply to an earlier request (after a timeout): not ours, drop it.
-                break
+                return self._await_reply(op, rid, None if timeout is None else time.monotonic() + timeout)
             except ConnectionLost:
                 lost = True
             except GPUServerUnavailable:
                 pass
-        else:
-            what = f"{tries} {'try' if tries == 1 else 'tries'}" + (f" of {timeout:g} s" if timeout else "")
-            raise GPUServerUnavailable(
-                f"no reply from the GPU server at {self.address} to {op} after {what}"
-                f"{' (the connection was lost)' if lost else ''}; is `teesplit serve` running there?"
-            )
-        if op == "Init":
-            res = header.get("res", {})
-            if "version" in res and res["version"] != protocol.PROTOCOL_VERSION:
-                raise ProtocolVersionMismatch(self.address, protocol.PROTOCOL_VERSION, res["version"])
-            if type(res.get("max_message_bytes")) is int and res["max_message_bytes"] > 0:
-                self.max_message_bytes = res["max_message_bytes"]
-        m = self.metrics
-        m.rpc_wall_s += time.perf_counter() - t0
-        m.gpu_s += float(header.get("gpu_s", 0.0))
-        m.rpc[op] += 1
-        m.bytes_to_gpu += sent
-        m.bytes_from_gpu += _nbytes(reply_frames)
-        return header.get("res", {}), out
+        what = f"{tries} {'try' if tries == 1 else 'tries'}" + (f" of {timeout:g} s" if timeout else "")
+        raise GPUServerUnavailable(
+            f"no reply from the GPU server at {self.address} to {op} after {what}"
+            f"{' (the connection was lost)' if lost else ''}; is `teesplit serve` running there?"
+        )
+
+    def _await_reply(
+        self, op: str, rid: int, deadline: float | None
+    ) -> tuple[dict[str, Any], list[np.ndarray], list]:
+        """The reply to request `rid`: replies to other ids (late answers to a try given up)
+        are dropped. Raises what the reply says (RemoteError), or ProtocolError."""
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            reply_frames = self.transport.recv(left)
+            try:
+                header, out = parse_reply(reply_frames, op)
+            except RemoteError:
+                if _reply_header(reply_frames).get("id") != rid:
+                    continue  # a late error reply to an earlier request
+                raise
+            except ProtocolError as e:
+                if e.code == "bad_version":
+                    theirs = _reply_header(reply_frames).get("v")
+                    raise ProtocolVersionMismatch(self.address, protocol.PROTOCOL_VERSION, theirs) from None
+                raise
+            if header.get("id") == rid:
+                return header, out, reply_frames
+
+    def _handshake(self, res: dict[str, Any]) -> None:
+        """Init's reply: the server's protocol version, and its cap on a frame's size."""
+        if "version" in res and res["version"] != protocol.PROTOCOL_VERSION:
+            raise ProtocolVersionMismatch(self.address, protocol.PROTOCOL_VERSION, res["version"])
+        if type(res.get("max_message_bytes")) is int and res["max_message_bytes"] > 0:
+            self.max_message_bytes = res["max_message_bytes"]
 
     def _call_one(
         self, op: str, args: dict[str, Any], tensors: tuple, shape: tuple[int, ...], sid: int | None = None
@@ -220,10 +209,11 @@ class GPUClient:
         shapes: list[tuple[int, ...]],
         sid: int | None = None,
         top_k_ids: bool = False,
+        after_send: Callable[[], None] | None = None,
     ) -> list[np.ndarray]:
         """One RPC whose reply tensors have known shapes: activations come back as float32; with
         `top_k_ids` the last tensor is token ids, which must lie in the vocabulary."""
-        _, out = self.call(op, args, tensors, sid)
+        _, out = self.call(op, args, tensors, sid, after_send)
         if [o.shape for o in out] != shapes:
             raise ProtocolError(f"{op}: expected tensors of shapes {shapes}, got {[o.shape for o in out]}")
         acts = out[:-1] if top_k_ids else out
@@ -295,11 +285,13 @@ class GPUClient:
             "Linear", {"layer": layer, "module": module}, (self._wire(x),), (*x.shape[:-1], out_features)
         )
 
-    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def matmul(self, a: np.ndarray, b: np.ndarray, *, layer: int | None = None, what: str = "") -> np.ndarray:
+        """a @ b (the seed's Matmul); `layer` and `what` only name it (the verified port's checks)."""
         return self._call_one("Matmul", {}, (self._wire(a), self._wire(b)), (*a.shape[:-1], b.shape[-1]))
 
-    def lm_head(self, x: np.ndarray) -> np.ndarray:
-        return self._call_one("LMHead", {}, (self._wire(x),), (*x.shape[:-1], self.config.vocab_size))
+    def lm_head(self, x: np.ndarray, after_send: Callable[[], None] | None = None) -> np.ndarray:
+        shape = (*x.shape[:-1], self.config.vocab_size)
+        return self._call_many("LMHead", {}, (self._wire(x),), [shape], after_send=after_send)[0]
 
     def lm_head_top_k(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Only the k largest logits and their token ids: (B, T, k) each."""
@@ -311,12 +303,18 @@ class GPUClient:
 
     # ---- fused projections and the GPU-side KV cache -------------------------------------
     def qkv(
-        self, layer: int, x: np.ndarray, sid: int | None = None, pos: np.ndarray | None = None
+        self,
+        layer: int,
+        x: np.ndarray,
+        sid: int | None = None,
+        pos: np.ndarray | None = None,
+        with_v: bool = False,
     ) -> np.ndarray:
-        """q|k|v (B, T, (H + 2 Hkv) D); with a session, v stays in its cache and q|k come back."""
+        """q|k|v (B, T, (H + 2 Hkv) D); with a session, v stays in its cache and q|k come back,
+        or q|k|v with `with_v` (a server answers that for float32 results: the verified port)."""
         c = self.config
         tensors = (self._wire(x),) if sid is None else (self._wire(x), np.asarray(pos, np.int64))
-        n = c.q_dim + c.kv_dim + (c.kv_dim if sid is None else 0)
+        n = c.q_dim + c.kv_dim + (c.kv_dim if sid is None or with_v else 0)
         return self._call_one("QKV", {"layer": layer}, tensors, (*x.shape[:-1], n), sid)
 
     def gate_up(self, layer: int, x: np.ndarray) -> np.ndarray:

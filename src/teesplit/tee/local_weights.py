@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from teesplit.config import ModelConfig
+from teesplit.errors import UsageError
+from teesplit.protocol import RING_WEIGHT_FRAC_BITS
 from teesplit.tee.checkpoint import SafetensorsReader, weight_files
 
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
@@ -30,7 +32,13 @@ SITE_MODULES = {
 LM_HEAD = "lm_head"  # the one site outside the layers (layer index -1)
 
 
-class LocalCheckpointError(ValueError):
+def ring_weights(w: np.ndarray) -> np.ndarray:
+    """The private plans' fixed-point weights W_q = rint(W 2^RING_WEIGHT_FRAC_BITS), exactly as
+    the GPU server makes them (gpu/ring.py): float64 products, round half to even."""
+    return np.rint(w.astype(np.float64) * 2.0**RING_WEIGHT_FRAC_BITS)
+
+
+class LocalCheckpointError(UsageError):
     """The local checkpoint is missing, malformed, or does not match its config."""
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from teesplit.tee.client import GPUClient
 from teesplit.tee.ops import (
     RotaryEmbedding,
     repeat_kv,
@@ -27,6 +26,7 @@ from teesplit.tee.ops import (
     silu_mul,
 )
 from teesplit.tee.plans import Plan
+from teesplit.tee.port import GPUPort, InitResult
 
 
 class KVCache:
@@ -99,12 +99,15 @@ class GPUKVCache:
 
 
 class TEELlamaModel:
-    def __init__(self, gpu: GPUClient, plan: Plan):
-        if plan.private and isinstance(gpu, GPUClient):  # it would send ids and activations in the clear
-            raise ValueError(f"plan {plan.name} needs its masking client: tee.private.private_gpu(...)")
+    """The forward pass over a port (`tee.port.GPUPort`). The plan picks the pass's parts once,
+    when it is set (`_choose_parts`): no plan flag is tested inside a forward pass."""
+
+    def __init__(self, gpu: GPUPort, plan: Plan, init: InitResult | None = None):
         self.gpu = gpu
+        # Config, RoPE parameters and norm weights come from the port: the GPU server's Init
+        # (seed V3.0), checked against the runner's own checkpoint by a verified port.
+        init = gpu.init() if init is None else init
         self.plan = plan
-        init = gpu.init()  # config, RoPE parameters and norm weights come from the GPU server (seed V3.0)
         self.config = c = init.config
         self.input_norms = init.norms[0:-1:2]  # (L, E)
         self.post_attention_norms = init.norms[1:-1:2]  # (L, E)
@@ -112,6 +115,30 @@ class TEELlamaModel:
         self.biases = init.biases  # merged plans add these after scaling: qkv, o, gate_up, down
         self.rope = RotaryEmbedding(c.head_dim, c.rope, c.max_position_embeddings)
         self.scale = np.float32(c.head_dim**-0.5)
+
+    @property
+    def plan(self) -> Plan:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: Plan) -> None:
+        if plan.private and not getattr(self.gpu, "private", False):  # ids and activations in the clear
+            raise ValueError(f"plan {plan.name} needs its masking port: tee.private.private_gpu(...)")
+        self._plan = plan
+        self._choose_parts(plan)
+
+    def _choose_parts(self, plan: Plan) -> None:
+        """The pass's parts for this plan: the layers (merged or not), attention, the MLP."""
+        self._layers = self._forward_merged if plan.merged else self._forward_layers
+        if plan.gpu_kv_cache:
+            self.attention = self._attention_session  # K/V in a GPU session (v3-fused)
+        elif plan.fused:
+            self.attention = self._attention_fused  # grouped attention here (v2-fused, private)
+        else:
+            self.attention = self._attention_seed  # the seed's plans: repeat_kv, two matmuls
+        self._products = self._products_gpu if plan.attention_on_gpu else self._products_local
+        self._merged_attention = self._merged_session if plan.gpu_kv_cache else self._merged_local
+        self.mlp = self._mlp_fused if plan.fused else self._mlp_seed
 
     def new_cache(self, batch: int = 1, max_tokens: int = 4096) -> KVCache | GPUKVCache:
         """A KV cache for `batch` sequences of up to `max_tokens` tokens each (prompt + generated)."""
@@ -143,8 +170,11 @@ class TEELlamaModel:
         # (B, T, 1, D) and the signed sin (B, T, 1, 2, D/2) that rope_rotate takes.
         rope = cos[:, :, None], rope_signed_sin(sin[:, :, None])
         mask = self._mask(positions, int(pos.max()) + T)
-        if self.plan.merged:
-            return self._forward_merged(ids, cache, n_new, all_logits, top_k, pos, rope, mask)
+        return self._layers(ids, cache, n_new, all_logits, top_k, pos, rope, mask)
+
+    def _forward_layers(self, ids, cache, n_new, all_logits, top_k, pos, rope, mask):
+        """The plans that cross at every Linear (or fused group of them): the seed's and fused."""
+        B = ids.shape[0]
         x = self.gpu.embedding(ids)  # (B, T, E)
         for i in range(self.config.num_layers):
             h = rms_norm(x, self.input_norms[i], self.config.rms_norm_eps)
@@ -159,47 +189,49 @@ class TEELlamaModel:
             return self.gpu.lm_head_top_k(x, top_k)
         return self.gpu.lm_head(x)
 
-    def attention(
-        self,
-        i: int,
-        x: np.ndarray,
-        rope: tuple[np.ndarray, np.ndarray],
-        mask: np.ndarray | None,
-        cache: KVCache | GPUKVCache,
-        pos: np.ndarray,
-    ) -> np.ndarray:
+    def _attention_session(self, i, x, rope, mask, cache, pos) -> np.ndarray:
+        """v stays on the GPU, in the session's cache; QKᵀ there, PV fused with o_proj."""
+        qk = self.gpu.qkv(i, x, cache.sid, pos)  # (B, T, (H + Hkv) D)
+        q, k = self._rotate_qk(qk, rope)
+        scores = self.gpu.attn_scores(cache.sid, i, q, k, pos)  # (B, H, T, S)
+        p = self._probs(scores, mask)
+        return self.gpu.attn_out(cache.sid, i, p)  # o_proj(P V): (B, T, E)
+
+    def _attention_fused(self, i, x, rope, mask, cache, pos) -> np.ndarray:
+        """q|k|v in one call, grouped attention here (no repeat_kv copies), then o_proj."""
+        c = self.config
+        B, T, _ = x.shape
+        qkv = self.gpu.qkv(i, x)  # (B, T, (H + 2 Hkv) D)
+        q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)
+        v = qkv[..., c.q_dim + c.kv_dim :].reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        return self.gpu.linear(i, "o_proj", self._local_attention(i, q, k, v, mask, cache, pos))
+
+    def _attention_seed(self, i, x, rope, mask, cache, pos) -> np.ndarray:
+        """The seed's plans: q, k, v apart, repeat_kv, then both matmuls on the GPU (v3) or here (v2)."""
         c = self.config
         B, T, _ = x.shape
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        if self.plan.gpu_kv_cache:  # v stays on the GPU, in the session's cache
-            qk = self.gpu.qkv(i, x, cache.sid, pos)  # (B, T, (H + Hkv) D)
-            q, k = self._rotate_qk(qk, rope)
-            scores = self.gpu.attn_scores(cache.sid, i, q, k, pos)  # (B, H, T, S)
-            p = self._probs(scores, mask)
-            return self.gpu.attn_out(cache.sid, i, p)  # o_proj(P V): (B, T, E)
-        if self.plan.fused:
-            qkv = self.gpu.qkv(i, x)  # (B, T, (H + 2 Hkv) D)
-            q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)
-            v = qkv[..., c.q_dim + c.kv_dim :]
-        else:
-            q = self.gpu.linear(i, "q_proj", x)
-            k = self.gpu.linear(i, "k_proj", x)
-            v = self.gpu.linear(i, "v_proj", x)
-            q = rope_rotate(q.reshape(B, T, H, D), *rope).transpose(0, 2, 1, 3)  # (B, H, T, D)
-            k = rope_rotate(k.reshape(B, T, Hkv, D), *rope).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-
+        q = self.gpu.linear(i, "q_proj", x)
+        k = self.gpu.linear(i, "k_proj", x)
+        v = self.gpu.linear(i, "v_proj", x)
+        q = rope_rotate(q.reshape(B, T, H, D), *rope).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = rope_rotate(k.reshape(B, T, Hkv, D), *rope).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
         v = v.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-        if self.plan.fused:  # grouped attention here: no repeat_kv copies
-            return self.gpu.linear(i, "o_proj", self._local_attention(i, q, k, v, mask, cache, pos))
-        # The seed's plans: repeat_kv, then both matmuls on the GPU (v3) or here (v2).
         k, v = cache.update_and_fetch(i, k, v, pos)  # (B, Hkv, S, D)
         k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # (B, H, S, D)
         kt = k.transpose(0, 1, 3, 2)  # (B, H, D, S)
-        scores = self.gpu.matmul(q, kt) if self.plan.attention_on_gpu else q @ kt
-        p = self._probs(scores, mask)
-        out = self.gpu.matmul(p, v) if self.plan.attention_on_gpu else p @ v  # (B, H, T, D)
+        out = self._products(i, q, kt, v, mask)  # (B, H, T, D)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)  # (B, T, H*D)
         return self.gpu.linear(i, "o_proj", out)
+
+    def _products_gpu(self, i, q, kt, v, mask) -> np.ndarray:
+        """v3: softmax(q Kᵀ) V with both products on the GPU (the seed's Matmul)."""
+        scores = self.gpu.matmul(q, kt, layer=i, what="QKᵀ")
+        return self.gpu.matmul(self._probs(scores, mask), v, layer=i, what="PV")
+
+    def _products_local(self, i, q, kt, v, mask) -> np.ndarray:
+        """v2: softmax(q Kᵀ) V here."""
+        return self._probs(q @ kt, mask) @ v
 
     def _rotate_qk(self, qk: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
         """q|k (B, T, (H + Hkv) D) -> RoPE-rotated q (B, H, T, D) and k (B, Hkv, T, D): all heads
@@ -213,20 +245,14 @@ class TEELlamaModel:
         """The merged plans: each call returns a Linear's output and the next Linear's unscaled
         product z = W (w ⊙ residual); the trusted side applies the row scale r and the bias."""
         c, eps = self.config, self.config.rms_norm_eps
-        B, T = ids.shape
-        Hkv, D, F = c.num_kv_heads, c.head_dim, c.intermediate_size
-        sid = cache.sid if self.plan.gpu_kv_cache else None
+        B = ids.shape[0]
+        F = c.intermediate_size
+        sid = getattr(cache, "sid", None)  # a GPU session's, in v3 placement
         x, z = self.gpu.embed_qkv(ids, sid, pos)  # (B, T, E), (B, T, (H + Hkv [+ Hkv]) D)
         for i in range(c.num_layers):
             r = rms_scale(x, eps)  # (B, T, 1)
             qkv = r * z + self._bias("qkv", i, z.shape[-1])
-            q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)  # (B, H, T, D), (B, Hkv, T, D)
-            if self.plan.gpu_kv_cache:
-                scores = self.gpu.attn_scores(sid, i, q, k, pos, r)  # r turns the pending v into V
-                o, z = self.gpu.attn_out_gate_up(sid, i, self._probs(scores, mask), x)
-            else:
-                v = qkv[..., c.q_dim + c.kv_dim :].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-                o, z = self.gpu.o_gate_up(i, self._local_attention(i, q, k, v, mask, cache, pos), x)
+            o, z = self._merged_attention(i, qkv, r, x, rope, mask, cache, pos)
             x = x + o
             gate_up = rms_scale(x, eps) * z + self._bias("gate_up", i, 2 * F)
             m = silu_mul(gate_up[..., :F], gate_up[..., F:])  # (B, T, F)
@@ -241,6 +267,22 @@ class TEELlamaModel:
         if top_k is None:
             return r * out[1]
         return r * out[1], out[2]  # r > 0 keeps the top-k order
+
+    def _merged_session(self, i, qkv, r, x, rope, mask, cache, pos):
+        """v3 placement: QKᵀ against the session (r turns the pending v into V), then PV with
+        o_proj and the next gate|up. Returns o and the unscaled gate|up."""
+        c = self.config
+        q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)  # (B, H, T, D), (B, Hkv, T, D)
+        scores = self.gpu.attn_scores(cache.sid, i, q, k, pos, r)
+        return self.gpu.attn_out_gate_up(cache.sid, i, self._probs(scores, mask), x)
+
+    def _merged_local(self, i, qkv, r, x, rope, mask, cache, pos):
+        """v2 placement: attention here, then o_proj with the next gate|up."""
+        c = self.config
+        B, T, _ = qkv.shape
+        q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)  # (B, H, T, D), (B, Hkv, T, D)
+        v = qkv[..., c.q_dim + c.kv_dim :].reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        return self.gpu.o_gate_up(i, self._local_attention(i, q, k, v, mask, cache, pos), x)
 
     def _bias(self, name: str, i: int, width: int) -> np.ndarray | float:
         b = self.biases.get(name)
@@ -257,14 +299,14 @@ class TEELlamaModel:
         out = (p.reshape(B, c.num_kv_heads, G * T, S) @ v).reshape(B, H, T, D)
         return out.transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)
 
-    def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
+    def _mlp_fused(self, i: int, x: np.ndarray) -> np.ndarray:
         F = self.config.intermediate_size
-        if self.plan.fused:
-            gate_up = self.gpu.gate_up(i, x)  # (B, T, 2F)
-            gate, up = gate_up[..., :F], gate_up[..., F:]
-        else:
-            gate = self.gpu.linear(i, "gate_proj", x)  # (B, T, F)
-            up = self.gpu.linear(i, "up_proj", x)  # (B, T, F)
+        gate_up = self.gpu.gate_up(i, x)  # (B, T, 2F)
+        return self.gpu.linear(i, "down_proj", silu_mul(gate_up[..., :F], gate_up[..., F:]))  # (B, T, E)
+
+    def _mlp_seed(self, i: int, x: np.ndarray) -> np.ndarray:
+        gate = self.gpu.linear(i, "gate_proj", x)  # (B, T, F)
+        up = self.gpu.linear(i, "up_proj", x)  # (B, T, F)
         return self.gpu.linear(i, "down_proj", silu_mul(gate, up))  # (B, T, E)
 
     def _probs(self, scores: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

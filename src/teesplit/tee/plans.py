@@ -38,99 +38,128 @@ servers in parallel) fixed-point input, 4L + 1 round trips per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from teesplit.errors import UsageError
+
+Placement = Literal["gpu", "trusted"]  # where QKᵀ and PV run
+Crossing = Literal["seed", "fused", "merged"]  # how the calls of a layer are grouped
+Privacy = Literal["otp", "2party"]
 
 
 @dataclass(frozen=True)
 class Plan:
+    """A plan, described by what it is; everything else (round trips, whether K/V live in a GPU
+    session, how many servers) follows from these fields. Adding a plan is one entry in PLANS
+    (and the model code for a new combination, if any)."""
+
     name: str
-    attention_on_gpu: bool  # QKᵀ and PV on the GPU (v3 placement) or in the trusted side (v2)
-    fused: bool  # q|k|v and gate|up in one call each
-    gpu_kv_cache: bool  # rotated K and V live in a GPU-server session
-    rpcs_per_layer: int  # round trips per layer per forward pass
+    attention: Placement
+    crossing: Crossing
     summary: str
-    merged: bool = False  # a Linear after a norm rides with the Linear before it (see below)
-    private: bool = False  # masked data on the GPU, embedding in the trusted side (tee/private.py)
+    private: Privacy | None = None  # the GPU sees only masked data (tee/private.py)
+
+    @property
+    def attention_on_gpu(self) -> bool:
+        return self.attention == "gpu"
+
+    @property
+    def fused(self) -> bool:
+        """q|k|v and gate|up in one call each."""
+        return self.crossing != "seed"
+
+    @property
+    def merged(self) -> bool:
+        """A Linear after a norm rides with the Linear before it (see the module docstring)."""
+        return self.crossing == "merged"
+
+    @property
+    def gpu_kv_cache(self) -> bool:
+        """Rotated K and V live in a GPU-server session: GPU attention with fused calls."""
+        return self.attention_on_gpu and self.fused and self.private is None
+
+    @property
+    def embedding_on_gpu(self) -> bool:
+        """The private plans look the embedding up in the trusted side: no token id crosses."""
+        return self.private is None
+
+    @property
+    def servers(self) -> int:
+        return 2 if self.private == "2party" else 1
+
+    @property
+    def rpcs_per_layer(self) -> int:
+        """Round trips per layer per forward pass."""
+        attention = 1 if self.attention_on_gpu else 0  # QKᵀ (PV rides with o_proj, or is a 2nd Matmul)
+        if self.crossing == "seed":  # q, k, v, o, gate, up, down separately; QKᵀ and PV apart
+            return 7 + 2 * attention
+        if self.crossing == "fused":  # q|k|v, o, gate|up, down
+            return 4 + attention
+        return 2 + attention  # o + gate|up, down + next q|k|v
 
     def rpcs_per_forward(self, num_layers: int) -> int:
-        """Round trips for one forward pass (one decode token): the layers, plus Embedding and
-        LMHead (which the merged plans fold into the first and last layer's calls)."""
-        return self.rpcs_per_layer * num_layers + (1 if self.merged or self.private else 2)
+        """Round trips for one forward pass (one decode token): the layers, plus the embedding
+        and the LM head, which the merged plans fold into the first and last layer's calls and
+        the private plans do not send (the embedding is looked up in the trusted side)."""
+        extra = 1 if self.merged else 1 + self.embedding_on_gpu
+        return self.rpcs_per_layer * num_layers + extra
 
 
 PLANS: dict[str, Plan] = {
-    "v3": Plan(
-        "v3",
-        True,
-        False,
-        False,
-        9,
-        "seed V3.0: q,k,v,o,gate,up,down Linear calls plus QKᵀ and PV Matmul calls",
-    ),
-    "v2": Plan(
-        "v2",
-        False,
-        False,
-        False,
-        7,
-        "seed V2.1: q,k,v,o,gate,up,down Linear calls; attention in the trusted side",
-    ),
-    "v3-fused": Plan(
-        "v3-fused",
-        True,
-        True,
-        True,
-        5,
-        "v3 placement: q|k|v, QKᵀ against a GPU-side K/V cache, PV + o_proj, gate|up, down",
-    ),
-    "v2-fused": Plan(
-        "v2-fused",
-        False,
-        True,
-        False,
-        4,
-        "v2 placement: q|k|v, o_proj, gate|up, down; attention in the trusted side",
-    ),
-    "v3-merged": Plan(
-        "v3-merged",
-        True,
-        True,
-        True,
-        3,
-        "v3 placement: QKᵀ, PV + o_proj + gate|up, down + next q|k|v",
-        merged=True,
-    ),
-    "v2-merged": Plan(
-        "v2-merged", False, True, False, 2, "v2 placement: o_proj + gate|up, down + next q|k|v", merged=True
-    ),
+    p.name: p
+    for p in (
+        Plan(
+            "v3", "gpu", "seed", "seed V3.0: q,k,v,o,gate,up,down Linear calls plus QKᵀ and PV Matmul calls"
+        ),
+        Plan(
+            "v2",
+            "trusted",
+            "seed",
+            "seed V2.1: q,k,v,o,gate,up,down Linear calls; attention in the trusted side",
+        ),
+        Plan(
+            "v3-fused",
+            "gpu",
+            "fused",
+            "v3 placement: q|k|v, QKᵀ against a GPU-side K/V cache, PV + o_proj, gate|up, down",
+        ),
+        Plan(
+            "v2-fused",
+            "trusted",
+            "fused",
+            "v2 placement: q|k|v, o_proj, gate|up, down; attention in the trusted side",
+        ),
+        Plan("v3-merged", "gpu", "merged", "v3 placement: QKᵀ, PV + o_proj + gate|up, down + next q|k|v"),
+        Plan("v2-merged", "trusted", "merged", "v2 placement: o_proj + gate|up, down + next q|k|v"),
+    )
 }
 
 
-# Kept apart from PLANS: they need the local checkpoint and their own client (tee/private.py),
+# Kept apart from PLANS: they need the local checkpoint and their own port (tee/private.py),
 # so `--plan auto` and the benchmark's plan sweep do not pick them up by accident.
 PRIVATE_PLANS: dict[str, Plan] = {
-    "private-otp": Plan(
-        "private-otp",
-        False,
-        True,
-        False,
-        4,
-        "v2-fused placement, one server: one-time-padded ring inputs, unblinding precomputed",
-        private=True,
-    ),
-    "private-2party": Plan(
-        "private-2party",
-        False,
-        True,
-        False,
-        4,
-        "v2-fused placement, two non-colluding servers: additive shares of every Linear input",
-        private=True,
-    ),
+    p.name: p
+    for p in (
+        Plan(
+            "private-otp",
+            "trusted",
+            "fused",
+            "v2-fused placement, one server: one-time-padded ring inputs, unblinding precomputed",
+            private="otp",
+        ),
+        Plan(
+            "private-2party",
+            "trusted",
+            "fused",
+            "v2-fused placement, two non-colluding servers: additive shares of every Linear input",
+            private="2party",
+        ),
+    )
 }
 
 
 def get_plan(name: str) -> Plan:
     plan = PLANS.get(name) or PRIVATE_PLANS.get(name)
     if plan is None:
-        raise ValueError(f"unknown plan {name!r}; available: {', '.join([*PLANS, *PRIVATE_PLANS])}")
+        raise UsageError(f"unknown plan {name!r}; available: {', '.join([*PLANS, *PRIVATE_PLANS])}")
     return plan

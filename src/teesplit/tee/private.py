@@ -35,9 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from teesplit.config import ModelConfig
+from teesplit.errors import UsageError
 from teesplit.protocol import RING_WEIGHT_FRAC_BITS
-from teesplit.tee.client import GPUClient, InitResult, Metrics
-from teesplit.tee.local_weights import LM_HEAD, LocalWeights
+from teesplit.tee.client import GPUClient
+from teesplit.tee.local_weights import LM_HEAD, LocalWeights, ring_weights
+from teesplit.tee.port import InitResult, Metrics
 
 X_FRAC_BITS = 24  # the most fractional bits of an input row (fewer for large rows)
 _HEADROOM = 2.0**62  # |x_q W_qᵀ| stays below this: an int64 holds it with a bit to spare
@@ -62,7 +64,7 @@ class RingSite:
         self.layer, self.site = layer, site
         self.out_features, self.in_features = w.shape
         self.bias = lw.bias(layer, site)
-        wq = np.rint(w.astype(np.float64) * 2.0**RING_WEIGHT_FRAC_BITS)  # same rounding as the GPU
+        wq = ring_weights(w)  # float64, the same rounding as the GPU
         self.row_norm = float(np.sqrt((wq * wq).sum(axis=1)).max())  # max ||row of W_q||₂
         self.wq = wq.astype(np.int64) if keep_weights else None  # (N, in): rows contiguous, fastest
 
@@ -227,16 +229,19 @@ class PadPool:
 
 
 class _PrivateGPU:
-    """What TEELlamaModel calls as `self.gpu` under a private plan (the v2-fused calls).
+    """The private plans' port (`tee.port.GPUPort`, the v2-fused calls): what TEELlamaModel
+    calls as `self.gpu` under a private plan.
 
     Embedding is answered here from the local table; every Linear and the LM head go out
     masked; `init` returns the trusted config and norm weights of the local checkpoint after
     the server(s) confirmed the same model and float32 weights."""
 
+    private = True  # the model refuses a private plan on any port without this
+
     def __init__(self, weights: LocalWeights, clients: list[GPUClient], keep_weights: bool):
         for c in clients:
             if c.wire_dtype != "float32":
-                raise ValueError(
+                raise UsageError(
                     "the private plans send fixed-point ring elements (int64) on the wire; "
                     f"--wire-dtype {c.wire_dtype} does not apply to them (leave it unset)"
                 )
@@ -261,19 +266,20 @@ class _PrivateGPU:
         return InitResult(config=self.config, norms=self.lw.norms, biases={})
 
     def _check_server(self, c: GPUClient) -> None:
-        res, _ = c.call("Init")
-        remote = ModelConfig.from_dict(dict(res["config"], rope=res["rope"]))
-        c.config = remote
+        """The server's Init, through the port's own checks (protocol version, shapes; with a
+        verified port the trusted parameters too), then: the same model, in float32."""
+        res = c.init()
+        remote = res.config
         for name in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers"):
             if getattr(remote, name) != getattr(self.config, name):
-                raise ValueError(
+                raise UsageError(
                     f"the GPU server at {c.address} serves a different model ({name}="
                     f"{getattr(remote, name)!r}, the local checkpoint has {getattr(self.config, name)!r})"
                 )
-        if res.get("dtype") != "float32":
-            raise ValueError(
-                f"the GPU server at {c.address} computes in {res.get('dtype', 'an unknown dtype')}; the "
-                "private plans need its weights in float32 (start it with `teesplit serve --dtype float32`)"
+        if res.dtype != "float32":
+            raise UsageError(
+                f"the GPU server at {c.address} computes in {res.dtype}; the private plans need its "
+                "weights in float32 (start it with `teesplit serve --dtype float32`)"
             )
 
     def embedding(self, ids: np.ndarray) -> np.ndarray:
@@ -359,7 +365,7 @@ class PrivateTwoParty(_PrivateGPU):
 
     def __init__(self, weights: LocalWeights, client_a: GPUClient, client_b: GPUClient):
         if client_a.address == client_b.address and client_a.address != "local":
-            raise ValueError(f"private-2party needs two different GPU servers; both are {client_a.address}")
+            raise UsageError(f"private-2party needs two different GPU servers; both are {client_a.address}")
         super().__init__(weights, [client_a, client_b], keep_weights=False)
         self.a, self.b = client_a, client_b
         self._other = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-b")  # b's own thread
@@ -420,11 +426,11 @@ def private_gpu(
     """The `gpu` object for a private plan: one client for private-otp, two for private-2party."""
     if plan_name == "private-otp":
         if len(clients) != 1:
-            raise ValueError(f"private-otp talks to one GPU server, got {len(clients)}")
+            raise UsageError(f"private-otp talks to one GPU server, got {len(clients)}")
         return PrivateOTP(weights, clients[0], pool_depth)
     if plan_name == "private-2party":
         if len(clients) != 2:
-            raise ValueError(
+            raise UsageError(
                 "private-2party needs two non-colluding GPU servers (--server A --server B), "
                 f"got {len(clients)}"
             )

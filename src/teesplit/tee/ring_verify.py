@@ -35,8 +35,7 @@ import time
 import numpy as np
 
 from teesplit.tee.checkpoint import IntegrityError
-from teesplit.tee.local_weights import LM_HEAD, LocalWeights
-from teesplit.tee.private import RingSite
+from teesplit.tee.local_weights import LM_HEAD, LocalWeights, ring_weights
 from teesplit.tee.verify import VerifyStats
 
 __all__ = ["RingVerifier", "RingPrint", "VECTORS", "S_BITS", "IntegrityError"]
@@ -129,7 +128,7 @@ class RingVerifier:
         for i, (layer, site) in enumerate(sites):
             if progress is not None:
                 progress(i, len(sites))
-            wq = RingSite(weights, layer, site, keep_weights=True).wq  # the GPU's exact W_q
+            wq = ring_weights(weights.weight(layer, site)).astype(np.int64)  # the GPU's exact W_q
             self.prints[(layer, site)] = RingPrint.of(wq, vectors)
             del wq
         self._lock = threading.Lock()

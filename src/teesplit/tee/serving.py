@@ -23,7 +23,9 @@ How rows join and leave depends on where the plan keeps the KV cache:
   until the cohort is empty. A cohort whose session the server lost is rebuilt by replay.
 
 Each row samples with its own request's parameters and random generator (seeded as a solo
-run would be), so a greedy request gets exactly the tokens a solo `Generator` run gives.
+run would be), so a greedy request gets exactly the tokens a solo `Generator` run gives: the
+rows, their sampling, stop rules and replay are the one decode loop's (tee/decode.py); this
+module only decides which rows run together, and turns their tokens into events.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from teesplit.errors import UsageError
 from teesplit.protocol import ProtocolError, RemoteError
-from teesplit.tee.generate import SamplingParams, _TextStream, candidates_needed, sample
-from teesplit.tee.model import GPUKVCache, KVCache, TEELlamaModel
-from teesplit.transport import GPUServerUnavailable
+from teesplit.tee.assemble import ModelMismatch
+from teesplit.tee.checkpoint import IntegrityError
+from teesplit.tee.decode import Batch, Row, SamplingParams, eos_ids
+from teesplit.tee.model import TEELlamaModel
+from teesplit.transport import GPUServerUnavailable, LinkRefused
 
 
 class ServingError(Exception):
@@ -76,6 +79,7 @@ class Request:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None  # first token sampled
         self.t_last: float | None = None  # last token sampled
+        self.ended = False  # its last event ("done" or "error") is out
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -137,28 +141,66 @@ class EngineMetrics:
 
 
 # ---- the scheduler -------------------------------------------------------------------------
-class _Seq:
-    """One row of a batch: its request, sampling state and text stream."""
+class _Seq(Row):
+    """One request's row: its tokens become events for the caller, and metrics."""
 
-    def __init__(self, req: Request, tokenizer: Any, eos: set[int]):
+    def __init__(self, engine: Engine, req: Request, eos: set[int]):
+        super().__init__(
+            req.prompt, req.params, engine.tokenizer, set() if req.ignore_eos else eos, self._emit
+        )
+        self.engine = engine
         self.req = req
-        self.rng = np.random.default_rng(req.params.seed)  # same draws as a solo run
-        self.stream = _TextStream(tokenizer, req.params.stop, self._emit)
-        self.eos = set() if req.ignore_eos else eos
+        self.tokens = req.tokens  # the caller reads them (usage counts)
         self.pending = ""  # text produced by the current token
-        self.done = False
         self.counted = False  # in Engine.active
 
     def _emit(self, text: str) -> None:
         self.pending += text
 
+    @property
+    def cancelled(self) -> bool:
+        return self.req.cancelled
 
-class _Cohort:
-    """Rows sharing one KV cache (one forward pass per step)."""
+    def on_sample(self) -> None:
+        req = self.req
+        if req.t_first is None:
+            req.t_first = time.perf_counter()
+            with self.engine.lock:
+                self.engine.metrics.ttft.observe(req.t_first - req.t_submit)
 
-    def __init__(self, seqs: list[_Seq], cache: KVCache | GPUKVCache):
-        self.seqs = seqs
-        self.cache = cache
+    def on_token(self, token: int) -> None:
+        self.req.t_last = time.perf_counter()
+        with self.engine.lock:
+            self.engine.metrics.completion_tokens += 1
+        self.req.events.put(Event("token", self.pending))
+        self.pending = ""
+
+    def on_finish(self, reason: str) -> None:
+        req, engine = self.req, self.engine
+        req.finish_reason = reason
+        with engine.lock:
+            engine.active -= self.counted
+            self.counted = False
+            engine.metrics.finished[reason] += 1
+            if len(req.tokens) > 1 and req.t_first is not None and req.t_last is not None:
+                engine.metrics.tpot.observe((req.t_last - req.t_first) / (len(req.tokens) - 1))
+        if self.pending:
+            req.events.put(Event("token", self.pending))
+            self.pending = ""
+        req.ended = True
+        req.events.put(Event("done", finish_reason=reason))
+
+    def fail(self, error: ServingError) -> None:
+        """The row ends with an error event (its batch failed), counted once."""
+        if self.done:
+            return
+        self.finish_reason = "error"
+        with self.engine.lock:
+            self.engine.metrics.errors[error.code] += 1
+            self.engine.active -= self.counted
+            self.counted = False
+        self.req.ended = True
+        self.req.events.put(Event("error", error=error))
 
 
 class Engine:
@@ -173,7 +215,7 @@ class Engine:
         max_recoveries: int = 3,
     ):
         if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+            raise UsageError("max_batch must be >= 1")
         self.make_model = make_model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -185,7 +227,7 @@ class Engine:
         self.active = 0  # rows generating
         self.waiting = 0  # submitted, not yet prefilled
         self._queue: queue.Queue[Request] = queue.Queue()
-        self._cohorts: list[_Cohort] = []
+        self._cohorts: list[Batch] = []  # each: rows sharing one KV cache
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None  # why the GPU server is not usable, if it is not
@@ -205,21 +247,24 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def connect(self) -> TEELlamaModel:
-        """The model, connecting first if needed (scheduler thread, or before start())."""
+        """The model, connecting first if needed (scheduler thread, or before start()). A
+        failure is raised as the ServingError its requests get (its cause attached)."""
         if self.model is None:
             try:
                 self.model = self.make_model()
                 self.last_error = None
-            except GPUServerUnavailable as e:
-                self.last_error = str(e)
-                raise ServingError(f"the GPU server is unavailable: {e}", 503, "gpu_unavailable") from e
+            except Exception as e:
+                err = _as_serving_error(e)
+                if err.status == 503:
+                    self.last_error = str(e)
+                raise err from e
         return self.model
 
     # -- callers ---------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, ignore_eos: bool = False) -> Request:
         params.validate()
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise UsageError("the prompt is empty")
         with self.lock:
             if self.waiting >= self.max_waiting:
                 raise ServingError(
@@ -250,8 +295,8 @@ class Engine:
                 break
             req.events.put(Event("error", error=shutdown))
 
-    def _take_new(self) -> list[_Seq]:
-        live = sum(1 for c in self._cohorts for s in c.seqs if not s.done)
+    def _take_new(self) -> list[Request]:
+        live = sum(1 for c in self._cohorts for r in c.rows if not r.done)
         new: list[Request] = []
         block = live == 0
         while live + len(new) < self.max_batch:
@@ -263,160 +308,74 @@ class Engine:
                 self.waiting -= 1
             if not req.cancelled:
                 new.append(req)
-        eos = set(getattr(self.tokenizer, "eos_token_ids", ()))
-        return [_Seq(r, self.tokenizer, set(eos)) for r in new]
+        return new
 
-    def _prefill(self, seqs: list[_Seq]) -> None:
+    def _prefill(self, reqs: list[Request]) -> None:
         try:
             model = self.connect()
         except Exception as e:  # unreachable, another model, another protocol version
-            self._fail(seqs, e)
+            self._fail(reqs, e)
             return
-        for s in seqs:  # EOS ids from the server's config too, now that it is known
-            if not s.req.ignore_eos:
-                s.eos |= set(model.config.eos_token_ids)
-        lengths = np.array([len(s.req.prompt) for s in seqs], np.int64)
-        ids = np.zeros((len(seqs), int(lengths.max())), np.int64)  # right-padded
-        for b, s in enumerate(seqs):
-            ids[b, : len(s.req.prompt)] = s.req.prompt
-        max_tokens = _session_tokens(seqs)
+        eos = eos_ids(model, self.tokenizer)
+        seqs = [_Seq(self, r, eos) for r in reqs]
         m0 = model.gpu.metrics.copy()
-        cohort = None
+        batch = None
         try:
-            cohort = _Cohort(seqs, model.new_cache(len(seqs), max_tokens=max_tokens))
-            out = model.forward(ids, cohort.cache, n_new=lengths, top_k=_top_k(seqs))
+            batch = Batch(model, seqs, max_recoveries=self.max_recoveries)
+            with self.lock:
+                self.active += len(seqs)
+            for s in seqs:
+                s.counted = True
+            batch.prefill()
+            with self.lock:
+                self.metrics.prefill_passes += 1
+                self.metrics.prompt_tokens += sum(len(r.prompt) for r in reqs)
         except Exception as e:
-            if cohort is not None:
-                self._close(cohort, e)
+            if batch is not None:
+                self._close(batch, e)
             self._fail(seqs, e)
             return
         finally:
             self._count_rpcs(model, m0)
-        with self.lock:
-            self.metrics.prefill_passes += 1
-            self.metrics.prompt_tokens += int(lengths.sum())
-            self.active += len(seqs)
-        for s in seqs:
-            s.counted = True
-        self._sample(cohort, out)
-        if model.plan.gpu_kv_cache:
-            self._cohorts.append(cohort)
-        elif self._cohorts:  # trusted-side cache: the new rows join the running batch
-            main = self._cohorts[0]
-            main.cache = main.cache.join(cohort.cache)
-            main.seqs = main.seqs + cohort.seqs
-        else:
-            self._cohorts.append(cohort)
+        if model.plan.gpu_kv_cache or not self._cohorts:
+            self._cohorts.append(batch)
+        else:  # trusted-side cache: the new rows join the running batch
+            self._cohorts[0].join(batch)
         self._prune()
 
     def _decode_step(self) -> None:
-        for cohort in list(self._cohorts):
+        for batch in list(self._cohorts):
             model = self.model
-            if model is None or cohort not in self._cohorts:
+            if model is None or batch not in self._cohorts:
                 continue  # the connection failed during this step: those rows have their error
-            live = np.array([not s.done for s in cohort.seqs])
-            ids = np.array([[s.req.tokens[-1] if not s.done else 0] for s in cohort.seqs], np.int64)
+            live = sum(not r.done for r in batch.rows)
             m0 = model.gpu.metrics.copy()
             try:
-                out = self._forward(cohort, ids, live.astype(np.int64))
+                batch.step()
             except Exception as e:
-                self._cohorts.remove(cohort)
-                self._close(cohort, e)
-                self._fail([s for s in cohort.seqs if not s.done], e)
+                self._cohorts.remove(batch)
+                self._close(batch, e)
+                self._fail(batch.rows, e)
                 continue
             finally:
                 self._count_rpcs(model, m0)
             with self.lock:
                 self.metrics.decode_steps += 1
-                self.metrics.decode_rows += int(live.sum())
-            self._sample(cohort, out)
+                self.metrics.decode_rows += live
         self._prune()
-
-    def _forward(self, cohort: _Cohort, ids: np.ndarray, n_new: np.ndarray):
-        """One forward pass; a GPU session the server lost is reopened and replayed."""
-        model = self.model
-        top_k = _top_k([s for s in cohort.seqs if not s.done])
-        for attempt in range(self.max_recoveries + 1):
-            fed = cohort.cache.lengths + n_new
-            try:
-                return model.forward(ids, cohort.cache, n_new=n_new, top_k=top_k)
-            except RemoteError as e:
-                if e.code != "no_session" or attempt == self.max_recoveries:
-                    raise
-            rows = [(s.req.prompt + s.req.tokens)[: int(n)] for s, n in zip(cohort.seqs, fed, strict=True)]
-            ids = np.zeros((len(rows), int(fed.max())), np.int64)
-            for b, row in enumerate(rows):
-                ids[b, : len(row)] = row
-            n_new = fed.astype(np.int64)
-            cohort.cache = model.new_cache(len(rows), max_tokens=_session_tokens(cohort.seqs))
-        raise AssertionError("unreachable")
-
-    def _sample(self, cohort: _Cohort, out) -> None:
-        """Sample each live row's next token from `out` and tell its caller."""
-        now = time.perf_counter()
-        compact = isinstance(out, tuple)
-        for b, s in enumerate(cohort.seqs):
-            if s.done:
-                continue
-            req, p = s.req, s.req.params
-            if req.cancelled:
-                self._finish(s, "cancelled")
-                continue
-            values, ids = (out[0][b, -1], out[1][b, -1]) if compact else (out[b, -1], None)
-            token = sample(values, p, s.rng, ids)
-            if req.t_first is None:
-                req.t_first = now
-                with self.lock:
-                    self.metrics.ttft.observe(now - req.t_submit)
-            if token in s.eos:
-                self._finish(s, "stop")
-                continue
-            req.tokens.append(token)
-            req.t_last = now
-            with self.lock:
-                self.metrics.completion_tokens += 1
-            stopped = s.stream.push(token)
-            req.events.put(Event("token", s.pending))
-            s.pending = ""
-            if stopped:
-                self._finish(s, "stop")
-            elif len(req.tokens) >= p.max_new_tokens:
-                self._finish(s, "length")
-
-    def _finish(self, s: _Seq, reason: str) -> None:
-        s.done = True
-        req = s.req
-        req.finish_reason = reason
-        s.stream.finish()
-        with self.lock:
-            self.active -= s.counted
-            s.counted = False
-            self.metrics.finished[reason] += 1
-            if len(req.tokens) > 1 and req.t_first is not None and req.t_last is not None:
-                self.metrics.tpot.observe((req.t_last - req.t_first) / (len(req.tokens) - 1))
-        if s.pending:
-            req.events.put(Event("token", s.pending))
-            s.pending = ""
-        req.events.put(Event("done", finish_reason=reason))
 
     def _prune(self) -> None:
         """Finished rows leave: cut out of a trusted-side cache; a GPU cohort closes when empty."""
-        for cohort in list(self._cohorts):
-            if all(s.done for s in cohort.seqs):
-                self._cohorts.remove(cohort)
-                self._close(cohort, None)
-            elif isinstance(cohort.cache, KVCache) and any(s.done for s in cohort.seqs):
-                keep = np.array([b for b, s in enumerate(cohort.seqs) if not s.done])
-                cohort.cache = cohort.cache.select_rows(keep)
-                cohort.seqs = [cohort.seqs[b] for b in keep]
+        for batch in list(self._cohorts):
+            if not batch.live:
+                self._cohorts.remove(batch)
+                self._close(batch, None)
+            else:
+                batch.prune()
 
-    def _close(self, cohort: _Cohort, error: BaseException | None) -> None:
-        if isinstance(error, GPUServerUnavailable) or self.model is None:
-            return  # closing would only wait out the timeout again
-        try:
-            self.model.close_cache(cohort.cache)
-        except (RemoteError, ProtocolError, GPUServerUnavailable):
-            pass
+    def _close(self, batch: Batch, error: BaseException | None) -> None:
+        if self.model is not None:
+            batch.close(reachable=not isinstance(error, GPUServerUnavailable))
 
     def _count_rpcs(self, model: TEELlamaModel, m0) -> None:
         d = model.gpu.metrics.copy() - m0
@@ -425,35 +384,36 @@ class Engine:
             self.metrics.bytes_to_gpu += d.bytes_to_gpu
             self.metrics.bytes_from_gpu += d.bytes_from_gpu
 
-    def _fail(self, seqs: list[_Seq], error: BaseException) -> None:
+    def _fail(self, rows: list, error: BaseException) -> None:
+        """End these rows (requests not yet prefilled, or rows) with `error`'s event."""
         err = _as_serving_error(error)
-        for s in seqs:
-            if s.done:
-                continue
-            s.done = True
-            with self.lock:
-                self.metrics.errors[err.code] += 1
-                self.active -= s.counted
-                s.counted = False
-            s.req.events.put(Event("error", error=err))
-        if isinstance(error, GPUServerUnavailable) and self.model is not None:
-            # The connection is gone and every cache with it: fail the other rows too and
-            # forget the model, so the next request connects afresh.
+        for r in rows:
+            if isinstance(r, _Seq):
+                r.fail(err)
+            elif not r.ended:  # a request that never became a row
+                r.ended = True
+                with self.lock:
+                    self.metrics.errors[err.code] += 1
+                r.events.put(Event("error", error=err))
+        if isinstance(error, GPUServerUnavailable | IntegrityError) and self.model is not None:
+            # The connection is gone and every cache with it (or the server lied, and its
+            # session state cannot be trusted): fail the other rows too and forget the model,
+            # so the next request connects afresh.
             model, self.model = self.model, None
             self.last_error = str(error)
             cohorts, self._cohorts = self._cohorts, []
-            self._fail([s for c in cohorts for s in c.seqs], error)
+            self._fail([r for c in cohorts for r in c.rows], error)
             try:
                 model.gpu.close()
             except Exception:  # a broken socket must not stop the scheduler
                 pass
 
-    def _fail_all(self, new: list[_Seq], error: BaseException) -> None:
-        seqs = [s for c in self._cohorts for s in c.seqs] + list(new)
-        for cohort in self._cohorts:
-            self._close(cohort, error)
+    def _fail_all(self, new: list[Request], error: BaseException) -> None:
+        rows = [r for c in self._cohorts for r in c.rows] + list(new)
+        for batch in self._cohorts:
+            self._close(batch, error)
         self._cohorts = []
-        self._fail(seqs, error)
+        self._fail(rows, error)
 
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of the metrics for /metrics and /stats."""
@@ -477,25 +437,17 @@ class Engine:
             }
 
 
-def _top_k(seqs: list[_Seq]) -> int | None:
-    """Candidates to ask the GPU for: enough for every row's sampling (None: whole rows)."""
-    need = [candidates_needed(s.req.params) for s in seqs]
-    if not need or any(k is None for k in need):
-        return None
-    return max(need)
-
-
-def _session_tokens(seqs: list[_Seq]) -> int:
-    """Positions a cohort's rows can write: the longest prompt + budget (a finished row that
-    rides along rewrites its next free slot, which lies within its own budget)."""
-    return max(len(s.req.prompt) + s.req.params.max_new_tokens for s in seqs)
-
-
 def _as_serving_error(e: BaseException) -> ServingError:
     if isinstance(e, ServingError):
         return e
     if isinstance(e, GPUServerUnavailable):
         return ServingError(f"the GPU server is unavailable: {e}", 503, "gpu_unavailable")
+    if isinstance(e, LinkRefused):
+        return ServingError(f"the GPU server refused this runner's link: {e}", 503, "gpu_link_refused")
+    if isinstance(e, IntegrityError):
+        return ServingError(f"the GPU server's result failed its integrity check: {e}", 502, "integrity")
+    if isinstance(e, ModelMismatch):
+        return ServingError(str(e), 502, "model_mismatch")
     if isinstance(e, RemoteError):
         return ServingError(f"the GPU server refused a request: {e}", 502, f"gpu_{e.code}")
     if isinstance(e, ProtocolError):

@@ -24,6 +24,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import processors
 
+from teesplit.errors import UsageError
+
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = (
@@ -39,11 +41,11 @@ SPECIAL_TOKEN_NAMES = (
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UsageError):
     """The model directory's tokenizer files are missing or unusable."""
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UsageError):
     """The model has no chat template, or the template rejected the conversation."""
 
 

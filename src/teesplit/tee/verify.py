@@ -39,7 +39,7 @@ Which results are checked, and how:
   rounding and its norm unknown, and the tolerance tens of times looser: a 1e-3 change of the
   largest output then went unnoticed about once in a hundred.)
 
-When: CheckedClient defers the checks of a forward pass to its LM-head reply and runs them
+When: VerifiedPort defers the checks of a forward pass to its LM-head reply and runs them
 there (`Verifier.check_pass`), before the logits reach the sampler. The fingerprints carry a
 leading axis over layers, so the same check of all layers is one batched product: about ten
 numpy calls per kind of result instead of twenty per result, which is most of what checking
@@ -63,13 +63,15 @@ from typing import Any
 
 import numpy as np
 
+from teesplit.errors import UsageError
 from teesplit.tee.checkpoint import COMPUTE_DTYPES, IntegrityError, TrustedCheckpoint
-from teesplit.tee.client import GPUClient, InitResult
+from teesplit.tee.client import GPUClient
+from teesplit.tee.port import InitResult
 
 __all__ = [
     "IntegrityError",
     "Verifier",
-    "CheckedClient",
+    "VerifiedPort",
     "VERIFIED_PLANS",
     "RING_VERIFIED_PLANS",
     "LAMBDA",
@@ -701,70 +703,107 @@ class Verifier:
         )
 
 
-class CheckedClient(GPUClient):
-    """A GPUClient that takes the norm weights and RoPE parameters from the runner's own
-    checkpoint (refusing an Init that differs) and, with `verify`, checks every result.
+class VerifiedPort:
+    """A port (`tee.port.GPUPort`) that wraps a GPUClient: it takes the norm weights and RoPE
+    parameters from the runner's own checkpoint (refusing an Init that differs) and, with
+    `verify`, checks every result.
 
     The checks of a forward pass wait for its logits: they run (`flush`), batched across
-    layers, while the server computes the LM head, and the LM head's own check follows its
-    reply, all before the logits reach the sampler; so a failed check still stops the
-    generation before any token computed from a lie is emitted. An RPC that
-    fails while checks wait runs them first, so a lie that made the failure is named as such.
-    Results stay referenced until their check: the model never writes into a reply or an
-    input it sent (every trusted op returns a new array)."""
+    layers, while the server computes the LM head (the client runs them once that request is
+    out), and the LM head's own check follows its reply, all before the logits reach the
+    sampler; so a failed check still stops the generation before any token computed from a lie
+    is emitted. A call that fails while checks wait runs them first, so a lie that made the
+    failure is named as such. Results stay referenced until their check: the model never writes
+    into a reply or an input it sent (every trusted op returns a new array)."""
+
+    private = False
 
     def __init__(
         self,
-        transport,
-        wire_dtype: str = "float32",
-        retries: int = 0,
+        inner: GPUClient,
         *,
         checkpoint: TrustedCheckpoint,
         verify: bool = False,
         vectors: int = VECTORS,
         seed: int | None = None,
         progress=None,
+        verifier: Verifier | None = None,
     ):
-        if verify and wire_dtype != "float32":
-            raise ValueError(f"--verify needs float32 on the wire (got --wire-dtype {wire_dtype})")
-        super().__init__(transport, wire_dtype, retries)
+        if verify and inner.wire_dtype != "float32":
+            raise UsageError(f"--verify needs float32 on the wire (got --wire-dtype {inner.wire_dtype})")
+        self.inner = inner
         self.checkpoint = checkpoint
         self.verify = verify
-        self.f32_results = verify
+        inner.f32_results = verify  # float32 results: the only honest error left is float32's
         self._vectors, self._seed, self._progress = vectors, seed, progress
-        self.verifier: Verifier | None = None
+        self.verifier = verifier  # made at init() for the server's compute dtype, unless given
         self._sessions: dict[int, SessionState] = {}
         self._pending: list[Pending] = []  # results of the current forward pass, not yet checked
         self._pending_bytes = 0
-        self._layer: int | None = None  # the layer of the last Linear, to name a Matmul's layer
-        self._matmuls = 0
         self.ring_verifier = None  # the private plans' exact check (tee/ring_verify.py), set by them
 
+    # ---- what the port is, taken from the client it wraps ---------------------------------
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def metrics(self):
+        return self.inner.metrics
+
+    @property
+    def retried(self) -> int:
+        return self.inner.retried
+
+    @property
+    def address(self) -> str:
+        return self.inner.address
+
+    @property
+    def wire_dtype(self) -> str:
+        return self.inner.wire_dtype
+
+    @wire_dtype.setter
+    def wire_dtype(self, value: str) -> None:
+        if self.verify and value != "float32":
+            raise UsageError("--verify needs float32 on the wire")
+        self.inner.wire_dtype = value
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def ping(self, payload_bytes: int = 0, reply_bytes: int = 0) -> float:
+        """The link's round trip (`--plan auto` measures it); nothing to check."""
+        return self.inner.ping(payload_bytes, reply_bytes)
+
     def init(self) -> InitResult:
-        res = super().init()
+        res = self._rpc(self.inner.init)
         ck = self.checkpoint
         ck.check_init(res.config, res.norms, res.biases, res.dtype)
-        if self.verify and self.verifier is None:
+        if self.verify and (self.verifier is None or self.verifier.dtype != COMPUTE_DTYPES[res.dtype]):
             self.verifier = Verifier(ck, res.dtype, self._vectors, self._seed, self._progress)
         # From here on the model runs on the runner's own values (equal, as just checked).
         return InitResult(ck.config, ck.norms(), ck.biases(COMPUTE_DTYPES[res.dtype]), res.dtype)
 
+    # ---- the checks' queue ---------------------------------------------------------------
     def flush(self) -> None:
         """Check every result received since the last flush (raises IntegrityError)."""
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         if pending:
             self.verifier.check_pass(pending)
 
-    def call(self, op, args=None, tensors=(), sid=None):
+    def _rpc(self, fn, *args, **kwargs):
+        """One call of the wrapped client; if it fails while checks wait, they run first, so a
+        lie received earlier, and perhaps the cause, is reported first."""
         try:
-            return super().call(op, args, tensors, sid)
+            return fn(*args, **kwargs)
         except Exception:
             if self._pending:
-                self.flush()  # a lie received earlier, and perhaps the cause, is reported first
+                self.flush()
             raise
 
     def _check(self, op: str, layer: int | None, *payload) -> None:
-        if self.verifier:
+        if self.verify:
             self._pending.append((op, layer, payload))
             self._pending_bytes += _arrays_nbytes(payload)
             if self._pending_bytes > PENDING_BYTES:  # a long prefill: check what came so far
@@ -772,49 +811,41 @@ class CheckedClient(GPUClient):
 
     # ---- checked operations ----------------------------------------------------------------
     def embedding(self, ids: np.ndarray) -> np.ndarray:
-        x = super().embedding(ids)
+        x = self._rpc(self.inner.embedding, ids)
         self._check("Embedding", None, np.array(ids, np.int64), x)
         return x
 
     def linear(self, layer: int, module: str, x: np.ndarray) -> np.ndarray:
-        y = super().linear(layer, module, x)
-        self._layer, self._matmuls = layer, 0
+        y = self._rpc(self.inner.linear, layer, module, x)
         self._check("Linear", layer, module, x, y)
         return y
 
-    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        c = super().matmul(a, b)
-        if self.verifier:
-            what = "QKᵀ" if self._matmuls % 2 == 0 else "PV"
-            self._matmuls += 1
-            self._check("Matmul", self._layer, a, b, c, what)
+    def matmul(self, a: np.ndarray, b: np.ndarray, *, layer: int | None = None, what: str = "") -> np.ndarray:
+        c = self._rpc(self.inner.matmul, a, b, layer=layer, what=what)
+        self._check("Matmul", layer, a, b, c, what)
         return c
 
     def ring_linear(self, layer: int, site: str, x: np.ndarray, out_features: int) -> np.ndarray:
         """The private plans' masked product, checked over Z_2^64 against the input sent."""
         if self.verify and self.ring_verifier is None:
             raise ValueError("--verify: a ring product needs the private plan's verifier (tee/private.py)")
-        y = super().ring_linear(layer, site, x, out_features)
+        y = self.inner.ring_linear(layer, site, x, out_features)
         if self.ring_verifier is not None:
             self.ring_verifier.check(layer, site, x, y, self.address)
         return y
 
-    def lm_head(self, x: np.ndarray) -> np.ndarray:
-        if not self.verifier:
-            return super().lm_head(x)
-        transport = self.transport  # the pass's checks run while the server computes the logits
-        self.transport = _ThenCheck(transport, self.flush)
-        try:
-            y = super().lm_head(x)
-        finally:
-            self.transport = transport
+    def lm_head(self, x: np.ndarray, after_send=None) -> np.ndarray:
+        if not self.verify:
+            return self.inner.lm_head(x, after_send)
+        # The pass's checks run while the server computes the logits.
+        y = self._rpc(self.inner.lm_head, x, after_send=self.flush)
         self._check("LMHead", None, x, y)
         self.flush()  # the end of a forward pass: nothing reaches the sampler unchecked
         return y
 
     def lm_head_top_k(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if not self.verifier:
-            return super().lm_head_top_k(x, k)
+        if not self.verify:
+            return self.inner.lm_head_top_k(x, k)
         logits = self.lm_head(x)  # top-k values cannot be checked: fetch the row, check it, reduce
         ids = top_k_ids(logits, k)
         return np.take_along_axis(logits, ids, axis=-1), ids
@@ -822,97 +853,75 @@ class CheckedClient(GPUClient):
     def qkv(
         self, layer: int, x: np.ndarray, sid: int | None = None, pos: np.ndarray | None = None
     ) -> np.ndarray:
-        if not self.verifier or sid is None:
-            y = super().qkv(layer, x, sid, pos)
-            self._layer = layer
+        if not self.verify or sid is None:
+            y = self._rpc(self.inner.qkv, layer, x, sid, pos)
             self._check("QKV", layer, x, y)
             return y
         # With a session and f32 the server returns v as well as writing it: checked with q|k
         # against the q|k|v fingerprint, it feeds AttnOut's check; the model gets q|k only.
         c = self.config
         pos = np.array(pos, np.int64)
-        width = c.q_dim + 2 * c.kv_dim
-        y = self._call_one("QKV", {"layer": layer}, (self._wire(x), pos), (*x.shape[:-1], width), sid)
-        self._layer = layer
+        y = self._rpc(self.inner.qkv, layer, x, sid, pos, with_v=True)
         self._check("QKV+v", layer, self._sessions[sid], pos, x, y)
         return y[..., : c.q_dim + c.kv_dim]
 
     def gate_up(self, layer: int, x: np.ndarray) -> np.ndarray:
-        y = super().gate_up(layer, x)
+        y = self._rpc(self.inner.gate_up, layer, x)
         self._check("GateUp", layer, x, y)
         return y
 
     def attn_scores(self, sid, layer, q, k, pos, r=None) -> np.ndarray:
-        if self.verifier and r is not None:
-            raise ValueError("--verify does not support the merged plans")
-        scores = super().attn_scores(sid, layer, q, k, pos, r)
-        if self.verifier:
+        if self.verify and r is not None:
+            raise UsageError("--verify does not support the merged plans")
+        scores = self._rpc(self.inner.attn_scores, sid, layer, q, k, pos, r)
+        if self.verify:
             self._check("AttnScores", layer, self._sessions[sid], q, k, np.array(pos, np.int64), scores)
         return scores
 
     def attn_out(self, sid: int, layer: int, p: np.ndarray) -> np.ndarray:
-        o = super().attn_out(sid, layer, p)
-        if self.verifier:
+        o = self._rpc(self.inner.attn_out, sid, layer, p)
+        if self.verify:
             self._check("AttnOut", layer, self._sessions[sid], p, o)
         return o
 
     def open_session(self, batch: int, max_tokens: int) -> int:
-        if not self.verify:
-            return super().open_session(batch, max_tokens)
-        res, _ = self.call("OpenSession", {"batch": batch, "max_tokens": max_tokens})
-        sid = res.get("sid")
-        if type(sid) is not int:
-            from teesplit.protocol import ProtocolError
-
-            raise ProtocolError("OpenSession: reply lacks a session id")
-        self._sessions[sid] = self.verifier.open_session(batch, max_tokens)
+        sid = self._rpc(self.inner.open_session, batch, max_tokens)
+        if self.verify:
+            self._sessions[sid] = self.verifier.open_session(batch, max_tokens)
         return sid
 
     def close_session(self, sid: int) -> None:
         state = self._sessions.pop(sid, None)
         if state is not None:  # an unfinished pass's results on it: nothing was emitted from them
             self._pending = [p for p in self._pending if not (p[0] in _STATEFUL and p[2][0] is state)]
-            self._pending_bytes = sum(
-                a.nbytes for p in self._pending for a in p[2] if isinstance(a, np.ndarray)
-            )
-        super().close_session(sid)
+            self._pending_bytes = sum(_arrays_nbytes(p[2]) for p in self._pending)
+        self._rpc(self.inner.close_session, sid)
 
-    def _unverifiable(self, *args, **kwargs):
-        raise ValueError(f"--verify supports the plans {', '.join(VERIFIED_PLANS)}, not the merged plans")
+    # ---- the merged plans: their results cannot be checked; without --verify they pass through
+    # (the trusted-parameter check still applies to them) ------------------------------------
+    def _unchecked(self):
+        if self.verify:
+            raise UsageError(f"--verify supports the plans {', '.join(VERIFIED_PLANS)}, not the merged plans")
+        return self.inner
 
-    def embed_qkv(self, *args, **kwargs):
-        return self._unverifiable() if self.verify else super().embed_qkv(*args, **kwargs)
+    def embed_qkv(self, ids, sid=None, pos=None):
+        return self._unchecked().embed_qkv(ids, sid, pos)
 
-    def down_qkv(self, *args, **kwargs):
-        return self._unverifiable() if self.verify else super().down_qkv(*args, **kwargs)
+    def down_qkv(self, layer, m, x, sid=None, pos=None):
+        return self._unchecked().down_qkv(layer, m, x, sid, pos)
 
-    def down_lm_head(self, *args, **kwargs):
-        return self._unverifiable() if self.verify else super().down_lm_head(*args, **kwargs)
+    def down_lm_head(self, m, x, rows, top_k):
+        return self._unchecked().down_lm_head(m, x, rows, top_k)
 
-    def o_gate_up(self, *args, **kwargs):
-        return self._unverifiable() if self.verify else super().o_gate_up(*args, **kwargs)
+    def o_gate_up(self, layer, a, x):
+        return self._unchecked().o_gate_up(layer, a, x)
 
-    def attn_out_gate_up(self, *args, **kwargs):
-        return self._unverifiable() if self.verify else super().attn_out_gate_up(*args, **kwargs)
+    def attn_out_gate_up(self, sid, layer, p, x):
+        return self._unchecked().attn_out_gate_up(sid, layer, p, x)
 
 
 def _arrays_nbytes(payload: tuple) -> int:
     return sum(a.nbytes for a in payload if isinstance(a, np.ndarray))
-
-
-class _ThenCheck:
-    """A transport whose send() runs the waiting checks once the request is out, so they
-    overlap the server's work on it (the LM head, the longest product of a pass)."""
-
-    def __init__(self, transport, check):
-        self._transport, self._check = transport, check
-
-    def send(self, frames: list) -> None:
-        self._transport.send(frames)
-        self._check()
-
-    def __getattr__(self, name: str):
-        return getattr(self._transport, name)
 
 
 def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:

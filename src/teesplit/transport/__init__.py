@@ -8,18 +8,37 @@ sides.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
 
-class GPUServerUnavailable(ConnectionError):
-    """The GPU server did not answer in time or could not be reached.
+from teesplit.transport.errors import ConnectionLost, GPUServerUnavailable, LinkRefused
 
-    Raised by a transport for one failed try, and by `GPUClient.call` once every try of a
-    request has failed (its message then names the address and the tries)."""
-
-
-class ConnectionLost(GPUServerUnavailable):
-    """The connection dropped while a reply was awaited: that try has failed, stop waiting."""
+__all__ = ["ConnectionLost", "GPUServerUnavailable", "LinkRefused", "open_transport"]
 
 
-class LinkRefused(ConnectionError):
-    """The security handshake failed (unknown runner key, wrong server key, CURVE on one side
-    only): retrying cannot help, so this is not a GPUServerUnavailable."""
+def open_transport(
+    address: str,
+    timeout_s: float,
+    curve=None,
+    local: Callable[[Sequence[Any]], list] | None = None,
+):
+    """The transport for a server address: `local` (the GPU service in this process: `local`
+    is its request handler), shm://NAME (same host), else tcp:// or ipc:// (with the runner's
+    CURVE keys `curve`, a `teesplit.transport.curve.CurveClient`, if any)."""
+    if address == "local":
+        if local is None:
+            raise ValueError("--server local needs the GPU service in this process")
+        from teesplit.transport.local import LocalTransport
+
+        return LocalTransport(local)
+    if curve is not None and address.startswith("shm://"):
+        from teesplit.errors import UsageError
+
+        raise UsageError("CURVE secures tcp:// and ipc:// links; shm:// never leaves this host")
+    if address.startswith("shm://"):
+        from teesplit.transport.shm import ShmTransport
+
+        return ShmTransport(address, timeout_s=timeout_s)
+    from teesplit.transport.zmq import ZmqTransport
+
+    return ZmqTransport(address, timeout_s=timeout_s, curve=curve)

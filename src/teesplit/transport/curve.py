@@ -17,8 +17,10 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from teesplit.errors import UsageError
 
-class CurveError(ValueError):
+
+class CurveError(UsageError):
     """A key file is missing or malformed, or CURVE is not available in this libzmq."""
 
 

@@ -75,8 +75,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from teesplit.errors import UsageError
 from teesplit.protocol import ProtocolError
-from teesplit.transport import ConnectionLost, GPUServerUnavailable
+from teesplit.transport.errors import ConnectionLost, GPUServerUnavailable
 
 SCHEME = "shm://"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,80}")
@@ -118,10 +119,10 @@ class ShmError(Exception):
 def socket_name(address: str) -> bytes:
     """shm://NAME -> the abstract unix-socket address (leading NUL: no file is created)."""
     if not address.startswith(SCHEME):
-        raise ValueError(f"not a shared-memory address: {address!r} (use shm://NAME)")
+        raise UsageError(f"not a shared-memory address: {address!r} (use shm://NAME)")
     name = address[len(SCHEME) :]
     if not NAME_PATTERN.fullmatch(name):
-        raise ValueError(
+        raise UsageError(
             f"bad shared-memory name {name!r}: use 1 to 80 letters, digits, '.', '_' or '-' (shm://NAME)"
         )
     return b"\0teesplit-shm:" + name.encode()

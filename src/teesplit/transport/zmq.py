@@ -20,7 +20,8 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from teesplit.transport import ConnectionLost, GPUServerUnavailable, LinkRefused
+from teesplit.errors import UsageError
+from teesplit.transport.errors import ConnectionLost, GPUServerUnavailable, LinkRefused
 
 SCHEMES = ("tcp://", "ipc://", "inproc://")
 # Replies faster than this are received with one blocking call (the hot path: ~100 round
@@ -58,7 +59,7 @@ class ZmqTransport:
     def __init__(self, address: str, timeout_s: float = 60.0, max_message_bytes: int = -1, curve=None):
         """`curve`: a `teesplit.transport.curve.CurveClient` to encrypt and authenticate the link."""
         if not address.startswith(SCHEMES):
-            raise ValueError(f"unsupported address {address!r}: use tcp://HOST:PORT or ipc://PATH")
+            raise UsageError(f"unsupported address {address!r}: use tcp://HOST:PORT or ipc://PATH")
         self.address = address
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from teesplit.bench import Progress, Settings
+    from teesplit.bench.common import Progress, Settings
 
 
 @dataclass
@@ -39,7 +39,7 @@ class SectionContext:
     def baseline(self) -> dict[str, Any]:
         """bench.measure_baseline's figures: ["decode"]["ms_per_token"], ["contexts"][c], ..."""
         if self._baseline is None:
-            from teesplit.bench import measure_baseline
+            from teesplit.bench.common import measure_baseline
 
             self._baseline = measure_baseline(
                 self.model_dir, self.settings, self.prompt, self.vocab, self.log, batches=False

@@ -12,31 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from teesplit.benchsections import Section, SectionContext
+from teesplit.bench.sections import Section, SectionContext
 
 PLANS = ("v3-fused", "v2-fused")
 TARGET_OVERHEAD = 0.10  # decode ms/token with --verify at most 10% above unverified
 
 
-def _client(endpoint, verify_with=None):
-    """A plain GPUClient, or with `verify_with` (a TrustedCheckpoint) a verifying one."""
-    if verify_with is None:
-        return endpoint.connect()
-    from teesplit.tee.verify import CheckedClient
-
-    if endpoint.kind == "local":
-        from teesplit.transport.local import LocalTransport
-
-        transport = LocalTransport(endpoint.handler.handle)
-    else:
-        from teesplit.transport.zmq import ZmqTransport
-
-        transport = ZmqTransport(endpoint.address, timeout_s=endpoint.s.timeout_s)
-    return CheckedClient(transport, checkpoint=verify_with, verify=True)
-
-
 def _median_ms(model, prompt: list[int], n_new: int, repeats: int) -> tuple[float, list[int], dict]:
-    from teesplit.bench import split_profile
+    from teesplit.bench.common import split_profile
 
     runs = [split_profile(model, prompt, n_new) for _ in range(repeats)]
     per_run = [p.mean_ms() for p in runs]
@@ -57,25 +40,21 @@ def _prefill_check_s(model, prompt: list[int]) -> float:
 
 
 def measure(ctx: SectionContext) -> dict[str, Any]:
-    from teesplit.bench import Endpoint, running
-    from teesplit.tee.checkpoint import TrustedCheckpoint
-    from teesplit.tee.model import TEELlamaModel
+    from teesplit.bench.common import Endpoint, running
     from teesplit.tee.plans import get_plan
 
     s = ctx.settings
     prompt = ctx.prompt[: s.contexts[0]]
-    checkpoint = TrustedCheckpoint(ctx.model_dir)
     kind = "ipc" if "ipc" in s.transports else s.transports[0]
     rows: dict[str, Any] = {}
     with running(Endpoint(kind, ctx.model_dir, s, ctx.tmp)) as endpoint:
         for name in PLANS:
             plan = get_plan(name)
-            plain = TEELlamaModel(_client(endpoint), plan)
+            plain = endpoint.model(name)
             _median_ms(plain, prompt, 3, 1)  # first-call allocations
             ms, tokens, step = _median_ms(plain, prompt, s.new_tokens, s.repeats)
-            client = _client(endpoint, checkpoint)
-            checked = TEELlamaModel(client, plan)  # Init: checks it and builds the fingerprints
-            v = client.verifier
+            checked = endpoint.model(name, verify=True)  # Init: checks it and builds the fingerprints
+            v = checked.gpu.verifier
             _median_ms(checked, prompt, 3, 1)
             prefill_check_s = _prefill_check_s(checked, prompt)
             checks0, check_s0 = v.stats.checks, v.stats.check_s
@@ -110,7 +89,7 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
                 f"{v.stats.setup_s:.2f} s, fingerprints {v.stats.fingerprint_bytes / 2**20:.1f} MiB"
             )
             plain.gpu.close()
-            client.close()
+            checked.gpu.close()
     return {"plans": rows, "quick": s.quick}
 
 
@@ -141,7 +120,7 @@ def render(data: dict[str, Any]) -> list[str]:
 
 
 def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
-    from teesplit.bench import target
+    from teesplit.bench.common import target
 
     out = []
     for name, r in data["plans"].items():

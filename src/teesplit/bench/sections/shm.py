@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from teesplit.benchsections import Section, SectionContext
+from teesplit.bench.sections import Section, SectionContext
 
 KINDS = ("shm", "ipc", "tcp")
 PLANS = ("v3-fused", "v2-fused")
@@ -36,7 +36,7 @@ def ping_stats(client, count: int, warm: int) -> dict[str, float]:
 
 
 def measure(ctx: SectionContext) -> dict[str, Any]:
-    from teesplit.bench import Endpoint, measure_plan, running
+    from teesplit.bench.common import Endpoint, measure_plan, running
 
     s = ctx.settings
     count, warm = (300, 50) if s.quick else (5000, 500)
@@ -99,7 +99,7 @@ def render(d: dict[str, Any]) -> list[str]:
 
 
 def targets(d: dict[str, Any]) -> list[dict[str, Any]]:
-    from teesplit.bench import target
+    from teesplit.bench.common import target
 
     ping = d.get("ping", {}).get("shm")
     med = ping and ping["median_us"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from teesplit.benchsections import Section, SectionContext
+from teesplit.bench.sections import Section, SectionContext
 
 PLANS = ("v2-fused", "private-otp", "private-2party")
 
@@ -33,11 +33,8 @@ def _offline_pad_ms(lw, tokens: int) -> tuple[float, int]:
 
 
 def measure(ctx: SectionContext) -> dict[str, Any]:
-    from teesplit.bench import Endpoint, running, split_profile
+    from teesplit.bench.common import Endpoint, running, split_profile
     from teesplit.tee.local_weights import load_local_weights
-    from teesplit.tee.model import TEELlamaModel
-    from teesplit.tee.plans import get_plan
-    from teesplit.tee.private import private_gpu
 
     s = dataclasses.replace(ctx.settings, dtype="float32")  # the ring products need float32 weights
     n_new = max(3, 4 if s.quick else s.new_tokens)
@@ -50,11 +47,10 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
     with running(a), running(b):
         for plan in PLANS:
             ctx.log(f"private: {plan}, {len(prompt)} prompt tokens, {n_new} new")
-            clients = [a.connect()] + ([b.connect()] if plan == "private-2party" else [])
             pool_depth = len(prompt) + n_new + 1
-            gpu = private_gpu(plan, lw, clients, pool_depth) if plan != "v2-fused" else clients[0]
+            model = a.model(plan, (b,) if plan == "private-2party" else (), pad_pool=pool_depth)
+            gpu = model.gpu
             try:
-                model = TEELlamaModel(gpu, get_plan(plan))
                 if plan == "private-otp":
                     gpu.pool.wait_full(600)  # online cost only: the pads are made ahead
                 split_profile(model, prompt[:8], 2)  # warm-up (server-side ring weights)
@@ -134,7 +130,7 @@ def render(d: dict[str, Any]) -> list[str]:
 
 
 def targets(d: dict[str, Any]) -> list[dict[str, Any]]:
-    from teesplit.bench import target
+    from teesplit.bench.common import target
 
     return [
         target(

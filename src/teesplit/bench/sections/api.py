@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from teesplit.benchsections import Section, SectionContext
+from teesplit.bench.sections import Section, SectionContext
 
 CLIENTS = (1, 4, 8)
 PLAN = "v2-merged"  # the API's default plan (trusted-side KV cache: rows join and leave freely)
@@ -29,7 +29,7 @@ PROMPT_TOKENS = 32
 
 
 def measure(ctx: SectionContext) -> dict[str, Any]:
-    from teesplit.bench import Endpoint, batch_prompts, running
+    from teesplit.bench.common import Endpoint, batch_prompts, running
 
     if not (ctx.model_dir / "tokenizer.json").exists():
         return {"skipped": f"{ctx.model_dir.name} has no tokenizer.json (the API needs one)"}
@@ -62,12 +62,10 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
 def _cli_run(endpoint, prompts: list[list[int]], new: int) -> dict[str, Any]:
     """One Generator (own connection) per client, all at once: the CLI path's concurrency."""
     from teesplit.tee.generate import Generator, SamplingParams
-    from teesplit.tee.model import TEELlamaModel
-    from teesplit.tee.plans import get_plan
 
-    clients = [endpoint.connect() for _ in prompts]
+    models = [endpoint.model(PLAN) for _ in prompts]
     try:
-        gens = [Generator(TEELlamaModel(c, get_plan(PLAN)), None, eos_token_ids=set()) for c in clients]
+        gens = [Generator(m, None, eos_token_ids=set()) for m in models]
         gens[0].generate(prompts[0], SamplingParams(max_new_tokens=2))  # warm-up
         results: list[Any] = [None] * len(prompts)
 
@@ -76,8 +74,8 @@ def _cli_run(endpoint, prompts: list[list[int]], new: int) -> dict[str, Any]:
 
         wall = _together([lambda i=i: go(i) for i in range(len(prompts))])
     finally:
-        for c in clients:
-            c.close()
+        for m in models:
+            m.gpu.close()
     if any(r is None for r in results):
         raise RuntimeError("a CLI runner failed")
     ttft = [r.stats["prefill"]["time_s"]["total"] for r in results]
@@ -161,7 +159,7 @@ class _APIChild:
     """`teesplit api` in a child process, on a free port."""
 
     def __init__(self, model_dir: Path, server: str, log_path: Path, tee_threads: int, timeout_s: float):
-        from teesplit.cli import free_tcp_port, start_api
+        from teesplit.launch import free_tcp_port, start_api
 
         self.port = free_tcp_port()
         args = ["--server", server, "--model", str(model_dir), "--plan", PLAN, "--served-model-name", "bench"]
@@ -179,7 +177,7 @@ class _APIChild:
             raise RuntimeError(f"{e} (log: {log_path})") from None
 
     def stop(self) -> None:
-        from teesplit.cli import stop_server
+        from teesplit.launch import stop_server
 
         stop_server(self.proc, grace_s=30)
         self.log.close()
@@ -207,7 +205,7 @@ def render(data: dict[str, Any]) -> list[str]:
 
 
 def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
-    from teesplit.bench import target
+    from teesplit.bench.common import target
 
     rows = {r["clients"]: r for r in data.get("rows", [])}
     most = rows.get(max(CLIENTS))

@@ -1,0 +1,300 @@
+"""The one builder: settings -> connection(s) -> port -> model (TRUSTED side).
+
+Every entry point builds its runner here: `teesplit generate`, `api` and `chat`, the Python
+`teesplit.Runner`, the benchmark and the tests. So a protection added here reaches every path:
+
+1. settings are checked before anything connects (`RunnerSettings.check`);
+2. the runner's own checkpoint is put in charge once (`Assembly.__init__`): pinned files are
+   hashed (`--weights-sha256`, `--weights-manifest`), and when the model directory holds
+   weights the port takes norm weights and RoPE parameters from them and refuses an Init that
+   differs (the trusted-parameter check); `--verify` checks every result against fingerprints
+   of them. A directory with the tokenizer only runs unchecked, with a warning;
+3. each `connect()` opens the connection(s) (ZeroMQ with CURVE keys, shm, or the GPU service
+   in this process), wraps them in the port the plan needs (plain, verified, or private over
+   one or two servers), checks that the server serves the local model, picks the plan for
+   `--plan auto` from a measurement of the link, and returns the model. The API calls it again
+   after the server was unreachable.
+
+numpy only: the GPU service for `--server local` is handed in by the caller (`local`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from teesplit.config import ModelConfig
+from teesplit.errors import UsageError
+from teesplit.protocol import WIRE_DTYPES
+from teesplit.tee.client import GPUClient
+from teesplit.tee.model import TEELlamaModel
+from teesplit.tee.plans import Plan, get_plan
+from teesplit.transport import open_transport
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+# What a model has to agree on with the server that serves it (the tokenizer is local).
+SAME_MODEL_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+
+# connection index -> the request handler of a GPU service in this process (--server local)
+LocalFactory = Callable[[int], Callable[[Sequence[Any]], list]]
+
+
+class ModelMismatch(UsageError):
+    """The GPU server serves another model than the runner's local copy."""
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """Everything that decides how a runner is built. Each field is one flag of `teesplit
+    generate`, `api` and `chat` (the same flags for all three)."""
+
+    model_dir: Path
+    servers: tuple[str, ...] = (DEFAULT_ADDRESS,)  # two for private-2party; "local": in this process
+    plan: str = "v3-fused"  # a plan name, or "auto"
+    wire_dtype: str | None = None  # None: float32 (or what --plan auto picks)
+    timeout_s: float = 60.0  # per reply
+    retries: int = 2  # resends of a request that got no reply
+    curve_secret: str | None = None  # this runner's NAME.key_secret
+    server_key: str | None = None  # the GPU server's public NAME.key
+    verify: bool = False
+    weights_sha256: str | None = None
+    weights_manifest: str | None = None
+    pad_pool: int = 32  # private-otp: pads made ahead, in tokens
+    connections: int = 1  # models over their own connections (--pipeline: 2)
+    device: str = "auto"  # --server local: the GPU service's device and dtype
+    dtype: str = "auto"
+    # --plan auto chooses for this many positions and top-k candidates per decode token.
+    auto_context: int = 384
+    auto_top_k: int | None = 1
+    log: Callable[[str], None] | None = field(default=None, compare=False)  # warnings, progress
+
+    @property
+    def plan_or_none(self) -> Plan | None:
+        return None if self.plan == "auto" else get_plan(self.plan)
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before anything is loaded or connected."""
+        plan = self.plan_or_none
+        want = plan.servers if plan is not None else 1
+        if len(self.servers) != want:
+            if want == 2:
+                raise UsageError(
+                    "plan private-2party needs two non-colluding GPU servers: --server A --server B"
+                )
+            raise UsageError(
+                f"plan {self.plan} talks to one GPU server; --server was given {len(self.servers)} times"
+            )
+        if self.wire_dtype is not None and self.wire_dtype not in WIRE_DTYPES:
+            raise UsageError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        private = plan is not None and plan.private is not None
+        if private and self.wire_dtype not in (None, "float32"):
+            raise UsageError(
+                f"the private plans send fixed-point ring elements (int64) on the wire; --wire-dtype "
+                f"{self.wire_dtype} does not apply to them (leave it unset)"
+            )
+        if self.verify:
+            from teesplit.tee.verify import RING_VERIFIED_PLANS, VERIFIED_PLANS
+
+            if plan is None or plan.name not in VERIFIED_PLANS + RING_VERIFIED_PLANS:
+                raise UsageError(
+                    f"--verify supports --plan {', '.join(VERIFIED_PLANS + RING_VERIFIED_PLANS)}"
+                )
+            if self.wire_dtype not in (None, "float32"):
+                raise UsageError("--verify needs float32 on the wire: drop --wire-dtype")
+        if (self.curve_secret is None) != (self.server_key is None):
+            raise UsageError(
+                "CURVE needs both --curve-secret FILE (this runner's NAME.key_secret) and --server-key FILE"
+            )
+        if self.curve_secret is not None and any(s.startswith("shm://") for s in self.servers):
+            raise UsageError("CURVE secures tcp:// and ipc:// links; shm:// never leaves this host")
+        if self.timeout_s <= 0 or self.retries < 0 or self.pad_pool < 0 or self.connections < 1:
+            raise UsageError("timeout must be > 0, retries and pad pool >= 0, connections >= 1")
+
+
+class Assembly:
+    """Builds models from one `RunnerSettings`; the checkpoint's trust is set up once."""
+
+    def __init__(self, settings: RunnerSettings, local: LocalFactory | None = None):
+        settings.check()
+        self.settings = s = settings
+        self.plan = s.plan_or_none
+        self._local = local
+        self._local_handles: dict[int, Callable] = {}  # connection index -> its in-process service
+        self._verifiers: dict[int, Any] = {}  # connection index -> fingerprints, kept across reconnects
+        self.choice = None  # what --plan auto picked at the last connect (tee.adaptive.Choice)
+        self.checkpoint = self._trusted_checkpoint()
+        self.curve = None
+        if s.curve_secret is not None:
+            from teesplit.transport.curve import CurveClient
+
+            self.curve = CurveClient.from_files(s.curve_secret, s.server_key)
+        self.local_weights = None
+        if self.plan is not None and self.plan.private is not None:  # embedding and pads from it
+            from teesplit.tee.local_weights import load_local_weights
+
+            self.local_weights = load_local_weights(s.model_dir)
+
+    def _say(self, message: str) -> None:
+        log = self.settings.log
+        if log is not None:
+            log(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def _trusted_checkpoint(self):
+        """The runner's own checkpoint, after its pins are checked; None when the model
+        directory holds no weights (tokenizer only): then the server's Init is taken unchecked,
+        and pins and --verify are refused."""
+        from teesplit.tee.checkpoint import TrustedCheckpoint, check_pins
+
+        s = self.settings
+        pinned = s.weights_sha256 is not None or s.weights_manifest is not None
+        if not TrustedCheckpoint.available(s.model_dir):
+            if pinned or s.verify:
+                raise UsageError(
+                    f"{s.model_dir} holds no weights (*.safetensors): --verify and weight pins need the "
+                    "checkpoint on the runner"
+                )
+            self._say(
+                f"warning: {s.model_dir} holds no weights; norm weights and RoPE parameters come from the "
+                "GPU server unchecked"
+            )
+            return None
+        if pinned:
+            manifest = Path(s.weights_manifest) if s.weights_manifest else None
+            names = check_pins(s.model_dir, s.weights_sha256, manifest)
+            self._say(f"checkpoint pinned: {', '.join(names)} match")
+        return TrustedCheckpoint(s.model_dir)
+
+    # ---- connections and ports --------------------------------------------------------------
+    def _client(self, index: int, address: str) -> GPUClient:
+        """A plain port on a fresh connection to `address` (connection `index`)."""
+        s = self.settings
+        local = None
+        if address == "local":
+            if self._local is None:
+                raise UsageError("--server local needs the GPU service in this process (torch)")
+            if index not in self._local_handles:
+                self._local_handles[index] = self._local(index)
+            local = self._local_handles[index]
+        transport = open_transport(address, s.timeout_s, self.curve, local=local)
+        return GPUClient(transport, s.wire_dtype or "float32", retries=s.retries)
+
+    def _port(self, index: int, address: str):
+        """The port for one connection: plain, or verified when the checkpoint is local."""
+        client = self._client(index, address)
+        if self.checkpoint is None:
+            return client
+        from teesplit.tee.verify import VerifiedPort
+
+        def progress(i: int, n: int) -> None:
+            if i == 0:
+                self._say(f"verify: fingerprinting {n} layers of {self.settings.model_dir.name} ...")
+
+        return VerifiedPort(
+            client,
+            checkpoint=self.checkpoint,
+            verify=self.settings.verify,
+            progress=progress,
+            verifier=self._verifiers.get(index),
+        )
+
+    def connect(self, auto_context: int | None = None, auto_top_k: int | None = -1) -> list[TEELlamaModel]:
+        """Fresh connection(s) and a model on each: one per `connections`, or one model over the
+        two servers of private-2party. `auto_context`, `auto_top_k`: what `--plan auto` chooses
+        for, when the caller knows better than the settings (the prompts' lengths)."""
+        s = self.settings
+        if self.plan is not None and self.plan.private is not None:
+            ports = [self._port(i, a) for i, a in enumerate(s.servers)]
+            try:
+                from teesplit.tee.private import private_gpu
+
+                gpu = private_gpu(self.plan.name, self.local_weights, ports, s.pad_pool)
+            except BaseException:
+                for p in ports:
+                    p.close()
+                raise
+            return [self._model(gpu, 0)]
+        models: list[TEELlamaModel] = []
+        try:
+            for i in range(s.connections):
+                models.append(self._model(self._port(i, s.servers[0]), i))
+        except BaseException:
+            for m in models:
+                m.gpu.close()
+            raise
+        if self.plan is None:
+            context = s.auto_context if auto_context is None else auto_context
+            top_k = s.auto_top_k if auto_top_k == -1 else auto_top_k
+            self.choice = choose_plan(models, context, top_k, s.wire_dtype, self._say)
+        return models
+
+    def _model(self, port, index: int) -> TEELlamaModel:
+        try:
+            model = TEELlamaModel(port, self.plan or get_plan("v2-fused"))
+            check_same_model(model.config, self.settings.model_dir)
+        except BaseException:
+            port.close()
+            raise
+        from teesplit.tee.verify import VerifiedPort
+
+        if isinstance(port, VerifiedPort) and port.verifier is not None:
+            self._verifiers[index] = port.verifier
+        return model
+
+
+def check_same_model(config: ModelConfig, model_dir: Path) -> None:
+    """The tokenizer is local, the weights are remote: refuse to mix two different models."""
+    local = ModelConfig.from_dir(model_dir)
+    for name in SAME_MODEL_FIELDS:
+        if getattr(local, name) != getattr(config, name):
+            raise ModelMismatch(
+                f"the GPU server serves a different model ({name}={getattr(config, name)!r}, local "
+                f"{model_dir} has {getattr(local, name)!r}); pass the server's model with --model"
+            )
+
+
+def choose_plan(
+    models: list[TEELlamaModel],
+    context: int,
+    top_k: int | None,
+    wire_dtype: str | None,
+    say: Callable[[str], None],
+):
+    """--plan auto: measure the link once, pick plan and wire dtype, apply to every model;
+    returns the choice (tee.adaptive.Choice)."""
+    from teesplit.tee.adaptive import choose
+
+    wires = (wire_dtype,) if wire_dtype else ("float32", "float16")
+    choice = choose(models[0].gpu, models[0].config, context, top_k, wires)
+    for m in models:
+        m.plan = choice.plan
+        m.gpu.wire_dtype = choice.wire_dtype
+    link = choice.link
+    say(
+        f"plan auto: link rtt {link.rtt_s * 1e6:.0f} µs, up {link.up_bytes_per_s / 1e6:.0f} MB/s, "
+        f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {choice.plan.name}, wire {choice.wire_dtype}"
+    )
+    return choice
+
+
+def port_stats(port) -> dict[str, Any]:
+    """What a port adds to the stats JSON: the private plans' pads, --verify's checks."""
+    out: dict[str, Any] = {}
+    pool = getattr(port, "pool", None)
+    if pool is not None:
+        out["pads"] = pool.stats()  # the trusted side's offline cost
+    verifier = getattr(port, "verifier", None)
+    if verifier is not None:
+        v = verifier.stats
+        out["verify"] = {
+            "checks": v.checks,
+            "by_op": dict(sorted(v.by_op.items())),
+            "check_s": v.check_s,
+            "setup_s": v.setup_s,
+            "fingerprint_bytes": v.fingerprint_bytes,
+        }
+    return out
