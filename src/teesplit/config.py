@@ -15,6 +15,29 @@ from typing import Any
 from teesplit.errors import UsageError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# ---- the one map from the model's parts to Hugging Face checkpoint tensor names -------------
+# Both sides read checkpoints by these names (and the benchmark writes its synthetic one by
+# them). They leave out the "model." prefix most checkpoints carry; the readers accept both.
+EMBED_TOKENS = "embed_tokens.weight"
+FINAL_NORM = "norm.weight"
+LM_HEAD_WEIGHT = "lm_head.weight"  # without the prefix in every checkpoint
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")  # before attention, before the MLP
+
+
+def linear_tensor(layer: int, module: str, part: str = "weight") -> str:
+    """The name of a layer's Linear weight (or bias), e.g. layers.3.self_attn.q_proj.weight."""
+    parent = "self_attn" if module in _ATTENTION_MODULES else "mlp"
+    return f"layers.{layer}.{parent}.{module}.{part}"
+
+
+def norm_tensor(layer: int, which: str) -> str:
+    """The name of a layer's RMSNorm weight; `which` is one of LAYER_NORMS."""
+    return f"layers.{layer}.{which}.weight"
+
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -50,6 +73,12 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def has_bias(self, module: str) -> bool:
+        """Whether the checkpoint holds a bias for this Linear (Qwen2's q/k/v, attention_bias, mlp_bias)."""
+        if module in ("q_proj", "k_proj", "v_proj"):
+            return self.qkv_bias
+        return self.o_bias if module == "o_proj" else self.mlp_bias
 
     @functools.cached_property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:

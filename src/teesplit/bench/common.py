@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from teesplit.config import EMBED_TOKENS, FINAL_NORM, LAYER_NORMS, LM_HEAD_WEIGHT, linear_tensor, norm_tensor
 from teesplit.tee.assemble import Assembly, RunnerSettings
 from teesplit.tee.client import GPUClient
 from teesplit.tee.model import TEELlamaModel
@@ -420,14 +421,12 @@ def make_tinyllama(path: Path, shape: dict[str, Any] | None = None) -> Path:
     cfg.save_pretrained(path)
     E, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     KV = cfg.num_key_value_heads * (E // cfg.num_attention_heads)
-    shapes = {"model.embed_tokens.weight": (V, E), "lm_head.weight": (V, E), "model.norm.weight": (E,)}
+    shapes = {f"model.{EMBED_TOKENS}": (V, E), LM_HEAD_WEIGHT: (V, E), f"model.{FINAL_NORM}": (E,)}
+    linear = {"q_proj": (E, E), "k_proj": (KV, E), "v_proj": (KV, E), "o_proj": (E, E)}
+    linear |= {"gate_proj": (F, E), "up_proj": (F, E), "down_proj": (E, F)}
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({f"{p}self_attn.{m}_proj.weight": (E, E) for m in "qo"})
-        shapes.update({f"{p}self_attn.{m}_proj.weight": (KV, E) for m in "kv"})
-        shapes.update({f"{p}mlp.{m}_proj.weight": (F, E) for m in ("gate", "up")})
-        shapes[f"{p}mlp.down_proj.weight"] = (E, F)
-        shapes.update({f"{p}{n}_layernorm.weight": (E,) for n in ("input", "post_attention")})
+        shapes.update({f"model.{linear_tensor(i, m)}": shape for m, shape in linear.items()})
+        shapes.update({f"model.{norm_tensor(i, which)}": (E,) for which in LAYER_NORMS})
     rng = np.random.default_rng(0)
     block = (rng.standard_normal(1 << 20, np.float32) * 0.02).astype(ml_dtypes.bfloat16).tobytes()
     ones = np.ones(max(E, F), ml_dtypes.bfloat16).tobytes()

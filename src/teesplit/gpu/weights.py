@@ -14,13 +14,16 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from teesplit.config import ModelConfig
+from teesplit.config import (
+    EMBED_TOKENS,
+    FINAL_NORM,
+    LAYER_NORMS,
+    LM_HEAD_WEIGHT,
+    ModelConfig,
+    linear_tensor,
+    norm_tensor,
+)
 from teesplit.errors import UsageError
-
-LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {
-    m: "self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp" for m in LAYER_MODULES
-}
 
 
 class CheckpointError(UsageError):
@@ -125,19 +128,13 @@ def _take(raw: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> tor
 
 def _assemble(config: ModelConfig, raw: dict[str, torch.Tensor]) -> Weights:
     E, V = config.hidden_size, config.vocab_size
-    has_bias = {
-        **dict.fromkeys(("q_proj", "k_proj", "v_proj"), config.qkv_bias),
-        "o_proj": config.o_bias,
-        **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), config.mlp_bias),
-    }
     layers = []
     for i in range(config.num_layers):
         weight, bias = {}, {}
         for m, shape in config.linear_shapes.items():
-            prefix = f"layers.{i}.{_PARENT[m]}.{m}"
-            weight[m] = _take(raw, f"{prefix}.weight", shape)
-            if has_bias[m]:
-                bias[m] = _take(raw, f"{prefix}.bias", shape[:1])
+            weight[m] = _take(raw, linear_tensor(i, m), shape)
+            if config.has_bias(m):
+                bias[m] = _take(raw, linear_tensor(i, m, "bias"), shape[:1])
         qkv_weight, qkv_bias = _fuse(weight, bias, ("q_proj", "k_proj", "v_proj"))
         gate_up_weight, gate_up_bias = _fuse(weight, bias, ("gate_proj", "up_proj"))
         layers.append(
@@ -148,15 +145,15 @@ def _assemble(config: ModelConfig, raw: dict[str, torch.Tensor]) -> Weights:
                 qkv_bias=qkv_bias,
                 gate_up_weight=gate_up_weight,
                 gate_up_bias=gate_up_bias,
-                input_norm=_take(raw, f"layers.{i}.input_layernorm.weight", (E,)),
-                post_attention_norm=_take(raw, f"layers.{i}.post_attention_layernorm.weight", (E,)),
+                input_norm=_take(raw, norm_tensor(i, LAYER_NORMS[0]), (E,)),
+                post_attention_norm=_take(raw, norm_tensor(i, LAYER_NORMS[1]), (E,)),
             )
         )
-    embed = _take(raw, "embed_tokens.weight", (V, E))
-    norm = _take(raw, "norm.weight", (E,))
+    embed = _take(raw, EMBED_TOKENS, (V, E))
+    norm = _take(raw, FINAL_NORM, (E,))
     if config.tie_word_embeddings:
-        raw.pop("lm_head.weight", None)
+        raw.pop(LM_HEAD_WEIGHT, None)
         lm_head = embed
     else:
-        lm_head = _take(raw, "lm_head.weight", (V, E))
+        lm_head = _take(raw, LM_HEAD_WEIGHT, (V, E))
     return Weights(config=config, embed=embed, layers=layers, norm=norm, lm_head=lm_head)

@@ -23,7 +23,15 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from teesplit.config import ModelConfig
+from teesplit.config import (
+    EMBED_TOKENS,
+    FINAL_NORM,
+    LAYER_NORMS,
+    LM_HEAD_WEIGHT,
+    ModelConfig,
+    linear_tensor,
+    norm_tensor,
+)
 from teesplit.errors import UsageError
 
 _ST_DTYPES = {
@@ -180,26 +188,21 @@ class TrustedCheckpoint:
         L = self.config.num_layers
         rows = []
         for i in range(L):
-            rows.append(self.tensor(f"layers.{i}.input_layernorm.weight"))
-            rows.append(self.tensor(f"layers.{i}.post_attention_layernorm.weight"))
-        rows.append(self.tensor("norm.weight"))
+            rows += [self.tensor(norm_tensor(i, which)) for which in LAYER_NORMS]
+        rows.append(self.tensor(FINAL_NORM))
         return np.stack(rows)
 
     def linear(self, layer: int, module: str, dtype) -> tuple[np.ndarray, np.ndarray | None]:
         """(weight (N, K), bias (N,) or None), rounded to the compute dtype, float32."""
-        parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        prefix = f"layers.{layer}.{parent}.{module}"
-        w = self.tensor(f"{prefix}.weight", dtype)
-        b = self.tensor(f"{prefix}.bias", dtype) if self.reader.has(f"{prefix}.bias") else None
-        return w, b
+        return self.tensor(linear_tensor(layer, module), dtype), self.linear_bias(layer, module, dtype)
 
     def embed(self, dtype) -> np.ndarray:
-        return self.tensor("embed_tokens.weight", dtype)
+        return self.tensor(EMBED_TOKENS, dtype)
 
     def lm_head(self, dtype) -> np.ndarray:
-        if self.config.tie_word_embeddings or not self.reader.has("lm_head.weight"):
+        if self.config.tie_word_embeddings or not self.reader.has(LM_HEAD_WEIGHT):
             return self.embed(dtype)
-        return self.tensor("lm_head.weight", dtype)
+        return self.tensor(LM_HEAD_WEIGHT, dtype)
 
     def biases(self, dtype) -> dict[str, np.ndarray]:
         """The per-layer bias stacks the server's Init lists (merged plans): qkv, o, gate_up, down."""
@@ -222,8 +225,7 @@ class TrustedCheckpoint:
         return out
 
     def linear_bias(self, layer: int, module: str, dtype) -> np.ndarray | None:
-        parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        name = f"layers.{layer}.{parent}.{module}.bias"
+        name = linear_tensor(layer, module, "bias")
         return self.tensor(name, dtype) if self.reader.has(name) else None
 
     def check_init(self, config: ModelConfig, norms: np.ndarray, biases: dict[str, np.ndarray], dtype: str):

@@ -14,12 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from teesplit.config import ModelConfig
+from teesplit.config import (
+    EMBED_TOKENS,
+    FINAL_NORM,
+    LAYER_NORMS,
+    LM_HEAD_WEIGHT,
+    ModelConfig,
+    linear_tensor,
+    norm_tensor,
+)
 from teesplit.errors import UsageError
 from teesplit.protocol import RING_WEIGHT_FRAC_BITS
 from teesplit.tee.checkpoint import SafetensorsReader, weight_files
-
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
 
 # The Linear sites a forward pass of the fused v2 placement crosses, per layer, in order, and
 # the modules stacked in each (their output features concatenated).
@@ -91,33 +97,19 @@ def load_local_weights(model_dir: str | Path) -> LocalWeights:
             raise LocalCheckpointError(f"{key} has shape {t.shape}, config implies {shape}")
         return np.asarray(t, np.float32)
 
-    has_bias = {
-        **dict.fromkeys(("q_proj", "k_proj", "v_proj"), config.qkv_bias),
-        "o_proj": config.o_bias,
-        **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), config.mlp_bias),
-    }
     shapes = config.linear_shapes
     weights, biases = [], []
     for i in range(config.num_layers):
         w, b = {}, {}
         for site, modules in SITE_MODULES.items():
-            prefixes = [f"layers.{i}.{_PARENT.get(m, 'mlp')}.{m}" for m in modules]
-            w[site] = np.concatenate(
-                [take(f"{p}.weight", shapes[m]) for p, m in zip(prefixes, modules, strict=True)]
-            )
-            if all(has_bias[m] for m in modules):
-                b[site] = np.concatenate(
-                    [take(f"{p}.bias", shapes[m][:1]) for p, m in zip(prefixes, modules, strict=True)]
-                )
+            w[site] = np.concatenate([take(linear_tensor(i, m), shapes[m]) for m in modules])
+            if all(config.has_bias(m) for m in modules):
+                b[site] = np.concatenate([take(linear_tensor(i, m, "bias"), shapes[m][:1]) for m in modules])
         weights.append(w)
         biases.append(b)
     V, E = config.vocab_size, config.hidden_size
-    embed = take("embed_tokens.weight", (V, E))
-    lm_head = embed if config.tie_word_embeddings else take("lm_head.weight", (V, E))
-    rows = [
-        take(f"layers.{i}.{name}.weight", (E,))
-        for i in range(config.num_layers)
-        for name in ("input_layernorm", "post_attention_layernorm")
-    ]
-    norms = np.stack([*rows, take("norm.weight", (E,))])
+    embed = take(EMBED_TOKENS, (V, E))
+    lm_head = embed if config.tie_word_embeddings else take(LM_HEAD_WEIGHT, (V, E))
+    rows = [take(norm_tensor(i, which), (E,)) for i in range(config.num_layers) for which in LAYER_NORMS]
+    norms = np.stack([*rows, take(FINAL_NORM, (E,))])
     return LocalWeights(config, embed, lm_head, weights, biases, norms)

@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from teesplit.config import LAYER_MODULES
 from teesplit.errors import UsageError
 from teesplit.tee.checkpoint import COMPUTE_DTYPES, IntegrityError, TrustedCheckpoint
 from teesplit.tee.client import GPUClient
@@ -90,7 +91,6 @@ VERIFIED_PLANS = ("v3", "v2", "v3-fused", "v2-fused")
 # scores are L x H x T x S floats: 18 GB for SmolLM2 at T = S = 4096), checked layer by layer.
 PENDING_BYTES = 64 << 20
 RING_VERIFIED_PLANS = ("private-otp", "private-2party")  # exact checks over Z_2^64: tee/ring_verify.py
-LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
