@@ -56,7 +56,7 @@ def load_recordings(out_dir: Path) -> list[tuple[dict[str, Any], list[np.ndarray
 
 def main() -> None:
     from teesplit.cli import build_service
-    from teesplit.gpu.server import serve
+    from teesplit.gpu.zmq_server import serve
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)

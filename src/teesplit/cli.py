@@ -36,7 +36,7 @@ def build_service(
     import torch
 
     from teesplit.blas import set_blas_threads
-    from teesplit.gpu.server import RequestHandler
+    from teesplit.gpu.handler import RequestHandler
     from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService, SessionLimits
     from teesplit.gpu.weights import load_weights
 
@@ -116,8 +116,9 @@ def resolve(spec: str, cache_dir: str | None) -> Path:
 
 # ---- serve ---------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from teesplit.gpu.server import RequestHandler, configure_logging, log_event, serve
+    from teesplit.gpu.handler import RequestHandler, configure_logging, log_event
     from teesplit.gpu.service import SessionLimits
+    from teesplit.gpu.zmq_server import serve
     from teesplit.protocol import Limits
 
     configure_logging(args.log_format)
