@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from liar import LyingHandler  # noqa: E402
 
-from teesplit.gpu.server import serve  # noqa: E402
+from teesplit.gpu.zmq_server import serve  # noqa: E402
 from teesplit.launch import build_service  # noqa: E402
 
 

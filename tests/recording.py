@@ -55,7 +55,7 @@ def load_recordings(out_dir: Path) -> list[tuple[dict[str, Any], list[np.ndarray
 
 
 def main() -> None:
-    from teesplit.gpu.server import serve
+    from teesplit.gpu.zmq_server import serve
     from teesplit.launch import build_service
 
     p = argparse.ArgumentParser()

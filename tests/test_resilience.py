@@ -21,7 +21,7 @@ import zmq
 from helpers import local_model, make_checkpoint
 
 from teesplit import protocol
-from teesplit.gpu.server import split_envelope
+from teesplit.gpu.zmq_server import split_envelope
 from teesplit.launch import build_service, free_tcp_address, start_server, stop_server
 from teesplit.protocol import PROTOCOL_VERSION, RemoteError, parse_reply, request
 from teesplit.tee.client import GPUClient, ProtocolVersionMismatch

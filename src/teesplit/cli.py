@@ -87,8 +87,9 @@ def sampling_params(args: argparse.Namespace):
 
 # ---- serve ---------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from teesplit.gpu.server import RequestHandler, configure_logging, log_event, serve
+    from teesplit.gpu.handler import RequestHandler, configure_logging, log_event
     from teesplit.gpu.service import SessionLimits
+    from teesplit.gpu.zmq_server import serve
     from teesplit.launch import build_service
     from teesplit.protocol import Limits
 

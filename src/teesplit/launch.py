@@ -36,7 +36,7 @@ def build_service(
     import torch
 
     from teesplit.blas import set_blas_threads
-    from teesplit.gpu.server import RequestHandler
+    from teesplit.gpu.handler import RequestHandler
     from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService, SessionLimits
     from teesplit.gpu.weights import load_weights
 

@@ -88,7 +88,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ml_dtypes
@@ -111,37 +111,70 @@ _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 RING_WEIGHT_FRAC_BITS = 24
 RING_SITES = ("qkv", "o", "gate_up", "down", "lm_head")
 
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One operation of the wire, declared once: what its request may carry and how it is served.
+    Both sides read it: `validate_request` checks requests against it, the GPU server's request
+    handler (gpu/handler.py) serves by it, and the runner adds `f32` where it applies."""
+
+    args: dict[str, tuple[type, bool]] = field(default_factory=dict)  # name -> (type, required)
+    tensors: tuple[int, int] = (0, 0)  # (min, max) tensor frames
+    # What the session id means: "none" (ignored), "optional" (the session is used when one is
+    # given) or "required" (a request without one gets "no_session").
+    session: str = "none"
+    # Takes `f32: true` (runner --verify): compute in float32 from the compute-dtype weights and
+    # return float32, so the only honest difference from the exact product is float32
+    # accumulation error (a bfloat16 result would hide a 1e-3 change below its own rounding).
+    # OpenSession with f32 keeps the session's K/V cache in float32, and QKV with a session and
+    # f32 returns v too.
+    f32: bool = False
+    # A resend (same peer, same request id) is answered from the server's reply cache; the
+    # others are cheap, stateless and possibly large, and are computed again.
+    cacheable: bool = True
+    # The wire dtype of the reply's activations: "input" (that of the request's first tensor),
+    # "dtype" (the `dtype` argument, default float32), or "as_is" (the tensors as computed:
+    # configuration, padding, ring elements).
+    reply: str = "input"
+    compute: bool = True  # the reply reports the compute time in gpu_s (else 0)
+
+    def __post_init__(self) -> None:
+        if self.session not in ("none", "optional", "required"):
+            raise ValueError(f"session must be none, optional or required, got {self.session!r}")
+        if self.reply not in ("input", "dtype", "as_is"):
+            raise ValueError(f"reply must be input, dtype or as_is, got {self.reply!r}")
+        if self.f32:
+            object.__setattr__(self, "args", {**self.args, "f32": (bool, False)})
+
+
 _LAYER = {"layer": (int, True)}
-# Operation -> (argument name -> (type, required)), (min, max) number of tensor frames.
-OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
-    "Init": ({"version": (int, False)}, (0, 0)),
-    "Embedding": ({"dtype": (str, False)}, (1, 1)),
-    "Linear": ({"layer": (int, True), "module": (str, True)}, (1, 1)),
-    "Matmul": ({}, (2, 2)),
-    "LMHead": ({"top_k": (int, False)}, (1, 1)),
-    "Ping": ({"reply_bytes": (int, False)}, (0, 1)),
-    "QKV": (_LAYER, (1, 2)),
-    "GateUp": (_LAYER, (1, 1)),
-    "AttnScores": (_LAYER, (3, 4)),
-    "AttnOut": (_LAYER, (1, 1)),
-    "OpenSession": ({"batch": (int, True), "max_tokens": (int, True)}, (0, 0)),
-    "CloseSession": ({}, (0, 0)),
-    "EmbedQKV": ({"dtype": (str, False)}, (1, 2)),
-    "DownQKV": (_LAYER, (2, 3)),
-    "DownLMHead": ({"top_k": (int, False)}, (2, 3)),
-    "OGateUp": (_LAYER, (2, 2)),
-    "AttnOutGateUp": (_LAYER, (2, 2)),
-    "RingLinear": ({"layer": (int, True), "site": (str, True)}, (1, 1)),
+_DTYPE = {"dtype": (str, False)}
+_TOP_K = {"top_k": (int, False)}
+# Every operation, in the order of the module docstring. Adding one: an entry here and one
+# handler method in gpu/handler.py (the server refuses to start without it).
+OPS: dict[str, OpSpec] = {
+    "Init": OpSpec({"version": (int, False)}, cacheable=False, reply="as_is"),
+    "Embedding": OpSpec(_DTYPE, (1, 1), f32=True, reply="dtype"),
+    "Linear": OpSpec({"layer": (int, True), "module": (str, True)}, (1, 1), f32=True),
+    "Matmul": OpSpec({}, (2, 2), f32=True),
+    "LMHead": OpSpec(_TOP_K, (1, 1), f32=True),
+    "Ping": OpSpec({"reply_bytes": (int, False)}, (0, 1), cacheable=False, reply="as_is", compute=False),
+    "QKV": OpSpec(_LAYER, (1, 2), session="optional", f32=True),
+    "GateUp": OpSpec(_LAYER, (1, 1), f32=True),
+    "AttnScores": OpSpec(_LAYER, (3, 4), session="required", f32=True),
+    "AttnOut": OpSpec(_LAYER, (1, 1), session="required", f32=True),
+    "OpenSession": OpSpec(
+        {"batch": (int, True), "max_tokens": (int, True)}, f32=True, reply="as_is", compute=False
+    ),
+    "CloseSession": OpSpec(session="required", reply="as_is", compute=False),
+    "EmbedQKV": OpSpec(_DTYPE, (1, 2), session="optional", reply="dtype"),
+    "DownQKV": OpSpec(_LAYER, (2, 3), session="optional"),
+    "DownLMHead": OpSpec(_TOP_K, (2, 3)),
+    "OGateUp": OpSpec(_LAYER, (2, 2)),
+    "AttnOutGateUp": OpSpec(_LAYER, (2, 2), session="required"),
+    "RingLinear": OpSpec({"layer": (int, True), "site": (str, True)}, (1, 1), reply="as_is"),
 }
-# `f32: true` (runner --verify): compute in float32 from the compute-dtype weights and return
-# float32, so the only honest difference from the exact product is float32 accumulation error
-# (a bfloat16 result would hide a 1e-3 change below its own rounding). OpenSession with f32
-# keeps the session's K/V cache in float32, and QKV with a session and f32 returns v too.
-F32_OPS = ("Embedding", "Linear", "Matmul", "LMHead", "QKV", "GateUp", "AttnScores", "AttnOut", "OpenSession")
-for _op in F32_OPS:
-    OPS[_op] = ({**OPS[_op][0], "f32": (bool, False)}, OPS[_op][1])
-# Operations that need a session id; QKV, EmbedQKV and DownQKV take one optionally.
-SESSION_OPS = ("AttnScores", "AttnOut", "AttnOutGateUp", "CloseSession")
+F32_OPS = tuple(op for op, spec in OPS.items() if spec.f32)  # the runner adds f32 to these
 
 ERROR_CODES = (
     "bad_message",  # framing, msgpack, header schema
@@ -384,7 +417,8 @@ def validate_request(header: dict[str, Any], tensors: list[np.ndarray]) -> tuple
     op = header.get("op")
     if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(f"unknown operation {op!r:.80}; known: {', '.join(OPS)}", "unknown_op")
-    schema, (lo, hi) = OPS[op]
+    spec = OPS[op]
+    schema, (lo, hi) = spec.args, spec.tensors
     args = header.get("args", {})
     if not isinstance(args, dict):
         raise ProtocolError(f"{op}: args must be a map", "bad_args")
@@ -403,7 +437,7 @@ def validate_request(header: dict[str, Any], tensors: list[np.ndarray]) -> tuple
     sid = header.get("sid")
     if sid is not None and (type(sid) is not int or not 0 <= sid < 2**63):
         raise ProtocolError("session id must be a non-negative 64-bit integer or nil", "bad_args")
-    if op in SESSION_OPS and sid is None:
+    if sid is None and spec.session == "required":
         raise ProtocolError(f"{op} needs a session id (OpenSession first)", "no_session")
     if op == "Init" and args.get("version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
         raise ProtocolError(

@@ -651,7 +651,10 @@ class GPUComputeService:
     def kv_bytes(self) -> int:
         return sum(s.nbytes for s in self.sessions.values())
 
-    def open_session(self, batch: int, max_tokens: int, f32: bool = False) -> dict[str, Any]:
+    def open_session(
+        self, batch: int, max_tokens: int, f32: bool = False, sid: int | None = None
+    ) -> dict[str, Any]:
+        """A new session; its id is drawn at random unless `sid` gives it (see handler.Call)."""
         lim = self.limits
         if not 1 <= batch <= lim.max_batch:
             raise _bad(f"OpenSession: batch must lie in [1, {lim.max_batch}]", "bad_args")
@@ -662,7 +665,8 @@ class GPUComputeService:
                 f"OpenSession: the server already holds {lim.max_sessions} sessions (--max-sessions)",
                 "too_large",
             )
-        sid = secrets.randbits(62)
+        if sid is None:
+            sid = secrets.randbits(62)
         dtype = torch.float32 if f32 else self.dtype
         self.sessions[sid] = Session(sid, batch, max_tokens, self.config.num_layers, dtype)
         c = self.config

@@ -3,7 +3,7 @@
 `serve_shm` listens on the abstract unix socket of the name and serves any number of runners
 at once, each with its own request and reply region (see `teesplit.transport.shm` for the
 regions, the control messages and the spin budget). It runs the same `RequestHandler` as
-the ZeroMQ loop in `server.py`, so validation, error codes, sessions, limits, the reply cache
+the ZeroMQ loop in `zmq_server.py`, so validation, error codes, sessions, limits, the reply cache
 (keyed by the runner's client id, which survives its reconnects) and logging are identical.
 
 The loop is single-threaded: it spins over every runner's `seq` for a few microseconds, then
@@ -49,7 +49,7 @@ import msgpack
 import numpy as np
 import torch
 
-from teesplit.gpu.server import RequestHandler, log_event, log_server_stop
+from teesplit.gpu.handler import RequestHandler, log_event, log_server_stop
 from teesplit.protocol import FLOAT_DTYPES, decode, reply, request, validate_request
 from teesplit.transport.shm import (
     _HELLO,
@@ -274,7 +274,7 @@ class ShmServer:
         try:
             header, tensors = decode(self._warm_frames, h.limits)
             _, op, args = validate_request(header, tensors)
-            result, out, gpu_s = h._dispatch(op, args, header, tensors)
+            result, out, gpu_s = h.dispatch(op, args, header, tensors)
             if self._warm_numpy:
                 h.service._linear(tensors[0], self._warm_weight)
             reply(0, result, out, gpu_s)
@@ -414,7 +414,7 @@ class ShmServer:
         log_event("shm_connect", runner=runner.name, pid=pid, uid=uid, runners=len(self.runners))
 
     def _refuse(self, sock: socket.socket, reason: str) -> None:
-        self.handler._log_error("shm_refused", None, None, reason[:300], None)  # rate-limited
+        self.handler.log_error("shm_refused", None, None, reason[:300], None)  # rate-limited
         try:
             send_control(sock, REFUSED, reason.encode()[:60])
         except OSError:
@@ -461,7 +461,7 @@ class ShmServer:
         r.rx.close()
         r.tx.close()
         if error:
-            self.handler._log_error("shm_protocol", None, None, reason[:300], r.client_id)  # rate-limited
+            self.handler.log_error("shm_protocol", None, None, reason[:300], r.client_id)  # rate-limited
         log_event("shm_disconnect", runner=r.name, reason=reason[:300], runners=len(self.runners))
         live = {s for s in r.sessions if s in self.handler.service.sessions}
         if live:

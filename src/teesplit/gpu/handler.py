@@ -1,17 +1,21 @@
-"""The GPU server's request handling and ZeroMQ loop (UNTRUSTED side).
+"""The GPU server's request handling, shared by its transports (UNTRUSTED side).
 
 `RequestHandler.handle` turns request frames into reply frames and never raises: every
 malformed or hostile request gets an error reply with a stable code, and the server keeps
-serving. `serve` runs it behind a ROUTER socket so several runners can connect at once.
+serving. The loops that carry the frames are `zmq_server.serve` (ZeroMQ ROUTER) and
+`shm_server.serve_shm` (shared memory); `tp.py` runs the same handler on rank 0 of a
+tensor-parallel group.
+
+Each operation of `protocol.OPS` has one handler method here, registered in `OPERATIONS` by
+the `@operation` decorator; `dispatch` finds it through that table. What the operations have in
+common is done once, by `dispatch`, from the operation's `OpSpec`: the reply's wire dtype, the
+session lookup, `f32`, timing, and putting the result on the wire. Adding an operation is an
+entry in `protocol.OPS` and a method here (the module refuses to load if one lacks the other).
 
 Robustness, all bounded:
 - a resent request (same routing id, same request id: the runner's retry after a timeout) is
   answered from a small reply cache instead of being computed again (`ReplyCache`);
-- sessions unused for `session_idle_timeout_s` are dropped by the loop;
-- frames over twice the decode limit drop the connection (ZeroMQ MAXMSGSIZE), smaller ones
-  that break a limit get a "too_large" reply; each connection queues at most RCV_QUEUE requests;
-- SIGINT/SIGTERM: the request in flight is finished and answered, sessions are dropped, and
-  `serve` returns;
+- sessions unused for a while are dropped by the serving loop (`expire_sessions`);
 - one log line per session event and per error reply (errors at most ERROR_LOGS_PER_S a
   second; the rest are counted in the next line), as text or JSON (`configure_logging`).
 """
@@ -20,28 +24,28 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import msgpack
 import numpy as np
 import torch
-import zmq
 
-from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService, TopK
+from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService, Session, TopK
 from teesplit.protocol import (
     DEFAULT_LIMITS,
+    OPS,
     PROTOCOL_VERSION,
     WIRE_DTYPES,
     Int8Rows,
     Limits,
+    OpSpec,
     ProtocolError,
     decode,
     error_reply,
@@ -52,12 +56,8 @@ from teesplit.protocol import (
 
 log = logging.getLogger("teesplit.server")
 
-RCV_QUEUE = 32  # requests queued per connection before ZeroMQ stops reading from it
 MAX_PING_REPLY_BYTES = 64 << 20
 ERROR_LOGS_PER_S = 20
-UNCACHED_OPS = ("Ping", "Init")  # cheap, stateless and possibly large: recomputed on a resend
-# Operations that read or write a session's cache when given a session id; others ignore it.
-SESSION_USERS = ("QKV", "AttnScores", "AttnOut", "EmbedQKV", "DownQKV", "AttnOutGateUp")
 
 
 # ---- structured logs -----------------------------------------------------------------------------
@@ -97,7 +97,21 @@ def log_event(event: str, message: str | None = None, level: int = logging.INFO,
     log.log(level, "%s", text, extra={"event": event, "fields": fields})
 
 
-def _peer_name(peer: bytes | None) -> str | None:
+def log_server_stop(handler: RequestHandler, address: str, dropped: int) -> None:
+    """The last line a server logs, whatever its transport."""
+    log_event(
+        "server_stop",
+        f"server on {address} stopped after {handler.served} requests ({handler.errors} errors, "
+        f"{handler.replayed} resends answered from the cache, {dropped} sessions dropped)",
+        address=address,
+        served=handler.served,
+        errors=handler.errors,
+        replayed=handler.replayed,
+        sessions_dropped=dropped,
+    )
+
+
+def peer_name(peer: bytes | None) -> str | None:
     return None if peer is None else peer.hex()[:12]
 
 
@@ -169,6 +183,50 @@ class ReplyCache:
         return sum(len(e) for e in self._peers.values())
 
 
+# ---- one request, as an operation's handler sees it ------------------------------------------------
+@dataclass
+class Call:
+    """A request that passed `validate_request`."""
+
+    op: str
+    args: dict[str, Any]
+    tensors: list  # decoded numpy arrays, in frame order
+    sid: int | None = None
+    session: Session | None = None  # resolved from sid for operations that use one (OpSpec.session)
+    peer: bytes | None = None
+    # OpenSession: the id to give the new session; None lets the service draw one. Never taken
+    # from the request (a runner must not choose it): rank 0 of a tensor-parallel group draws it
+    # and hands it to the other ranks (gpu/tp.py).
+    new_sid: int | None = None
+
+
+class Reply(NamedTuple):
+    """What a handler returns when its reply has a result map; other handlers return their
+    output tensors alone (torch, numpy, TopK, or a tuple of them)."""
+
+    res: dict[str, Any]
+    out: Any = None
+
+
+Handler = Callable[["RequestHandler", Call], Any]
+OPERATIONS: dict[str, Handler] = {}  # operation name -> its handler method, filled by @operation
+
+
+def operation(name: str) -> Callable[[Handler], Handler]:
+    """Register the decorated RequestHandler method as the handler of operation `name`."""
+    if name not in OPS:
+        raise ValueError(f"operation {name!r} is not declared in protocol.OPS")
+
+    def register(fn: Handler) -> Handler:
+        if name in OPERATIONS:
+            raise ValueError(f"operation {name!r} has two handlers")
+        OPERATIONS[name] = fn
+        return fn
+
+    return register
+
+
+# ---- the handler -------------------------------------------------------------------------------------
 class RequestHandler:
     def __init__(self, service: GPUComputeService, limits: Limits = DEFAULT_LIMITS):
         self.service = service
@@ -198,13 +256,13 @@ class RequestHandler:
                 op = header["op"][:64]
             rid, op, args = validate_request(header, tensors)
             sid = header.get("sid")
-            cacheable = peer is not None and op not in UNCACHED_OPS
+            cacheable = peer is not None and OPS[op].cacheable
             if cacheable:
                 cached = self.replies.get(peer, rid, op, sid)
                 if cached is not None:
                     self.replayed += 1
                     return cached
-            result, out, gpu_s = self._dispatch(op, args, header, tensors, peer)
+            result, out, gpu_s = self.dispatch(op, args, header, tensors, peer)
             self.served += 1
             frames_out = reply(rid, result, out, gpu_s)
             if cacheable:
@@ -213,14 +271,158 @@ class RequestHandler:
         except ProtocolError as e:
             self.errors += 1
             message = _version_message(frames) if e.code == "bad_version" and op is None else str(e)
-            self._log_error(e.code, op, rid, message, peer)
+            self.log_error(e.code, op, rid, message, peer)
             return error_reply(rid, e.code, message)
         except Exception as e:  # a bug or a device failure must not take the server down
             self.errors += 1
-            self._log_error("internal", op, rid, f"{type(e).__name__}: {e}", peer, traceback.format_exc())
+            self.log_error("internal", op, rid, f"{type(e).__name__}: {e}", peer, traceback.format_exc())
             return error_reply(rid, "internal", f"server error: {type(e).__name__}: {e}")
 
-    def _log_error(
+    def dispatch(
+        self, op: str, args: dict[str, Any], header: dict[str, Any], tensors: list, peer: bytes | None = None
+    ) -> tuple[dict, list, float]:
+        """One validated request -> (result map, reply tensors, compute seconds), by its OpSpec."""
+        spec = OPS[op]
+        wire = self._reply_wire(op, spec, args, header)
+        call = Call(op, args, tensors, sid=header.get("sid"), peer=peer)
+        if spec.session != "none" and call.sid is not None:
+            call.session = self.service.session(call.sid)
+        t0 = time.perf_counter()
+        out = self.run(spec, call)
+        res, out = out if type(out) is Reply else ({}, out)
+        if out is None:
+            out = []
+        elif wire is not None:
+            out = reply_tensors(out, wire)
+        return res, out, (time.perf_counter() - t0) if spec.compute else 0.0
+
+    def run(self, spec: OpSpec, call: Call) -> Any:
+        """The operation's handler, in float32 for a request with `f32` (the runner's --verify).
+        A tensor-parallel rank 0 overrides this to share the work with the other ranks."""
+        if not spec.f32:
+            return OPERATIONS[call.op](self, call)
+        s = self.service
+        s.exact = call.args.get("f32", False)
+        try:
+            return OPERATIONS[call.op](self, call)
+        finally:
+            s.exact = False
+
+    @staticmethod
+    def _reply_wire(op: str, spec: OpSpec, args: dict[str, Any], header: dict[str, Any]) -> str | None:
+        """The reply activations' wire dtype (None: as computed)."""
+        if spec.reply == "input":
+            return wire_name(header, 0)
+        if spec.reply == "dtype":  # the request's only tensors are token ids and positions
+            wire = args.get("dtype", "float32")
+            if wire not in WIRE_DTYPES:
+                raise ProtocolError(f"{op}: dtype must be one of {WIRE_DTYPES}", "bad_args")
+            return wire
+        return None
+
+    # ---- the operations: one handler each ------------------------------------------------------
+    @operation("Ping")
+    def ping(self, c: Call) -> Reply:
+        n = c.args.get("reply_bytes", 0)
+        cap = min(self.limits.max_tensor_bytes, MAX_PING_REPLY_BYTES)
+        if not 0 <= n <= cap:
+            raise ProtocolError(f"Ping: reply_bytes must lie in [0, {cap}]", "bad_args")
+        return Reply({"sessions": len(self.service.sessions)}, [np.zeros(n // 4, np.float32)] if n else [])
+
+    @operation("Init")
+    def init(self, c: Call) -> Reply:
+        result, tensors = self.service.init()
+        result = {**result, "version": PROTOCOL_VERSION, "max_message_bytes": self.max_frame_bytes}
+        return Reply(result, tensors)
+
+    @operation("OpenSession")
+    def open_session(self, c: Call) -> Reply:
+        batch, max_tokens = c.args["batch"], c.args["max_tokens"]
+        result = self.service.open_session(batch, max_tokens, c.args.get("f32", False), sid=c.new_sid)
+        log_event(
+            "session_open",
+            sid=result["sid"],
+            batch=batch,
+            max_tokens=max_tokens,
+            peer=peer_name(c.peer),
+            **self._load(),
+        )
+        return Reply(result)
+
+    @operation("CloseSession")
+    def close_session(self, c: Call) -> Reply:
+        closed = self.service.close_session(c.session.sid)
+        age = round(time.monotonic() - closed.opened, 1)
+        log_event("session_close", sid=closed.sid, age_s=age, kv_bytes=closed.nbytes, **self._load())
+        return Reply({})
+
+    @operation("Embedding")
+    def embedding(self, c: Call) -> Any:
+        return self.service.embedding(c.tensors[0])
+
+    @operation("Linear")
+    def linear(self, c: Call) -> Any:
+        return self.service.linear(c.args["layer"], c.args["module"], c.tensors[0])
+
+    @operation("Matmul")
+    def matmul(self, c: Call) -> Any:
+        return self.service.matmul(c.tensors[0], c.tensors[1])
+
+    @operation("LMHead")
+    def lm_head(self, c: Call) -> Any:
+        return self.service.lm_head(c.tensors[0], c.args.get("top_k"))
+
+    @operation("QKV")
+    def qkv(self, c: Call) -> Any:
+        t, session = c.tensors, c.session
+        if (session is None) != (len(t) == 1):
+            raise ProtocolError("QKV: positions are given exactly when a session is", "bad_args")
+        return self.service.qkv(c.args["layer"], t[0], session, t[1] if session else None)
+
+    @operation("GateUp")
+    def gate_up(self, c: Call) -> Any:
+        return self.service.gate_up(c.args["layer"], c.tensors[0])
+
+    @operation("AttnScores")
+    def attn_scores(self, c: Call) -> Any:
+        t = c.tensors  # q, k, positions, and the merged plans' row scales
+        r = t[3] if len(t) == 4 else None
+        return self.service.attn_scores(c.session, c.args["layer"], t[0], t[1], t[2], r)
+
+    @operation("AttnOut")
+    def attn_out(self, c: Call) -> Any:
+        return self.service.attn_out(c.session, c.args["layer"], c.tensors[0])
+
+    @operation("EmbedQKV")
+    def embed_qkv(self, c: Call) -> Any:
+        t = c.tensors
+        return self.service.embed_qkv(t[0], c.session, t[1] if len(t) == 2 else None)
+
+    @operation("DownQKV")
+    def down_qkv(self, c: Call) -> Any:
+        t = c.tensors
+        return self.service.down_qkv(c.args["layer"], t[0], t[1], c.session, t[2] if len(t) == 3 else None)
+
+    @operation("DownLMHead")
+    def down_lm_head(self, c: Call) -> Any:
+        t = c.tensors
+        return self.service.down_lm_head(t[0], t[1], t[2] if len(t) == 3 else None, c.args.get("top_k"))
+
+    @operation("OGateUp")
+    def o_gate_up(self, c: Call) -> Any:
+        return self.service.o_gate_up(c.args["layer"], c.tensors[0], c.tensors[1])
+
+    @operation("AttnOutGateUp")
+    def attn_out_gate_up(self, c: Call) -> Any:
+        return self.service.attn_out_gate_up(c.session, c.args["layer"], c.tensors[0], c.tensors[1])
+
+    @operation("RingLinear")
+    def ring_linear(self, c: Call) -> Any:
+        # Ring elements in, ring elements out (OpSpec reply "as_is": no wire dtype applies).
+        return [self.service.ring_linear(c.args["layer"], c.args["site"], c.tensors[0])]
+
+    # ---- errors and sessions: the loops' housekeeping -------------------------------------------
+    def log_error(
         self, code: str, op: str | None, rid: Any, message: str, peer: bytes | None, trace: str | None = None
     ) -> None:
         """One line per error reply, at most ERROR_LOGS_PER_S a second (a hostile peer must not
@@ -232,7 +434,7 @@ class RequestHandler:
             self._suppressed += 1
             return
         self._logged += 1
-        fields: dict[str, Any] = {"code": code, "op": op, "id": rid, "peer": _peer_name(peer)}
+        fields: dict[str, Any] = {"code": code, "op": op, "id": rid, "peer": peer_name(peer)}
         fields["msg"] = message[:300]
         if self._suppressed:
             fields["suppressed"], self._suppressed = self._suppressed, 0
@@ -240,7 +442,6 @@ class RequestHandler:
             fields["trace"] = trace
         log_event("error", level=logging.ERROR if code == "internal" else logging.WARNING, **fields)
 
-    # ---- sessions: the loop's housekeeping -------------------------------------------------
     def expire_sessions(self, max_idle_s: float) -> int:
         expired = self.service.expire_idle(max_idle_s)
         for s in expired:
@@ -258,91 +459,13 @@ class RequestHandler:
     def _load(self) -> dict[str, int]:
         return {"sessions": len(self.service.sessions), "kv_bytes_total": self.service.kv_bytes}
 
-    def _dispatch(
-        self, op: str, args: dict[str, Any], header: dict[str, Any], t: list, peer: bytes | None = None
-    ) -> tuple[dict, list, float]:
-        s = self.service
-        if op == "Ping":
-            n = args.get("reply_bytes", 0)
-            cap = min(self.limits.max_tensor_bytes, MAX_PING_REPLY_BYTES)
-            if not 0 <= n <= cap:
-                raise ProtocolError(f"Ping: reply_bytes must lie in [0, {cap}]", "bad_args")
-            return {"sessions": len(s.sessions)}, ([np.zeros(n // 4, np.float32)] if n else []), 0.0
-        if op == "Init":
-            (result, tensors), dt = s.timed(s.init)
-            result = {**result, "version": PROTOCOL_VERSION, "max_message_bytes": self.max_frame_bytes}
-            return result, tensors, dt
-        if op == "OpenSession":
-            result = s.open_session(args["batch"], args["max_tokens"], args.get("f32", False))
-            log_event(
-                "session_open",
-                sid=result["sid"],
-                batch=args["batch"],
-                max_tokens=args["max_tokens"],
-                peer=_peer_name(peer),
-                **self._load(),
-            )
-            return result, [], 0.0
-        if op == "CloseSession":
-            closed = s.close_session(header["sid"])
-            age = time.monotonic() - closed.opened
-            log_event(
-                "session_close", sid=closed.sid, age_s=round(age, 1), kv_bytes=closed.nbytes, **self._load()
-            )
-            return {}, [], 0.0
-        sid = header.get("sid")
-        t0 = time.perf_counter()
-        if op == "RingLinear":  # ring elements in, ring elements out: no wire dtype applies
-            out = s.ring_linear(args["layer"], args["site"], t[0])
-            return {}, [out], time.perf_counter() - t0
-        wire = wire_name(header, 0)
-        if op in ("Embedding", "EmbedQKV"):  # their only tensors are token ids and positions
-            wire = args.get("dtype", "float32")
-            if wire not in WIRE_DTYPES:
-                raise ProtocolError(f"{op}: dtype must be one of {WIRE_DTYPES}", "bad_args")
-        session = s.session(sid) if sid is not None and op in SESSION_USERS else None
-        s.exact = args.get("f32", False)  # float32 results for the runner's --verify
-        try:
-            out = self._compute(op, args, t, session)
-        finally:
-            s.exact = False
-        return {}, reply_tensors(out, wire), time.perf_counter() - t0
 
-    def _compute(self, op: str, args: dict[str, Any], t: list, session) -> Any:
-        s = self.service
-        if op == "Embedding":
-            out = s.embedding(t[0])
-        elif op == "Linear":
-            out = s.linear(args["layer"], args["module"], t[0])
-        elif op == "Matmul":
-            out = s.matmul(t[0], t[1])
-        elif op == "LMHead":
-            out = s.lm_head(t[0], args.get("top_k"))
-        elif op == "QKV":
-            if (session is None) != (len(t) == 1):
-                raise ProtocolError("QKV: positions are given exactly when a session is", "bad_args")
-            out = s.qkv(args["layer"], t[0], session, t[1] if session else None)
-        elif op == "GateUp":
-            out = s.gate_up(args["layer"], t[0])
-        elif op == "AttnScores":
-            out = s.attn_scores(session, args["layer"], t[0], t[1], t[2], t[3] if len(t) == 4 else None)
-        elif op == "AttnOut":
-            out = s.attn_out(session, args["layer"], t[0])
-        elif op == "EmbedQKV":
-            out = s.embed_qkv(t[0], session, t[1] if len(t) == 2 else None)
-        elif op == "DownQKV":
-            out = s.down_qkv(args["layer"], t[0], t[1], session, t[2] if len(t) == 3 else None)
-        elif op == "DownLMHead":
-            out = s.down_lm_head(t[0], t[1], t[2] if len(t) == 3 else None, args.get("top_k"))
-        elif op == "OGateUp":
-            out = s.o_gate_up(args["layer"], t[0], t[1])
-        elif op == "AttnOutGateUp":
-            out = s.attn_out_gate_up(session, args["layer"], t[0], t[1])
-        else:  # validate_request only admits known ops; this guards a missing branch
-            raise ProtocolError(f"operation {op!r} is not implemented by this server", "unknown_op")
-        return out
+_missing = set(OPS) - set(OPERATIONS)
+if _missing:  # a declared operation without a handler: refuse to serve rather than answer unknown_op
+    raise ImportError(f"operations without a handler in gpu/handler.py: {', '.join(sorted(_missing))}")
 
 
+# ---- results on the wire ------------------------------------------------------------------------
 def reply_tensors(out: torch.Tensor | np.ndarray | TopK | tuple, wire: str) -> list:
     """An operation's result(s) -> reply tensors: activations in the wire dtype; a top-k result
     as float32 values and int64 ids, whatever the wire dtype."""
@@ -389,112 +512,3 @@ def _version_message(frames: Sequence[Any]) -> str:
         f"the request speaks protocol version {theirs!r}, this server speaks version {PROTOCOL_VERSION}; "
         "run the same teesplit release on both sides"
     )
-
-
-def split_envelope(frames: list) -> tuple[list, list] | None:
-    """ROUTER frames -> (routing envelope incl. the empty delimiter, message frames)."""
-    for i, f in enumerate(frames[:8]):
-        if len(f.buffer if hasattr(f, "buffer") else f) == 0:
-            return frames[: i + 1], frames[i + 1 :]
-    return None
-
-
-def serve(
-    handler: RequestHandler,
-    address: str,
-    stop: threading.Event | None = None,
-    ready: threading.Event | None = None,
-    session_idle_timeout_s: float | None = None,
-    linger_s: float = 2.0,
-    curve=None,
-) -> None:
-    """Serve until `stop` is set or SIGINT/SIGTERM arrives (when run in the main thread).
-
-    The request in flight when the signal comes is finished and answered (its reply gets up
-    to `linger_s` to leave); then every session is dropped. Sessions idle for longer than
-    `session_idle_timeout_s` (None or 0: never) are dropped while serving. `curve` (a
-    `teesplit.transport.curve.CurveServer`): encrypt the link and admit only its allowed keys."""
-    stop = stop or threading.Event()
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, handler.max_frame_bytes)
-    sock.setsockopt(zmq.RCVHWM, RCV_QUEUE)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a runner reconnecting under its routing id takes over
-    auth = None
-    if curve is not None:  # the ZAP handler must run before the socket accepts anyone
-        auth = curve.start_authenticator(ctx)
-        curve.apply(sock)
-    sock.bind(address)
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-    if ready is not None:
-        ready.set()
-    sock.setsockopt(zmq.RCVTIMEO, 100)  # wake up to check `stop`; no poll call per message
-    sweep_every = min(1.0, session_idle_timeout_s / 4) if session_idle_timeout_s else None
-    next_sweep = time.monotonic()
-    try:
-        while not stop.is_set():
-            if sweep_every is not None and time.monotonic() >= next_sweep:
-                handler.expire_sessions(session_idle_timeout_s)
-                next_sweep = time.monotonic() + sweep_every
-            try:
-                frames = sock.recv_multipart(copy=False)
-            except zmq.Again:
-                continue
-            _serve_guarded(sock, handler, frames)
-        # Stopping: requests that already arrived are in flight too; answer them, briefly.
-        drain_until = time.monotonic() + linger_s
-        while time.monotonic() < drain_until:
-            try:
-                frames = sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            _serve_guarded(sock, handler, frames)
-    finally:
-        dropped = handler.drop_sessions("shutdown")
-        sock.close(linger=int(linger_s * 1000))  # let the last reply leave
-        if auth is not None:
-            auth.stop()
-        log_server_stop(handler, address, dropped)
-
-
-def log_server_stop(handler: RequestHandler, address: str, dropped: int) -> None:
-    """The last line a server logs, whatever its transport."""
-    log_event(
-        "server_stop",
-        f"server on {address} stopped after {handler.served} requests ({handler.errors} errors, "
-        f"{handler.replayed} resends answered from the cache, {dropped} sessions dropped)",
-        address=address,
-        served=handler.served,
-        errors=handler.errors,
-        replayed=handler.replayed,
-        sessions_dropped=dropped,
-    )
-
-
-def _serve_guarded(sock: zmq.Socket, handler: RequestHandler, frames: list) -> None:
-    try:
-        _serve_one(sock, handler, frames)
-    except zmq.ZMQError as e:  # the peer vanished mid-reply, a full queue: keep serving
-        log_event("error", level=logging.WARNING, code="send_failed", msg=str(e))
-    except Exception as e:  # handle() never raises; this guards the envelope handling
-        log_event("error", level=logging.ERROR, code="internal", msg=f"{type(e).__name__}: {e}")
-
-
-def _serve_one(sock: zmq.Socket, handler: RequestHandler, frames: list) -> None:
-    parts = split_envelope(frames)
-    if parts is None:
-        # No delimiter: not one of our clients. Answer on the identity alone if there is one.
-        if len(frames) >= 2:
-            handler.errors += 1
-            peer = bytes(frames[0].buffer)
-            handler._log_error("bad_message", None, None, "missing empty delimiter frame", peer)
-            err = error_reply(None, "bad_message", "missing empty delimiter frame")
-            sock.send_multipart([frames[0], b"", *err])
-        return
-    envelope, message = parts
-    peer = bytes(envelope[0].buffer)
-    sock.send_multipart([*envelope, *handler.handle(message, peer)], copy=False)
-    handler.replies.settle()  # the reply cache's bookkeeping, now that the reply is out
