@@ -780,7 +780,12 @@ class VerifiedPort:
         res = self._rpc(self.inner.init)
         ck = self.checkpoint
         ck.check_init(res.config, res.norms, res.biases, res.dtype)
-        if self.verify and (self.verifier is None or self.verifier.dtype != COMPUTE_DTYPES[res.dtype]):
+        floats = self.ring_verifier is None  # a private plan's port checks ring products instead
+        if (
+            self.verify
+            and floats
+            and (self.verifier is None or self.verifier.dtype != COMPUTE_DTYPES[res.dtype])
+        ):
             self.verifier = Verifier(ck, res.dtype, self._vectors, self._seed, self._progress)
         # From here on the model runs on the runner's own values (equal, as just checked).
         return InitResult(ck.config, ck.norms(), ck.biases(COMPUTE_DTYPES[res.dtype]), res.dtype)
