@@ -1,4 +1,4 @@
-"""The `teesplit` command: serve, generate, api, chat, demo, ping, convert.
+"""The `teesplit` command: serve, generate, api, chat, attest, demo, ping, convert.
 
 Settings flow from here into dataclasses and constructors; library code reads no globals.
 The GPU side (torch) is imported only by the subcommands that need it, so `generate`
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -658,6 +659,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     from teesplit.tee.serving import Engine, ServingError
     from teesplit.tee.tokenizer import Tokenizer
 
+    door = _front_door(args)  # refuse a bad TLS/key/attestation setting before loading anything
     model_dir = resolve(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     local = ModelConfig.from_dir(model_dir)
@@ -685,15 +687,24 @@ def cmd_api(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log=(lambda line: print(line, file=sys.stderr, flush=True)) if args.access_log else None,
+        **door.server_kwargs(),
     )
     engine.start()
     host, port = api.address
     print(
-        f"OpenAI-compatible API at http://{host}:{port}/v1 (model {api.model_id!r}, plan {plan}, "
-        f"GPU server {args.server}, up to {args.max_batch} sequences per batch); metrics at /metrics",
+        f"OpenAI-compatible API at {'https' if door.tls else 'http'}://{host}:{port}/v1 (model "
+        f"{api.model_id!r}, plan {plan}, GPU server {args.server}, up to {args.max_batch} sequences per "
+        f"batch); metrics at /metrics; {len(door.api_keys)} API key(s)",
         file=sys.stderr,
         flush=True,
     )
+    if door.tls is not None:
+        print(
+            f"TLS certificate sha256 fingerprint: {door.tls.fingerprint}\n"
+            f"public key pin (curl --pinnedpubkey): {door.tls.spki_pin}",
+            file=sys.stderr,
+            flush=True,
+        )
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -709,7 +720,80 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _front_door(args: argparse.Namespace):
+    from teesplit.tee.frontdoor import FrontDoorSettings, build
+
+    settings = FrontDoorSettings(
+        host=args.host,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_self_signed=args.tls_self_signed,
+        tls_names=args.tls_name,
+        insecure=args.insecure,
+        api_keys=args.api_key,
+        api_key_files=args.api_key_file,
+        env_api_key=os.environ.get("TEESPLIT_API_KEY"),
+        metrics_open=args.metrics_open,
+        attestation=args.attestation,
+        tsm_report=args.tsm_report,
+        gramine_attestation=args.gramine_attestation,
+    )
+    return build(settings, warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    from teesplit.tee.attest_client import run_attest
+
+    outcome, text = run_attest(
+        args.policy,
+        url=args.url,
+        quote_file=args.quote,
+        collateral_file=args.collateral,
+        pccs_url=args.pccs_url,
+        api_key=args.api_key or os.environ.get("TEESPLIT_API_KEY"),
+        ca_file=args.ca_cert,
+        at=args.at,
+        timeout=args.timeout,
+        save_cert=args.save_cert,
+    )
+    print(text, flush=True)
+    return int(outcome)
+
+
+def _remote_chat(args: argparse.Namespace) -> int:
+    """`teesplit chat --api URL`: a client of a remote API, attested first with --attest."""
+    from teesplit.tee.attest_client import AttestationFailed
+    from teesplit.tee.chat import run_chat
+    from teesplit.tee.chat_client import connect
+
+    try:
+        session = connect(
+            args.api,
+            api_key=args.api_key or os.environ.get("TEESPLIT_API_KEY"),
+            ca_file=args.ca_cert,
+            attest_policy=args.attest,
+            collateral_file=args.collateral,
+            pccs_url=args.pccs_url,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+            max_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            system=args.system,
+        )
+    except AttestationFailed as e:  # connect() printed the verdict
+        return int(e.outcome)
+    except RemoteError as e:
+        raise SystemExit(f"error: {e}") from None
+    if sys.stdin.isatty():
+        import readline  # noqa: F401 - line editing and history for input()
+    return run_chat(session, input, _print_stream, format_stats)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.api:
+        return _remote_chat(args)
     from teesplit.config import ModelConfig
     from teesplit.tee.chat import ChatSession, run_chat
     from teesplit.tee.generate import Generator, SamplingParams
@@ -969,6 +1053,81 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
 
+    def front_door_args(sp: argparse.ArgumentParser) -> None:
+        from teesplit.tee.attestation import DEFAULT_GRAMINE_DIR, DEFAULT_TSM_REPORT
+
+        sp.add_argument("--tls-cert", default=None, metavar="FILE", help="serve HTTPS: PEM certificate chain")
+        sp.add_argument("--tls-key", default=None, metavar="FILE", help="its PEM private key")
+        sp.add_argument(
+            "--tls-self-signed",
+            action="store_true",
+            help="serve HTTPS with a key pair made in memory at start (never written to disk); "
+            "prints the certificate's SHA-256 fingerprint",
+        )
+        sp.add_argument(
+            "--tls-name",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="a DNS name or IP for the "
+            "self-signed certificate (repeatable; localhost and --host are always in it)",
+        )
+        sp.add_argument(
+            "--insecure", action="store_true", help="allow a non-loopback --host without TLS (plain HTTP)"
+        )
+        sp.add_argument(
+            "--api-key",
+            action="append",
+            default=[],
+            metavar="KEY",
+            help="require this key (repeatable; "
+            "visible in the process list: prefer --api-key-file or $TEESPLIT_API_KEY)",
+        )
+        sp.add_argument(
+            "--api-key-file", action="append", default=[], metavar="FILE", help="keys, one per line"
+        )
+        sp.add_argument(
+            "--metrics-open", action="store_true", help="serve /metrics without a key (default: it needs one)"
+        )
+        sp.add_argument(
+            "--attestation",
+            choices=("auto", "tdx", "sgx", "none"),
+            default="auto",
+            help="GET /v1/attestation: auto (configfs-tsm, else Gramine), tdx, sgx, or none (off); "
+            "needs TLS (default %(default)s)",
+        )
+        sp.add_argument(
+            "--tsm-report",
+            default=str(DEFAULT_TSM_REPORT),
+            metavar="DIR",
+            help="the configfs-tsm report entry to use (default %(default)s)",
+        )
+        sp.add_argument(
+            "--gramine-attestation",
+            default=str(DEFAULT_GRAMINE_DIR),
+            metavar="DIR",
+            help="Gramine's attestation directory (default %(default)s)",
+        )
+
+    def attest_source_args(sp: argparse.ArgumentParser) -> None:
+        from teesplit.tee.attest_client import INTEL_PCS_URL
+
+        sp.add_argument(
+            "--collateral", default=None, metavar="FILE", help="the quote's collateral (dcap-qvl JSON)"
+        )
+        sp.add_argument(
+            "--pccs-url",
+            default=INTEL_PCS_URL,
+            metavar="URL",
+            help="where to fetch collateral without --collateral (default %(default)s)",
+        )
+        sp.add_argument(
+            "--ca-cert",
+            default=None,
+            metavar="FILE",
+            help="also verify the server's certificate against this CA file",
+        )
+
     def runner_args(sp: argparse.ArgumentParser, default_plan: str) -> None:
         model_args(sp)
         device_args(sp)
@@ -999,6 +1158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-waiting", type=int, default=256, help="queued requests before 429 (default %(default)s)"
     )
     a.add_argument("--access-log", action="store_true", help="log every HTTP request to stderr")
+    front_door_args(a)
     a.set_defaults(func=cmd_api)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /stats, /quit)")
@@ -1009,7 +1169,47 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-k", type=int, default=0)
     ch.add_argument("--top-p", type=float, default=1.0)
     ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument(
+        "--api",
+        default=None,
+        metavar="URL",
+        help="chat with a remote `teesplit api` at https://HOST:PORT instead of running the runner here "
+        "(--server, --model, --plan are then unused)",
+    )
+    ch.add_argument("--api-key", default=None, help="with --api: the key (default $TEESPLIT_API_KEY)")
+    ch.add_argument(
+        "--attest",
+        default=None,
+        metavar="POLICY",
+        help="with --api: check the API's attestation against POLICY before the first prompt and talk "
+        "to the attested certificate only",
+    )
+    attest_source_args(ch)
     ch.set_defaults(func=cmd_chat)
+
+    at = sub.add_parser(
+        "attest", help="check an API's remote attestation (or a saved quote) against a policy file"
+    )
+    at.add_argument("url", nargs="?", default=None, help="the API, https://HOST:PORT")
+    at.add_argument(
+        "--policy", required=True, metavar="FILE", help="accepted measurements (JSON; see README)"
+    )
+    at.add_argument("--quote", default=None, metavar="FILE", help="verify a saved quote offline (no binding)")
+    at.add_argument(
+        "--api-key", default=None, help="the API's key, if it needs one (default $TEESPLIT_API_KEY)"
+    )
+    at.add_argument(
+        "--at",
+        default=None,
+        metavar="TIME",
+        help="verify as of this UTC time, e.g. 2025-06-20T00:00:00Z (default now)",
+    )
+    at.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds per network step")
+    at.add_argument(
+        "--save-cert", default=None, metavar="FILE", help="write the attested certificate (PEM) here"
+    )
+    attest_source_args(at)
+    at.set_defaults(func=cmd_attest)
 
     c = sub.add_parser("convert", help="convert a GGUF model into the cache and print its directory")
     model_args(c)
