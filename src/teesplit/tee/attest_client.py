@@ -36,6 +36,8 @@ import enum
 import http.client
 import json
 import ssl
+import subprocess
+import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -339,17 +341,55 @@ def fetch_evidence(
 
 
 def fetch_collateral(quote: bytes, pccs_url: str = INTEL_PCS_URL, timeout: float = 60.0) -> str:
-    """The quote's collateral from a PCCS (or Intel's PCS), as QuoteCollateralV3 JSON."""
-    dcap = _dcap()
+    """The quote's collateral from a PCCS (or Intel's PCS), as QuoteCollateralV3 JSON.
+
+    dcap-qvl fetches it on a Rust async runtime whose threads still touch the interpreter after
+    the call returns: a process that exits soon after crashes (SIGSEGV, dcap-qvl 0.7.0). So the
+    fetch runs in a short-lived child process that leaves with os._exit, and this process only
+    reads its answer."""
     _parse_quote(quote, Verdict())  # a quote that cannot be read is invalid, not unfetchable
+    code = "from teesplit.tee.attest_client import _collateral_child; _collateral_child()"
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", code, pccs_url, str(timeout)],
+            input=quote,
+            capture_output=True,
+            timeout=timeout + 30,
+        )
+        answer = json.loads(child.stdout)
+    except subprocess.TimeoutExpired:
+        raise AttestationFailed(
+            Outcome.FETCH_FAILED, f"no collateral from {pccs_url} in {timeout:g} s"
+        ) from None
+    except ValueError:
+        raise AttestationFailed(
+            Outcome.FETCH_FAILED,
+            f"the collateral fetch failed: {child.stderr.decode(errors='replace')[-300:]}",
+        ) from None
+    if "error" in answer:
+        raise AttestationFailed(
+            Outcome.FETCH_FAILED, f"cannot get collateral from {pccs_url}: {answer['error']}"
+        )
+    return answer["collateral"]
+
+
+def _collateral_child() -> None:
+    """The child of fetch_collateral: quote on stdin, {"collateral"} or {"error"} on stdout."""
+    import os
+
+    pccs_url, timeout = sys.argv[1], float(sys.argv[2])
+    quote = sys.stdin.buffer.read()
 
     async def get():
-        return await asyncio.wait_for(dcap.get_collateral(pccs_url, quote), timeout)
+        return await asyncio.wait_for(_dcap().get_collateral(pccs_url, quote), timeout)
 
     try:
-        return asyncio.run(get()).to_json()
-    except (TimeoutError, ValueError, RuntimeError, OSError) as e:
-        raise AttestationFailed(Outcome.FETCH_FAILED, f"cannot get collateral from {pccs_url}: {e}") from None
+        answer = {"collateral": asyncio.run(get()).to_json()}
+    except (ValueError, RuntimeError, OSError, TimeoutError, AttestationFailed) as e:
+        answer = {"error": str(e) or type(e).__name__}
+    sys.stdout.write(json.dumps(answer))
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter shutdown, which the runtime's threads would crash
 
 
 # ---- the whole check ------------------------------------------------------------------------

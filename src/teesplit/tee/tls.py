@@ -4,7 +4,7 @@ The API's certificate either comes from files (`--tls-cert`, `--tls-key`, e.g. i
 CA) or is made at start (`--tls-self-signed`): an ECDSA P-256 key pair created in this
 process's memory. That private key never touches a file system: OpenSSL (through Python's
 `ssl`, which loads keys only from paths) reads it from a memfd, an anonymous in-memory file
-reached as /proc/self/fd/N, closed as soon as it is loaded (a pipe where memfds do not exist).
+reached as /proc/self/fd/N, closed as soon as it is loaded.
 
 Each connection is handshaken in its own handler thread, so a client that stalls its
 handshake holds one thread, not the accept loop. A plain-HTTP request to the TLS port gets a
@@ -196,34 +196,25 @@ def _san(names: Sequence[str]) -> list:
 
 # ---- keys through memory, never a file ------------------------------------------------------
 @contextlib.contextmanager
-def memory_file(data: bytes, use_memfd: bool = True) -> Iterator[str]:
-    """A path OpenSSL can open that reads `data` from memory: a memfd (Linux), else a pipe.
-    Closed (and its memory freed) when the block ends."""
-    if use_memfd and hasattr(os, "memfd_create"):
-        fd = os.memfd_create("teesplit-tls", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, data)  # a few hundred bytes: one write
-            yield f"/proc/self/fd/{fd}"
-        finally:
-            os.close(fd)
-        return
-    # A pipe holds up to 64 KiB before a writer blocks: far more than a key.
-    r, w = os.pipe()
+def memory_file(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can open that reads `data` from memory: a memfd (Linux 3.17+), closed, and
+    its memory freed, when the block ends. OpenSSL seeks in what it reads, so a pipe would not
+    do; where memfds do not exist, this refuses rather than fall back to a file."""
+    if not hasattr(os, "memfd_create"):
+        raise TLSConfigError(
+            "--tls-self-signed needs memfd_create (Linux) to hand the key to OpenSSL without a file; "
+            "use --tls-cert/--tls-key on an in-memory or encrypted file system instead"
+        )
+    fd = os.memfd_create("teesplit-tls", os.MFD_CLOEXEC)
     try:
-        os.write(w, data)
-        os.close(w)
-        w = -1
-        yield f"/proc/self/fd/{r}"  # reopening the read end sees the data, then end-of-file
+        os.write(fd, data)  # a few hundred bytes: one write
+        yield f"/proc/self/fd/{fd}"
     finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
+        os.close(fd)
 
 
-def load_chain_from_memory(
-    ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, use_memfd: bool = True
-) -> None:
-    with memory_file(cert_pem, use_memfd) as cert_path, memory_file(key_pem, use_memfd) as key_path:
+def load_chain_from_memory(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    with memory_file(cert_pem) as cert_path, memory_file(key_pem) as key_path:
         ctx.load_cert_chain(cert_path, key_path)
 
 
