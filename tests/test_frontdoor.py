@@ -402,6 +402,34 @@ def test_chat_client_refuses_a_wrong_key_and_a_failed_attestation(ca_api, tee_ap
     assert all(after[k] == before.get(k, 0) for k in chat), "no prompt was sent"
 
 
+# ---- the whole picture: client -> HTTPS -> API (runner) -> CurveZMQ -> GPU server --------------
+def test_api_over_https_reaches_a_curve_gpu_server(ckpt, solo, tmp_path):
+    from teesplit.cli import free_tcp_address
+    from teesplit.transport.curve import CurveClient, generate_keys
+
+    (tmp_path / "allowed").mkdir()
+    server = generate_keys(tmp_path, "server")
+    runner = generate_keys(tmp_path / "allowed", "runner")
+    address = free_tcp_address()
+    extra = ["--device", "cpu", "--threads", "1", "--curve-secret", str(server[1])]
+    extra += ["--allow-keys", str(tmp_path / "allowed")]
+    gpu = start_server(ckpt, address, extra, curve=CurveClient.from_files(runner[1], server[0]))
+    try:
+        args = ["--tls-self-signed", "--api-key", K1, "--attestation", "none"]
+        args += ["--curve-secret", str(runner[1]), "--server-key", str(server[0])]
+        ctx = tls.client_context(verify=False)
+        api = APIProcess(ckpt, address, tmp_path / "api.log", args, tls_context=ctx)
+        try:
+            body = {"model": "tiny", "messages": QUESTION, "max_tokens": 6, "temperature": 0}
+            status, answer = request(api.port, "POST", CHAT, body, context=ctx, api_key=K1)
+            assert status == 200, answer
+            assert answer["choices"][0]["message"]["content"] == solo(QUESTION, 6).text
+        finally:
+            assert api.stop() == 0
+    finally:
+        stop_server(gpu)
+
+
 # ---- settings refused at start ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "args, error",

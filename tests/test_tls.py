@@ -56,6 +56,23 @@ def test_keys_load_from_memory_and_the_descriptor_is_closed():
         tls.load_chain_from_memory(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert_pem, key_pem)
 
 
+def test_without_memfds_the_key_goes_only_to_a_named_memory_dir(tmp_path, monkeypatch):
+    """Gramine has no memfd_create: refuse, unless told an in-TEE tmpfs, which is left empty."""
+
+    def no_memfd(*_):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    with pytest.raises(tls.TLSConfigError, match="--tls-memory-dir"):
+        tls.self_signed()
+    with tls.memory_file(b"secret bytes", tmp_path) as path:
+        assert Path(path).parent == tmp_path and Path(path).read_bytes() == b"secret bytes"
+        assert os.stat(path).st_mode & 0o077 == 0, "readable by this user only"
+    assert list(tmp_path.iterdir()) == []
+    served = tls.self_signed(memory_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == [] and served.spki_der
+
+
 def test_certificate_files(tmp_path):
     _, chain, key = make_ca_and_leaf(tmp_path)
     served = tls.certificate_from_files(chain, key)

@@ -630,7 +630,9 @@ def _model_factory(args: argparse.Namespace, model_dir: Path, default_plan: str)
                 handler, _ = build_service(model_dir, args.device, args.dtype, progress=False)
             client = GPUClient(LocalTransport(handler.handle), args.wire_dtype or "float32")
         else:
-            client = connect_client(args.server, model_dir, args.timeout, args.wire_dtype or "float32")
+            client = connect_client(
+                args.server, model_dir, args.timeout, args.wire_dtype or "float32", curve=client_curve(args)
+            )
         client.retries = args.retries
         try:
             model = TEELlamaModel(client, plan or get_plan(default_plan))
@@ -729,6 +731,7 @@ def _front_door(args: argparse.Namespace):
         tls_key=args.tls_key,
         tls_self_signed=args.tls_self_signed,
         tls_names=args.tls_name,
+        tls_memory_dir=args.tls_memory_dir,
         insecure=args.insecure,
         api_keys=args.api_key,
         api_key_files=args.api_key_file,
@@ -1073,6 +1076,13 @@ def build_parser() -> argparse.ArgumentParser:
             "self-signed certificate (repeatable; localhost and --host are always in it)",
         )
         sp.add_argument(
+            "--tls-memory-dir",
+            default=None,
+            metavar="DIR",
+            help="only where memfds do not exist (Gramine): an in-memory file system inside the TEE that "
+            "briefly holds the self-signed key for OpenSSL",
+        )
+        sp.add_argument(
             "--insecure", action="store_true", help="allow a non-loopback --host without TLS (plain HTTP)"
         )
         sp.add_argument(
@@ -1143,6 +1153,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply"
         )
         sp.add_argument("--retries", type=_non_negative_int, default=2, help="resend an unanswered request")
+        curve_client_args(sp)  # the link to the GPU server, encrypted as generate's
 
     a = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API (trusted side)")
     runner_args(a, "v2-merged")

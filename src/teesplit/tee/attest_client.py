@@ -180,7 +180,8 @@ def _dcap():
         import dcap_qvl
     except ImportError:
         raise AttestationFailed(
-            Outcome.INVALID_EVIDENCE, "quote verification needs the dcap-qvl package: pip install dcap-qvl"
+            Outcome.INVALID_EVIDENCE,
+            "quote verification needs the dcap-qvl package: pip install 'teesplit[attest]'",
         ) from None
     return dcap_qvl
 

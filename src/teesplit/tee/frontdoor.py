@@ -34,6 +34,7 @@ class FrontDoorSettings:
     tls_key: str | None = None
     tls_self_signed: bool = False
     tls_names: list[str] = field(default_factory=list)  # extra names in a self-signed certificate
+    tls_memory_dir: str | None = None  # where memfds do not exist: an in-TEE tmpfs for the key
     insecure: bool = False
     api_keys: list[str] = field(default_factory=list)
     api_key_files: list[str] = field(default_factory=list)
@@ -69,7 +70,7 @@ def _tls(s: FrontDoorSettings) -> tlsmod.ServedCertificate | None:
     if s.tls_names and not s.tls_self_signed:
         raise ValueError("--tls-name adds names to the --tls-self-signed certificate")
     if s.tls_self_signed:
-        return tlsmod.self_signed([s.host, *s.tls_names])
+        return tlsmod.self_signed([s.host, *s.tls_names], s.tls_memory_dir)
     if s.tls_cert is not None:
         return tlsmod.certificate_from_files(s.tls_cert, s.tls_key)
     if not tlsmod.is_loopback_host(s.host) and not s.insecure:

@@ -4,7 +4,8 @@ The API's certificate either comes from files (`--tls-cert`, `--tls-key`, e.g. i
 CA) or is made at start (`--tls-self-signed`): an ECDSA P-256 key pair created in this
 process's memory. That private key never touches a file system: OpenSSL (through Python's
 `ssl`, which loads keys only from paths) reads it from a memfd, an anonymous in-memory file
-reached as /proc/self/fd/N, closed as soon as it is loaded.
+reached as /proc/self/fd/N, closed as soon as it is loaded (where there are no memfds, as
+under Gramine, a file on an in-memory file system inside the TEE that you name).
 
 Each connection is handshaken in its own handler thread, so a client that stalls its
 handshake holds one thread, not the accept loop. A plain-HTTP request to the TLS port gets a
@@ -25,6 +26,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
@@ -125,7 +127,7 @@ def certificate_from_files(cert_file: str | Path, key_file: str | Path) -> Serve
     return _served(ctx, leaf)
 
 
-def self_signed(names: Sequence[str] = ()) -> ServedCertificate:
+def self_signed(names: Sequence[str] = (), memory_dir: str | Path | None = None) -> ServedCertificate:
     """A fresh ECDSA P-256 key and a self-signed certificate for `names` (DNS names or IP
     addresses; localhost, 127.0.0.1 and ::1 are always included). The key exists only in this
     process: it is serialized once into an in-memory file for OpenSSL and dropped."""
@@ -173,7 +175,7 @@ def self_signed(names: Sequence[str] = ()) -> ServedCertificate:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     ctx = _server_context()
-    load_chain_from_memory(ctx, cert_pem, key_pem)
+    load_chain_from_memory(ctx, cert_pem, key_pem, memory_dir)
     del key, key_pem
     return _served(ctx, cert.public_bytes(serialization.Encoding.DER))
 
@@ -196,16 +198,22 @@ def _san(names: Sequence[str]) -> list:
 
 # ---- keys through memory, never a file ------------------------------------------------------
 @contextlib.contextmanager
-def memory_file(data: bytes) -> Iterator[str]:
+def memory_file(data: bytes, memory_dir: str | Path | None = None) -> Iterator[str]:
     """A path OpenSSL can open that reads `data` from memory: a memfd (Linux 3.17+), closed, and
-    its memory freed, when the block ends. OpenSSL seeks in what it reads, so a pipe would not
-    do; where memfds do not exist, this refuses rather than fall back to a file."""
-    if not hasattr(os, "memfd_create"):
-        raise TLSConfigError(
-            "--tls-self-signed needs memfd_create (Linux) to hand the key to OpenSSL without a file; "
-            "use --tls-cert/--tls-key on an in-memory or encrypted file system instead"
-        )
-    fd = os.memfd_create("teesplit-tls", os.MFD_CLOEXEC)
+    its memory freed, when the block ends (OpenSSL seeks in what it reads, so a pipe would not
+    do). Where memfds do not exist (Gramine has none), a file in `memory_dir`, which must be an
+    in-memory file system inside the TEE (Gramine: a tmpfs mount), is used, overwritten and
+    removed at once; without `memory_dir` this refuses rather than write a file."""
+    try:
+        fd = os.memfd_create("teesplit-tls", os.MFD_CLOEXEC)
+    except (AttributeError, OSError) as e:
+        if memory_dir is None:
+            raise TLSConfigError(
+                f"cannot make a memfd to hand the TLS key to OpenSSL ({e}); give --tls-memory-dir DIR on "
+                "an in-memory file system inside the TEE, or use --tls-cert/--tls-key"
+            ) from None
+        yield from _spill_file(data, Path(memory_dir))
+        return
     try:
         os.write(fd, data)  # a few hundred bytes: one write
         yield f"/proc/self/fd/{fd}"
@@ -213,8 +221,22 @@ def memory_file(data: bytes) -> Iterator[str]:
         os.close(fd)
 
 
-def load_chain_from_memory(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    with memory_file(cert_pem) as cert_path, memory_file(key_pem) as key_path:
+def _spill_file(data: bytes, directory: Path) -> Iterator[str]:
+    fd, path = tempfile.mkstemp(dir=directory, prefix=".teesplit-tls-")  # mode 0600
+    try:
+        os.write(fd, data)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, bytes(len(data)), 0)
+        os.close(fd)
+        os.unlink(path)
+
+
+def load_chain_from_memory(
+    ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, memory_dir: str | Path | None = None
+) -> None:
+    with memory_file(cert_pem, memory_dir) as cert_path, memory_file(key_pem, memory_dir) as key_path:
         ctx.load_cert_chain(cert_path, key_path)
 
 
