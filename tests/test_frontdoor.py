@@ -249,6 +249,26 @@ def test_curl_wrong_key_no_key_and_plain_http(ca_api, certs):
     _up(ca_api, ca_api.context)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_curl_trusts_the_self_signed_certificate_or_its_printed_pin(tee_api, tmp_path):
+    """What the API prints at start is what a client pins: the certificate's fingerprint and the
+    public-key pin curl takes; the certificate itself works as a CA bundle."""
+    fingerprint, pin = tls.fingerprint(tee_api.cert_der), tls.spki_pin(tls.spki_of(tee_api.cert_der))
+    log = tee_api.log_path.read_text()
+    assert f"TLS certificate sha256 fingerprint: {fingerprint}" in log
+    assert f"public key pin (curl --pinnedpubkey): {pin}" in log
+    pem = tmp_path / "enclave.pem"
+    pem.write_text(ssl.DER_cert_to_PEM_cert(tee_api.cert_der))
+    models = f"https://localhost:{tee_api.port}/v1/models"
+    r = _curl("--cacert", str(pem), "-H", f"Authorization: Bearer {K1}", models)
+    assert r.returncode == 0 and json.loads(r.stdout)["data"][0]["id"] == "tiny", r.stderr
+    r = _curl("-k", "--pinnedpubkey", pin, "-H", f"Authorization: Bearer {K1}", models)
+    assert r.returncode == 0 and json.loads(r.stdout)["data"][0]["id"] == "tiny", r.stderr
+    wrong = "sha256//" + base64.b64encode(bytes(32)).decode()
+    r = _curl("-k", "--pinnedpubkey", wrong, models)
+    assert r.returncode == 90, r.stderr  # CURLE_SSL_PINNEDPUBKEYNOTMATCH: nothing was sent
+
+
 def test_keys_never_reach_the_log(ca_api, tee_api):
     request(ca_api.port, "GET", "/v1/models", context=ca_api.context, api_key="wrong-secret-0123456789")
     for api in (ca_api, tee_api):
