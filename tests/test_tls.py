@@ -171,6 +171,11 @@ def test_plain_http_and_broken_handshakes_leave_the_server_up(server):
     r = conn.getresponse()
     assert r.status == 400 and b"use https://" in r.read()
     conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/v1/completions", body=b"x" * 200_000)  # a body it never reads as HTTP
+    r = conn.getresponse()
+    assert r.status == 400 and b"use https://" in r.read()
+    conn.close()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a TLS record, then junk
         s.sendall(b"\x16\x03\x01\x00\x05junk!")
         s.shutdown(socket.SHUT_WR)

@@ -304,6 +304,11 @@ def _answer_plain_http(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.sendall(head + _PLAIN_HTTP_REPLY)
         sock.shutdown(socket.SHUT_WR)
+        # Read what the client still sends (a body) until it closes, within the timeout and a
+        # bound: closing with unread data would reset the connection under the answer.
+        for _ in range(256):
+            if not sock.recv(4096):
+                break
 
 
 def _close_tls(tls: ssl.SSLSocket) -> None:
