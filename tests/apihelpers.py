@@ -6,6 +6,10 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import ssl
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +28,55 @@ def make_chat_checkpoint(path: Path, tokenizer_dir: Path, **overrides) -> Path:
     return path
 
 
-class APIProcess:
-    """`python -m teesplit api ...` in a child process; its stderr goes to a log file."""
+def start_api_https(
+    args: list[str], port: int, context: ssl.SSLContext, stderr=None, env=None, timeout: float = 300.0
+) -> subprocess.Popen:
+    """`teesplit api ARGS --port PORT` serving HTTPS (and maybe keys): wait until GET /health,
+    which needs no key, answers at all (200, or 503 while the GPU server is away)."""
+    cmd = [sys.executable, "-m", "teesplit", "api", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stderr=stderr, stdout=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
+            try:
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                return proc
+            finally:
+                conn.close()
+        except (OSError, http.client.HTTPException):
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"teesplit api exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"teesplit api did not answer within {timeout:g} s")
+        time.sleep(0.2)
 
-    def __init__(self, model_dir: Path, server: str, log_path: Path, extra: list[str] | None = None):
+
+class APIProcess:
+    """`python -m teesplit api ...` in a child process; its stderr goes to a log file. With
+    `tls_context` it serves HTTPS (the context checks its certificate)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        server: str,
+        log_path: Path,
+        extra: list[str] | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.port = free_tcp_port()
         self.log_path = log_path
         args = ["--server", server, "--model", str(model_dir), "--served-model-name", "tiny", *(extra or [])]
         self.log = open(log_path, "w")
         try:
-            self.proc = start_api(args, self.port, stderr=self.log)
+            if tls_context is not None:
+                self.proc = start_api_https(args, self.port, tls_context, stderr=self.log, env=env)
+            else:
+                self.proc = start_api(args, self.port, stderr=self.log, env=env)
         except RuntimeError as e:
             self.log.close()
             raise RuntimeError(f"{e}: {log_path.read_text()[-2000:]}") from None
@@ -44,14 +87,30 @@ class APIProcess:
         return self.proc.returncode
 
 
+def _connection(port: int, timeout: float, context: ssl.SSLContext | None) -> http.client.HTTPConnection:
+    if context is not None:
+        return http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+
 def request(
-    port: int, method: str, path: str, body: Any = None, raw: bytes | None = None, timeout: float = 300
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    timeout: float = 300,
+    context: ssl.SSLContext | None = None,
+    api_key: str | None = None,
 ):
-    """One HTTP request: (status, parsed JSON or text)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    """One HTTP request (HTTPS with `context`): (status, parsed JSON or text)."""
+    conn = _connection(port, timeout, context)
     try:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key}"
+        conn.request(method, path, body=data, headers=headers)
         r = conn.getresponse()
         text = r.read().decode()
         if r.getheader("Content-Type", "").startswith("application/json"):
@@ -61,11 +120,20 @@ def request(
         conn.close()
 
 
-def stream(port: int, path: str, body: dict, on_event=None, timeout: float = 300) -> tuple[int, list[Any]]:
+def stream(
+    port: int,
+    path: str,
+    body: dict,
+    on_event=None,
+    timeout: float = 300,
+    context: ssl.SSLContext | None = None,
+    api_key: str | None = None,
+) -> tuple[int, list[Any]]:
     """A streaming request: (status, events); each event is a parsed JSON object or "[DONE]"."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = _connection(port, timeout, context)
     try:
-        conn.request("POST", path, body=json.dumps({**body, "stream": True}).encode())
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
+        conn.request("POST", path, body=json.dumps({**body, "stream": True}).encode(), headers=headers)
         r = conn.getresponse()
         if r.status != 200:
             return r.status, [json.loads(r.read())]
@@ -88,9 +156,9 @@ def stream(port: int, path: str, body: dict, on_event=None, timeout: float = 300
         conn.close()
 
 
-def metrics(port: int) -> dict[str, float]:
+def metrics(port: int, context: ssl.SSLContext | None = None, api_key: str | None = None) -> dict[str, float]:
     """The /metrics samples as {'name{labels}': value}."""
-    status, text = request(port, "GET", "/metrics")
+    status, text = request(port, "GET", "/metrics", context=context, api_key=api_key)
     assert status == 200
     out = {}
     for line in text.splitlines():

@@ -8,9 +8,9 @@ import pytest
 from helpers import make_checkpoint
 
 from teesplit import protocol
-from teesplit.launch import build_service
 from teesplit.gpu import handler as handler_module
 from teesplit.gpu.handler import OPERATIONS, Reply, RequestHandler, operation
+from teesplit.launch import build_service
 from teesplit.protocol import OPS, OpSpec, RemoteError, parse_reply, request
 
 

@@ -1,5 +1,7 @@
 """The `teesplit` command: parse arguments, call the library, print, map errors to exit codes.
 
+Subcommands: serve, generate, api, chat, attest, demo, ping, convert, manifest, keys, bench.
+
 Nothing imports this module. Runners are built by the one assembly (tee/assemble.py), servers
 started by launch.py. The GPU side (torch) is imported only by the subcommands that need it,
 so `generate` against a remote server runs without torch in the process.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -369,6 +372,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     from teesplit.tee.serving import Engine, ServingError
     from teesplit.tee.tokenizer import Tokenizer
 
+    door = front_door(args)  # refuse a bad TLS/key/attestation setting before loading anything
     model_dir = resolve(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     local = ModelConfig.from_dir(model_dir)
@@ -393,14 +397,20 @@ def cmd_api(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log=say if args.access_log else None,
+        **door.server_kwargs(),
     )
     engine.start()
     host, port = api.address
     say(
-        f"OpenAI-compatible API at http://{host}:{port}/v1 (model {api.model_id!r}, plan {plan}, "
-        f"GPU server {', '.join(args.server or [DEFAULT_ADDRESS])}, up to {args.max_batch} sequences per "
-        "batch); metrics at /metrics"
+        f"OpenAI-compatible API at {'https' if door.tls else 'http'}://{host}:{port}/v1 (model "
+        f"{api.model_id!r}, plan {plan}, GPU server {', '.join(args.server or [DEFAULT_ADDRESS])}, up to "
+        f"{args.max_batch} sequences per batch); metrics at /metrics; {len(door.api_keys)} API key(s)"
     )
+    if door.tls is not None:
+        say(
+            f"TLS certificate sha256 fingerprint: {door.tls.fingerprint}\n"
+            f"public key pin (curl --pinnedpubkey): {door.tls.spki_pin}"
+        )
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -416,7 +426,80 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def front_door(args: argparse.Namespace):
+    """The API's front door (TLS, API keys, attestation) from its flags (tee/frontdoor.py)."""
+    from teesplit.tee.frontdoor import FrontDoorSettings, build
+
+    settings = FrontDoorSettings(
+        host=args.host,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_self_signed=args.tls_self_signed,
+        tls_names=args.tls_name,
+        tls_memory_dir=args.tls_memory_dir,
+        insecure=args.insecure,
+        api_keys=args.api_key,
+        api_key_files=args.api_key_file,
+        env_api_key=os.environ.get("TEESPLIT_API_KEY"),
+        metrics_open=args.metrics_open,
+        attestation=args.attestation,
+        tsm_report=args.tsm_report,
+        gramine_attestation=args.gramine_attestation,
+    )
+    return build(settings, warn=lambda m: say(f"warning: {m}"))
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    from teesplit.tee.attest_client import run_attest
+
+    outcome, text = run_attest(
+        args.policy,
+        url=args.url,
+        quote_file=args.quote,
+        collateral_file=args.collateral,
+        pccs_url=args.pccs_url,
+        api_key=args.api_key or os.environ.get("TEESPLIT_API_KEY"),
+        ca_file=args.ca_cert,
+        at=args.at,
+        timeout=args.timeout,
+        save_cert=args.save_cert,
+    )
+    print(text, flush=True)
+    return int(outcome)
+
+
+def remote_chat(args: argparse.Namespace) -> int:
+    """`teesplit chat --api URL`: a client of a remote API, attested first with --attest."""
+    from teesplit.tee.attest_client import AttestationFailed
+    from teesplit.tee.chat import run_chat
+    from teesplit.tee.chat_client import connect
+
+    try:
+        session = connect(
+            args.api,
+            api_key=args.api_key or os.environ.get("TEESPLIT_API_KEY"),
+            ca_file=args.ca_cert,
+            attest_policy=args.attest,
+            collateral_file=args.collateral,
+            pccs_url=args.pccs_url,
+            log=say,
+            max_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            system=args.system,
+        )
+    except AttestationFailed as e:  # connect() printed the verdict
+        return int(e.outcome)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401 - line editing and history for input()
+    return run_chat(session, input, _print_stream, format_stats)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.api:
+        return remote_chat(args)
     from teesplit.config import ModelConfig
     from teesplit.tee.chat import ChatSession, run_chat
     from teesplit.tee.generate import Generator
@@ -566,6 +649,89 @@ def add_sampling_args(sp: argparse.ArgumentParser, max_new_tokens: int) -> None:
     sp.add_argument("--seed", type=int, default=None)
 
 
+def add_front_door_args(sp: argparse.ArgumentParser) -> None:
+    """The API's TLS, API keys and attestation (tee/frontdoor.py)."""
+    from teesplit.tee.attestation import DEFAULT_GRAMINE_DIR, DEFAULT_TSM_REPORT
+
+    sp.add_argument("--tls-cert", default=None, metavar="FILE", help="serve HTTPS: PEM certificate chain")
+    sp.add_argument("--tls-key", default=None, metavar="FILE", help="its PEM private key")
+    sp.add_argument(
+        "--tls-self-signed",
+        action="store_true",
+        help="serve HTTPS with a key pair made in memory at start (never written to disk); "
+        "prints the certificate's SHA-256 fingerprint",
+    )
+    sp.add_argument(
+        "--tls-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name or IP for the self-signed certificate (repeatable; localhost and --host are "
+        "always in it)",
+    )
+    sp.add_argument(
+        "--tls-memory-dir",
+        default=None,
+        metavar="DIR",
+        help="only where memfds do not exist (Gramine): an in-memory file system inside the TEE that "
+        "briefly holds the self-signed key for OpenSSL",
+    )
+    sp.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback --host without TLS (plain HTTP)"
+    )
+    sp.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require this key (repeatable; visible in the process list: prefer --api-key-file or "
+        "$TEESPLIT_API_KEY)",
+    )
+    sp.add_argument("--api-key-file", action="append", default=[], metavar="FILE", help="keys, one per line")
+    sp.add_argument(
+        "--metrics-open", action="store_true", help="serve /metrics without a key (default: it needs one)"
+    )
+    sp.add_argument(
+        "--attestation",
+        choices=("auto", "tdx", "sgx", "none"),
+        default="auto",
+        help="GET /v1/attestation: auto (configfs-tsm, else Gramine), tdx, sgx, or none (off); "
+        "needs TLS (default %(default)s)",
+    )
+    sp.add_argument(
+        "--tsm-report",
+        default=str(DEFAULT_TSM_REPORT),
+        metavar="DIR",
+        help="the configfs-tsm report entry to use (default %(default)s)",
+    )
+    sp.add_argument(
+        "--gramine-attestation",
+        default=str(DEFAULT_GRAMINE_DIR),
+        metavar="DIR",
+        help="Gramine's attestation directory (default %(default)s)",
+    )
+
+
+def add_attest_source_args(sp: argparse.ArgumentParser) -> None:
+    from teesplit.tee.attest_client import INTEL_PCS_URL
+
+    sp.add_argument(
+        "--collateral", default=None, metavar="FILE", help="the quote's collateral (dcap-qvl JSON)"
+    )
+    sp.add_argument(
+        "--pccs-url",
+        default=INTEL_PCS_URL,
+        metavar="URL",
+        help="where to fetch collateral without --collateral (default %(default)s)",
+    )
+    sp.add_argument(
+        "--ca-cert",
+        default=None,
+        metavar="FILE",
+        help="also verify the server's certificate against this CA file",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="teesplit", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"teesplit {teesplit.__version__}")
@@ -692,13 +858,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-waiting", type=int, default=256, help="queued requests before 429 (default %(default)s)"
     )
     a.add_argument("--access-log", action="store_true", help="log every HTTP request to stderr")
+    add_front_door_args(a)
     a.set_defaults(func=cmd_api)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /stats, /quit)")
     add_runner_args(ch, "v3-fused")
     ch.add_argument("--system", default=None, help="a system prompt")
     add_sampling_args(ch, 256)
+    ch.add_argument(
+        "--api",
+        default=None,
+        metavar="URL",
+        help="chat with a remote `teesplit api` at https://HOST:PORT instead of running the runner here "
+        "(the runner flags are then unused)",
+    )
+    ch.add_argument("--api-key", default=None, help="with --api: the key (default $TEESPLIT_API_KEY)")
+    ch.add_argument(
+        "--attest",
+        default=None,
+        metavar="POLICY",
+        help="with --api: check the API's attestation against POLICY before the first prompt and talk "
+        "to the attested certificate only",
+    )
+    add_attest_source_args(ch)
     ch.set_defaults(func=cmd_chat)
+
+    at = sub.add_parser(
+        "attest", help="check an API's remote attestation (or a saved quote) against a policy file"
+    )
+    at.add_argument("url", nargs="?", default=None, help="the API, https://HOST:PORT")
+    at.add_argument(
+        "--policy", required=True, metavar="FILE", help="accepted measurements (JSON; see README)"
+    )
+    at.add_argument("--quote", default=None, metavar="FILE", help="verify a saved quote offline (no binding)")
+    at.add_argument(
+        "--api-key", default=None, help="the API's key, if it needs one (default $TEESPLIT_API_KEY)"
+    )
+    at.add_argument(
+        "--at",
+        default=None,
+        metavar="TIME",
+        help="verify as of this UTC time, e.g. 2025-06-20T00:00:00Z (default now)",
+    )
+    at.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds per network step")
+    at.add_argument(
+        "--save-cert", default=None, metavar="FILE", help="write the attested certificate (PEM) here"
+    )
+    add_attest_source_args(at)
+    at.set_defaults(func=cmd_attest)
 
     c = sub.add_parser("convert", help="convert a GGUF model into the cache and print its directory")
     add_model_args(c)

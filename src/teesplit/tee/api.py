@@ -9,6 +9,7 @@ the clear only here. Endpoints:
     POST /v1/completions             prompt (text or token ids) -> generation
     GET  /metrics                    Prometheus text format
     GET  /health                     200 when the GPU server answered the last time it was asked
+    GET  /v1/attestation?nonce=HEX   a TEE quote bound to the TLS certificate (tee/attestation.py)
 
 Both POST endpoints take `stream: true` (server-sent events, one chunk per generated token
 that completes text). Beyond OpenAI's fields, `top_k` and `ignore_eos` (as in vLLM) are
@@ -16,6 +17,10 @@ accepted. Every field of a request is validated: a bad request gets 400 with an
 OpenAI-shaped error ({"error": {"message", "type", "param", "code"}}), an unknown path or
 model 404, an unreachable GPU server 503. Requests share one GPU connection through the
 continuous-batching `Engine` (tee/serving.py). Standard library only (http.server).
+
+The front door: with a certificate (tee/tls.py) the API speaks only HTTPS, the TLS ending in
+this process; with API keys (tee/apikeys.py) every endpoint but /health (and /metrics when
+left open) needs `Authorization: Bearer KEY`, else 401 in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ import math
 import queue
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from teesplit.tee.apikeys import APIKeys
+from teesplit.tee.attestation import AttestationService, EvidenceError, parse_nonce
 from teesplit.tee.generate import SamplingParams
 from teesplit.tee.serving import Engine, Request, ServingError
+from teesplit.tee.tls import ServedCertificate, TLSHTTPServer
 from teesplit.tee.tokenizer import ChatTemplateError, Tokenizer
 
 MAX_BODY_BYTES = 4 << 20
@@ -337,7 +346,13 @@ class APIServer:
         port: int = 8000,
         request_timeout_s: float = 3600.0,
         log=None,
+        tls: ServedCertificate | None = None,
+        api_keys: APIKeys | None = None,
+        metrics_open: bool = False,
+        attestation: AttestationService | None = None,
     ):
+        """`tls`: serve HTTPS with this certificate. `api_keys`: require one of them.
+        `attestation`: answer GET /v1/attestation (None: the endpoint is off, 404)."""
         self.engine = engine
         self.validator = Validator(tokenizer, model_id, context, vocab_size)
         self.model_id = model_id
@@ -347,7 +362,14 @@ class APIServer:
         self.log = log
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
-        self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
+        self.tls = tls
+        self.api_keys = api_keys or APIKeys()
+        self.open_paths = {"/health", "/metrics"} if metrics_open else {"/health"}
+        self.attestation = attestation
+        if tls is not None:
+            self.httpd = TLSHTTPServer((host, port), _make_handler(self), tls.context, log)
+        else:
+            self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
         self.httpd.daemon_threads = True
 
     @property
@@ -374,6 +396,38 @@ class APIServer:
     def metrics_text(self) -> str:
         return render_metrics(self)
 
+    def authorize(self, path: str, authorization: str | None) -> None:
+        """APIError 401 unless `path` is open or the header carries a configured key."""
+        if not self.api_keys or path in self.open_paths:
+            return
+        why = self.api_keys.check(authorization)
+        if why == "missing":
+            raise APIError(
+                401,
+                "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                None,
+                "missing_api_key",
+            )
+        if why is not None:  # the presented key is never echoed: it may be someone's real key
+            raise APIError(401, "Incorrect API key provided.", None, "invalid_api_key")
+
+    def evidence(self, query: str) -> dict[str, Any]:
+        if self.attestation is None:
+            raise APIError(
+                404, "attestation is turned off on this server (--attestation none)", None, "unknown_url"
+            )
+        nonce_text = urllib.parse.parse_qs(query).get("nonce", [None])[0]
+        try:
+            nonce = parse_nonce(nonce_text)
+        except ValueError as e:
+            raise bad(str(e), "nonce") from None
+        try:
+            return self.attestation.evidence(nonce)
+        except EvidenceError as e:
+            raise APIError(
+                501, f"attestation is not available: {e}", None, "attestation_unavailable"
+            ) from None
+
 
 def _make_handler(api: APIServer) -> type[BaseHTTPRequestHandler]:
     class Handler(_Handler):
@@ -396,9 +450,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routing ---------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        path = self.path.split("?", 1)[0].rstrip("/")
+        path, _, query = self.path.partition("?")
+        path = path.rstrip("/")
         api = self.server_api
         try:
+            api.authorize(path, self.headers.get("Authorization"))
             if path == "/v1/models":
                 self._json(200, api.models(), path)
             elif path.startswith("/v1/models/"):
@@ -412,6 +468,8 @@ class _Handler(BaseHTTPRequestHandler):
                 up = api.engine.model is not None
                 body = {"status": "ok" if up else "gpu_unavailable", "detail": api.engine.last_error}
                 self._json(200 if up else 503, body, path)
+            elif path == "/v1/attestation":
+                self._json(200, api.evidence(query), path)
             else:
                 raise APIError(404, f"Unknown request URL: GET {self.path}", None, "unknown_url")
         except APIError as e:
@@ -421,6 +479,11 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         api = self.server_api
         try:
+            try:
+                api.authorize(path, self.headers.get("Authorization"))
+            except APIError:
+                self._discard_body()
+                raise
             if path == "/v1/chat/completions":
                 parse, kind = api.validator.chat, "chat"
             elif path == "/v1/completions":
@@ -493,6 +556,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes, ctype: str, endpoint: str) -> None:
         self.server_api.count(endpoint, status)
         self.send_response(status)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="teesplit"')
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
@@ -507,7 +572,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json", endpoint)
 
     def _error(self, e: APIError, endpoint: str) -> None:
-        if not endpoint.startswith(("/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics")):
+        known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics", "/v1/attestation")
+        if not endpoint.startswith(known):
             endpoint = "other"
         self._json(e.status, e.body(), endpoint)
 
