@@ -14,11 +14,13 @@ import hmac
 from collections.abc import Iterable
 from pathlib import Path
 
+from teesplit.errors import UsageError
+
 MIN_KEY_CHARS = 16
 KEY_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
-class APIKeyError(ValueError):
+class APIKeyError(UsageError):
     """A key that cannot be used (too short, or characters a header cannot carry)."""
 
 

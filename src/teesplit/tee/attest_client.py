@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from teesplit.errors import UsageError
 from teesplit.tee.attestation import BindingMismatch, check_binding, random_nonce
 from teesplit.tee.tls import client_context, fingerprint, pinned_client_context, spki_of, spki_pin
 
@@ -82,7 +83,7 @@ OUTCOME_WORDS = {
 }
 
 
-class PolicyError(ValueError):
+class PolicyError(UsageError):
     """A policy file that cannot be used (the message names the key)."""
 
 
@@ -272,9 +273,9 @@ def parse_time(text: str) -> int:
     try:
         t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise ValueError(f"--at {text!r}: give an ISO 8601 time such as 2025-06-20T00:00:00Z") from None
+        raise UsageError(f"--at {text!r}: give an ISO 8601 time such as 2025-06-20T00:00:00Z") from None
     if t.tzinfo is None:
-        raise ValueError(f"--at {text!r}: give the time zone, e.g. 2025-06-20T00:00:00Z")
+        raise UsageError(f"--at {text!r}: give the time zone, e.g. 2025-06-20T00:00:00Z")
     return int(t.timestamp())
 
 
@@ -283,9 +284,9 @@ def api_root(url: str) -> tuple[str, str, int, str]:
     """(root URL, host, port, path prefix) of `https://HOST[:PORT][/PREFIX][/v1]`."""
     u = urllib.parse.urlsplit(url)
     if u.scheme != "https":
-        raise ValueError(f"{url}: attestation binds a TLS certificate; give an https:// URL")
+        raise UsageError(f"{url}: attestation binds a TLS certificate; give an https:// URL")
     if not u.hostname:
-        raise ValueError(f"{url}: no host")
+        raise UsageError(f"{url}: no host")
     prefix = u.path.rstrip("/")
     prefix = prefix[: -len("/v1")] if prefix.endswith("/v1") else prefix
     port = u.port or 443
@@ -516,12 +517,12 @@ def run_attest(
     policy = Policy.load(policy_file)
     when = parse_time(at) if at else None
     if (url is None) == (quote_file is None):
-        raise ValueError("give the API's https:// URL, or --quote FILE --collateral FILE for a saved quote")
+        raise UsageError("give the API's https:// URL, or --quote FILE --collateral FILE for a saved quote")
     collateral = Path(collateral_file).read_text() if collateral_file else None
     try:
         if quote_file is not None:
             if collateral is None:
-                raise ValueError("--quote needs --collateral FILE (offline: nothing is fetched)")
+                raise UsageError("--quote needs --collateral FILE (offline: nothing is fetched)")
             verdict = verify_offline(Path(quote_file).read_bytes(), collateral, policy, when)
         else:
             att = attest(

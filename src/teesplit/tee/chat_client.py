@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from teesplit.errors import UsageError
 from teesplit.protocol import RemoteError
 from teesplit.tee import attest_client as ac
 from teesplit.tee.tls import client_context
@@ -47,7 +48,7 @@ class RemoteChatSession:
     ):
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"--api {url}: give http(s)://HOST:PORT")
+            raise UsageError(f"--api {url}: give http(s)://HOST:PORT")
         self.url = url
         self.https = u.scheme == "https"
         self.host, self.port = u.hostname, u.port or (443 if self.https else 80)

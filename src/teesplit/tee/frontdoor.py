@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from teesplit.errors import UsageError
 from teesplit.tee import tls as tlsmod
 from teesplit.tee.apikeys import APIKeys
 from teesplit.tee.attestation import (
@@ -64,17 +65,17 @@ class FrontDoor:
 
 def _tls(s: FrontDoorSettings) -> tlsmod.ServedCertificate | None:
     if (s.tls_cert is None) != (s.tls_key is None):
-        raise ValueError("--tls-cert FILE and --tls-key FILE go together")
+        raise UsageError("--tls-cert FILE and --tls-key FILE go together")
     if s.tls_self_signed and s.tls_cert is not None:
-        raise ValueError("give --tls-self-signed or --tls-cert/--tls-key, not both")
+        raise UsageError("give --tls-self-signed or --tls-cert/--tls-key, not both")
     if s.tls_names and not s.tls_self_signed:
-        raise ValueError("--tls-name adds names to the --tls-self-signed certificate")
+        raise UsageError("--tls-name adds names to the --tls-self-signed certificate")
     if s.tls_self_signed:
         return tlsmod.self_signed([s.host, *s.tls_names], s.tls_memory_dir)
     if s.tls_cert is not None:
         return tlsmod.certificate_from_files(s.tls_cert, s.tls_key)
     if not tlsmod.is_loopback_host(s.host) and not s.insecure:
-        raise ValueError(
+        raise UsageError(
             f"refusing to listen on {s.host} without TLS: anyone on the path could read every prompt and "
             "answer; pass --tls-self-signed or --tls-cert FILE --tls-key FILE, or --insecure to accept that"
         )
@@ -85,12 +86,12 @@ def _attestation(
     s: FrontDoorSettings, served: tlsmod.ServedCertificate | None, warn: Callable[[str], None]
 ) -> AttestationService | None:
     if s.attestation not in ATTESTATION_KINDS:
-        raise ValueError(f"--attestation must be one of {', '.join(ATTESTATION_KINDS)}")
+        raise UsageError(f"--attestation must be one of {', '.join(ATTESTATION_KINDS)}")
     if s.attestation == "none":
         return None
     if served is None:
         if s.attestation != "auto":
-            raise ValueError(
+            raise UsageError(
                 f"--attestation {s.attestation} binds the TLS certificate: add --tls-self-signed or "
                 "--tls-cert/--tls-key"
             )

@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+from teesplit.errors import UsageError
+
 HANDSHAKE_TIMEOUT_S = 30.0
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS ClientHello
 
 
-class TLSConfigError(ValueError):
+class TLSConfigError(UsageError):
     """The certificate or key cannot be used (message says which file and why)."""
 
 
