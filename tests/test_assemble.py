@@ -192,15 +192,28 @@ def test_private_2party_through_the_api_is_the_solo_run(ckpt, tmp_path):
             stop_server(p)
 
 
-def test_the_api_refuses_a_mismatching_pin_at_start(ckpt, tmp_path):
+@pytest.mark.parametrize("command", ["generate", "api", "chat"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--weights-sha256", "0" * 64], "but --weights-sha256 pins"),
+        (["--plan", "private-2party"], "two non-colluding GPU servers"),
+        (["--verify", "--plan", "v2-merged"], "--verify supports"),
+        (["--curve-secret", "x.key_secret"], "CURVE needs both"),
+    ],
+)
+def test_every_runner_flag_is_checked_the_same_by_generate_api_and_chat(ckpt, command, flags, message):
+    extra = {"generate": ["--prompt", "hi"], "api": ["--port", "0"], "chat": []}[command]
     r = subprocess.run(
-        [sys.executable, "-m", "teesplit", "api", "--model", str(ckpt), "--server", "tcp://127.0.0.1:1"]
-        + ["--weights-sha256", "0" * 64, "--port", "0"],
+        [sys.executable, "-m", "teesplit", command, "--model", str(ckpt), "--server", "tcp://127.0.0.1:1"]
+        + flags
+        + extra,
         capture_output=True,
         text=True,
         timeout=120,
+        input="",
     )
-    assert r.returncode == 2 and "but --weights-sha256 pins" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def _wait_ready(address, proc, timeout=120.0):
