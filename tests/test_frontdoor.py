@@ -409,7 +409,7 @@ def test_chat_client_refuses_a_wrong_key_and_a_failed_attestation(ca_api, tee_ap
         "nope-0123456789abcdef",
         stdin="Hi\n",
     )
-    assert r.returncode == 1 and "Incorrect API key" in r.stderr  # before the first prompt
+    assert r.returncode == 2 and "Incorrect API key" in r.stderr  # before the first prompt
     before = metrics(tee_api.port, tls.pinned_client_context(tee_api.cert_der), K1)
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"mrtd": [MRTD]}))

@@ -492,6 +492,8 @@ def remote_chat(args: argparse.Namespace) -> int:
         )
     except AttestationFailed as e:  # connect() printed the verdict
         return int(e.outcome)
+    except RemoteError as e:  # the API refused us before the first prompt (a wrong key, say)
+        raise UsageError(str(e)) from None
     if sys.stdin.isatty():
         import readline  # noqa: F401 - line editing and history for input()
     return run_chat(session, input, _print_stream, format_stats)
