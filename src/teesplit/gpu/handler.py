@@ -91,10 +91,16 @@ def configure_logging(fmt: str = "text", stream=None) -> None:
     root.setLevel(logging.INFO)
 
 
-def log_event(event: str, message: str | None = None, level: int = logging.INFO, **fields: Any) -> None:
+def log_event(
+    event: str,
+    message: str | None = None,
+    level: int = logging.INFO,
+    logger: logging.Logger = log,
+    **fields: Any,
+) -> None:
     """One structured line: `event` and its fields (text: "event k=v ..." or `message`)."""
     text = message or " ".join([event, *(f"{k}={v}" for k, v in fields.items())])
-    log.log(level, "%s", text, extra={"event": event, "fields": fields})
+    logger.log(level, "%s", text, extra={"event": event, "fields": fields})
 
 
 def log_server_stop(handler: RequestHandler, address: str, dropped: int) -> None:
@@ -308,6 +314,14 @@ class RequestHandler:
         finally:
             s.exact = False
 
+    def tick(self) -> None:
+        """Called by the serving loops between requests (at least once a second, also when
+        idle); a tensor-parallel rank 0 checks on its group here (tp_runtime.py)."""
+
+    def sessions_dropped(self, sids: list[int]) -> None:
+        """Sessions this server has just dropped (expired, or their runner gone); a
+        tensor-parallel rank 0 tells the other ranks here."""
+
     @staticmethod
     def _reply_wire(op: str, spec: OpSpec, args: dict[str, Any], header: dict[str, Any]) -> str | None:
         """The reply activations' wire dtype (None: as computed)."""
@@ -447,7 +461,18 @@ class RequestHandler:
         for s in expired:
             idle = time.monotonic() - s.last_used
             log_event("session_expire", sid=s.sid, idle_s=round(idle, 1), kv_bytes=s.nbytes, **self._load())
+        self.sessions_dropped([s.sid for s in expired])
         return len(expired)
+
+    def drop_session(self, sid: int, reason: str) -> bool:
+        """Drop one session, if it is still open (a runner that went away)."""
+        s = self.service.sessions.pop(sid, None)
+        if s is None:
+            return False
+        left = len(self.service.sessions)
+        log_event("session_drop", sid=sid, reason=reason, kv_bytes=s.nbytes, sessions=left)
+        self.sessions_dropped([sid])
+        return True
 
     def drop_sessions(self, reason: str) -> int:
         sessions = list(self.service.sessions.values())
