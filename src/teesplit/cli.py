@@ -98,13 +98,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_format)
     curve = server_curve(args)
-    model_dir = resolve(args.model, args.cache_dir)
     limits = SessionLimits(
         max_sessions=args.max_sessions,
         max_session_tokens=args.max_session_tokens,
         max_batch=args.max_batch,
         max_kv_bytes=int(args.max_kv_gib * (1 << 30)),
     )
+    if args.tp > 1 or _under_torchrun():
+        return _serve_tp(args, limits)
+    model_dir = resolve(args.model, args.cache_dir)
     handler, desc = build_service(model_dir, args.device, args.dtype, args.threads, limits=limits)
     handler = RequestHandler(handler.service, Limits(max_tensor_bytes=int(args.max_message_mb * (1 << 20))))
     log_event(
@@ -136,6 +138,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     zmq.Context.instance().destroy(linger=0)
     return 0
+
+
+def _under_torchrun() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _serve_tp(args: argparse.Namespace, limits) -> int:
+    """--tp N: the model sharded over N ranks (gpu/tp_runtime.py). Started by torchrun, this
+    process is one rank; else it launches the N ranks on this host and supervises them."""
+    from dataclasses import replace
+
+    from teesplit.gpu.tp_runtime import TPSettings, launch, run_rank
+
+    settings = TPSettings(
+        model=args.model,
+        tp=args.tp,
+        bind=args.bind,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        limits=limits,
+        max_tensor_bytes=int(args.max_message_mb * (1 << 20)),
+        session_idle_timeout_s=args.session_idle_timeout or None,
+        log_format=args.log_format,
+        curve_secret=args.curve_secret,
+        allow_keys=args.allow_keys,
+        timeout_s=args.tp_timeout,
+        max_restarts=args.max_restarts,
+    )
+    if _under_torchrun():
+        return run_rank(settings)
+    return launch(replace(settings, model=str(resolve(args.model, args.cache_dir))))
 
 
 def server_curve(args: argparse.Namespace):
@@ -541,6 +578,13 @@ def _non_negative_float(s: str) -> float:
     return v
 
 
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {s}")
+    return v
+
+
 def _non_negative_int(s: str) -> int:
     v = int(s)
     if v < 0:
@@ -786,6 +830,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         help="allow binding a non-loopback address without CURVE (plaintext, no authentication)",
+    )
+    s.add_argument(
+        "--tp",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="tensor parallelism: shard the model over N ranks (one GPU each with --device cuda); "
+        "N must divide the heads, KV heads and MLP width. Under torchrun, N is its world size",
+    )
+    s.add_argument(
+        "--tp-timeout",
+        type=_positive_float,
+        default=120.0,
+        metavar="S",
+        help="with --tp: a rank that does not answer a collective within S seconds ends the group "
+        "(default %(default)g)",
+    )
+    s.add_argument(
+        "--max-restarts",
+        type=_non_negative_int,
+        default=0,
+        help="with --tp: restart the whole group this many times after a rank fails; a runner's "
+        "retry then reaches the new group (default %(default)s)",
     )
     s.set_defaults(func=cmd_serve)
 

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sections",
         type=_section_list,
         default=None,
-        help="extra sections measured after the plans (teesplit/benchsections; default: all; 'none')",
+        help="extra sections measured after the plans (teesplit/bench/sections; default: all; 'none')",
     )
     p.add_argument(
         "--only-sections",

@@ -30,7 +30,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import ml_dtypes
 import msgpack
@@ -91,10 +91,16 @@ def configure_logging(fmt: str = "text", stream=None) -> None:
     root.setLevel(logging.INFO)
 
 
-def log_event(event: str, message: str | None = None, level: int = logging.INFO, **fields: Any) -> None:
+def log_event(
+    event: str,
+    message: str | None = None,
+    level: int = logging.INFO,
+    logger: logging.Logger = log,
+    **fields: Any,
+) -> None:
     """One structured line: `event` and its fields (text: "event k=v ..." or `message`)."""
     text = message or " ".join([event, *(f"{k}={v}" for k, v in fields.items())])
-    log.log(level, "%s", text, extra={"event": event, "fields": fields})
+    logger.log(level, "%s", text, extra={"event": event, "fields": fields})
 
 
 def log_server_stop(handler: RequestHandler, address: str, dropped: int) -> None:
@@ -184,7 +190,7 @@ class ReplyCache:
 
 
 # ---- one request, as an operation's handler sees it ------------------------------------------------
-@dataclass
+@dataclass(slots=True)  # one per request: slots make it cheaper to build
 class Call:
     """A request that passed `validate_request`."""
 
@@ -200,12 +206,15 @@ class Call:
     new_sid: int | None = None
 
 
-class Reply(NamedTuple):
+class Reply:
     """What a handler returns when its reply has a result map; other handlers return their
-    output tensors alone (torch, numpy, TopK, or a tuple of them)."""
+    output tensors alone (torch, numpy, TopK, or a tuple of them). (A plain class: a NamedTuple
+    costs a microsecond to build, and the shm loop's warm-up makes one after every request.)"""
 
-    res: dict[str, Any]
-    out: Any = None
+    __slots__ = ("res", "out")
+
+    def __init__(self, res: dict[str, Any], out: Any = None):
+        self.res, self.out = res, out
 
 
 Handler = Callable[["RequestHandler", Call], Any]
@@ -284,12 +293,12 @@ class RequestHandler:
         """One validated request -> (result map, reply tensors, compute seconds), by its OpSpec."""
         spec = OPS[op]
         wire = self._reply_wire(op, spec, args, header)
-        call = Call(op, args, tensors, sid=header.get("sid"), peer=peer)
+        call = Call(op, args, tensors, header.get("sid"), None, peer)
         if spec.session != "none" and call.sid is not None:
             call.session = self.service.session(call.sid)
         t0 = time.perf_counter()
         out = self.run(spec, call)
-        res, out = out if type(out) is Reply else ({}, out)
+        res, out = (out.res, out.out) if type(out) is Reply else ({}, out)
         if out is None:
             out = []
         elif wire is not None:
@@ -307,6 +316,14 @@ class RequestHandler:
             return OPERATIONS[call.op](self, call)
         finally:
             s.exact = False
+
+    def tick(self) -> None:
+        """Called by the serving loops between requests (at least once a second, also when
+        idle); a tensor-parallel rank 0 checks on its group here (tp_runtime.py)."""
+
+    def sessions_dropped(self, sids: list[int]) -> None:
+        """Sessions this server has just dropped (expired, or their runner gone); a
+        tensor-parallel rank 0 tells the other ranks here."""
 
     @staticmethod
     def _reply_wire(op: str, spec: OpSpec, args: dict[str, Any], header: dict[str, Any]) -> str | None:
@@ -447,7 +464,18 @@ class RequestHandler:
         for s in expired:
             idle = time.monotonic() - s.last_used
             log_event("session_expire", sid=s.sid, idle_s=round(idle, 1), kv_bytes=s.nbytes, **self._load())
+        self.sessions_dropped([s.sid for s in expired])
         return len(expired)
+
+    def drop_session(self, sid: int, reason: str) -> bool:
+        """Drop one session, if it is still open (a runner that went away)."""
+        s = self.service.sessions.pop(sid, None)
+        if s is None:
+            return False
+        left = len(self.service.sessions)
+        log_event("session_drop", sid=sid, reason=reason, kv_bytes=s.nbytes, sessions=left)
+        self.sessions_dropped([sid])
+        return True
 
     def drop_sessions(self, reason: str) -> int:
         sessions = list(self.service.sessions.values())

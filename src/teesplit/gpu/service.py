@@ -28,6 +28,9 @@ from teesplit.gpu.weights import Weights
 from teesplit.protocol import DTYPES, FLOAT_DTYPES, ProtocolError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Products whose input features a tensor-parallel rank holds a slice of: each rank's result is a
+# partial sum (`GPUComputeService._reduce`). The others are split by output features.
+ROW_PARALLEL = ("o_proj", "down_proj")
 
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -168,6 +171,10 @@ class GPUComputeService:
         # Set by the request handler for a request with `f32` (the runner's --verify): compute in
         # float32 from the compute-dtype weights, so results carry no rounding to bfloat16.
         self.exact = False
+        # How many times the KV bytes held here count toward --max-kv-bytes and in replies: a
+        # tensor-parallel rank holds 1/N of every session's cache (gpu/tp.py), and the limits
+        # are the whole server's.
+        self.kv_scale = 1
         if device.type == "cpu" and weights.lm_head.is_contiguous():
             self._column_major_weights()
 
@@ -211,6 +218,22 @@ class GPUComputeService:
                     lw.weight[m] = fused[start : start + n]
                     start += n
         release_freed_memory()
+
+    # ---- hooks: a tensor-parallel rank overrides these (gpu/tp.py) -------------------------
+    def _checked(self) -> None:
+        """Every check of the current request has passed: what follows computes. Each operation
+        calls this once, after all of its checks and before any work or change of state, so a
+        tensor-parallel rank 0 hands the request to the other ranks here: they only ever see
+        requests that passed (and refuse one afterwards only all together, see `_agree`)."""
+
+    def _reduce(self, y: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """A product over input features that tensor-parallel ranks hold slices of (o_proj,
+        down_proj, a vocabulary-parallel lookup): the ranks' partial sums added up."""
+        return y
+
+    def _agree(self, ok: bool) -> bool:
+        """Whether a check of computed values passed on every tensor-parallel rank."""
+        return ok
 
     # ---- helpers -------------------------------------------------------------------------
     @property
@@ -294,12 +317,24 @@ class GPUComputeService:
         return result, [self.w.norm_stack().numpy(), *(b.numpy() for b in biases.values())]
 
     def embedding(self, ids: np.ndarray) -> torch.Tensor:
+        self._check_ids(ids)
+        self._checked()
+        return self._embed(ids)
+
+    def _check_ids(self, ids: np.ndarray) -> None:
         if ids.dtype != DTYPES["int64"] or ids.ndim != 2 or ids.size == 0:
             raise _bad(f"Embedding: ids must be non-empty int64 (B, T), got {ids.dtype}{ids.shape}")
-        V = self.config.vocab_size
+        V = self.vocab_size
         if ids.min() < 0 or ids.max() >= V:
             raise _bad(f"Embedding: token ids must lie in [0, {V})", "bad_args")
         self._check_result_size((*ids.shape, self.config.hidden_size), "Embedding")
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary (a tensor-parallel rank's config holds only its slice of it)."""
+        return self.config.vocab_size
+
+    def _embed(self, ids: np.ndarray) -> torch.Tensor:
         return F.embedding(to_torch(ids, self.device), self.w.embed)
 
     def linear(self, layer: int, module: str, x: np.ndarray) -> torch.Tensor | np.ndarray:
@@ -310,7 +345,9 @@ class GPUComputeService:
         n_out, n_in = shapes[module]
         xt = self._rows(x, n_in, f"Linear {module}")
         self._check_result_size((*x.shape[:2], n_out), "Linear")
-        return self._linear(xt, lw.weight[module], lw.bias.get(module))
+        self._checked()
+        y = self._linear(xt, lw.weight[module], lw.bias.get(module))
+        return self._reduce(y) if module in ROW_PARALLEL else y
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
         name = _float_dtype(a, "Matmul a")
@@ -321,12 +358,14 @@ class GPUComputeService:
         if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
             raise _bad(f"Matmul: shapes {a.shape} and {b.shape} do not multiply")
         self._check_result_size((*a.shape[:-1], b.shape[-1]), "Matmul")
+        self._checked()
         return torch.matmul(to_torch(a, self.device, self._cdt), to_torch(b, self.device, self._cdt))
 
     def lm_head(self, x: np.ndarray, top_k: int | None = None) -> torch.Tensor | np.ndarray | TopK:
         self._check_top_k(top_k, "LMHead")
         xt = self._rows(x, self.config.hidden_size, "LMHead")
         self._check_result_size((*x.shape[:2], self.config.vocab_size), "LMHead")
+        self._checked()
         logits = self._linear(xt, self.w.lm_head)
         if top_k is not None and isinstance(logits, np.ndarray):
             logits = torch.from_numpy(logits)
@@ -363,6 +402,7 @@ class GPUComputeService:
         if x.dtype != DTYPES["int64"] or x.ndim != 3 or x.shape[-1] != n_in or x.shape[0] * x.shape[1] == 0:
             raise _bad(f"RingLinear {site}: expected int64 (B, T, {n_in}), got {x.dtype}{x.shape}")
         self._check_result_size((*x.shape[:2], n_out), "RingLinear")
+        self._checked()
         rw = self._ring.get((layer, site))
         if rw is None:  # rows contiguous, whatever the layout kept for the float products
             rw = self._ring[(layer, site)] = RingWeights(w.contiguous())
@@ -377,6 +417,9 @@ class GPUComputeService:
         xt = self._rows(x, self.config.hidden_size, "QKV")
         c = self.config
         self._check_result_size((*x.shape[:2], c.q_dim + 2 * c.kv_dim), "QKV")
+        if session is not None:
+            p = self._check_positions(session, session.v_len, layer, pos, x.shape[1], "QKV")
+        self._checked()
         y = self._linear(xt, lw.qkv_weight, lw.qkv_bias)  # (B, T, (H + 2 Hkv) D)
         if session is None:
             return y
@@ -390,7 +433,7 @@ class GPUComputeService:
             )
         else:
             v = y[..., split:].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        self._write(session, 1, layer, v, pos, "QKV")
+        self._write(session, 1, layer, v, p, "QKV")
         if self.exact:  # a verifying runner checks v with q|k and uses it in AttnOut's check
             return y
         return y[..., : c.q_dim + c.kv_dim]
@@ -399,6 +442,7 @@ class GPUComputeService:
         lw = self._layer(layer, "GateUp")
         xt = self._rows(x, self.config.hidden_size, "GateUp")
         self._check_result_size((*x.shape[:2], 2 * self.config.intermediate_size), "GateUp")
+        self._checked()
         return self._linear(xt, lw.gate_up_weight, lw.gate_up_bias)  # (B, T, 2F)
 
     # ---- attention against the session's cache -----------------------------------------
@@ -415,7 +459,7 @@ class GPUComputeService:
         With row scales r (B, T) (merged plans), first turn the pending v into cache entries."""
         lw = self._layer(layer, "AttnScores")
         if r is not None:
-            self._finish_pending_v(session, layer, lw, r, pos)
+            pv = self._check_pending_v(session, layer, r, pos)
         c = self.config
         B, T = session.batch, (q.shape[2] if q.ndim == 4 else -1)
         _float_dtype(q, "AttnScores q")
@@ -429,26 +473,38 @@ class GPUComputeService:
                 f"AttnScores: expected q (B={B}, {c.num_heads}, T, {c.head_dim}) and k "
                 f"(B, {c.num_kv_heads}, T, {c.head_dim}), got {q.shape} and {k.shape}"
             )
+        pk = self._check_positions(session, session.k_len, layer, pos, T, "AttnScores")
+        self._checked()
+        if r is not None:
+            self._finish_pending_v(session, layer, lw, r, pv)
         BH, GT, D = B * c.num_kv_heads, c.num_heads // c.num_kv_heads * T, c.head_dim
         if _numpy_attention(session, q, k):
-            S = self._write(session, 0, layer, k, pos, "AttnScores")
+            S = self._write(session, 0, layer, k, pk, "AttnScores")
             keys_np = session.kv_np[0, layer, :, :, :S].reshape(BH, S, D)  # a view: (B, Hkv) merge
             return np.matmul(q.reshape(BH, GT, D), keys_np.transpose(0, 2, 1)).reshape(B, c.num_heads, T, S)
-        S = self._write(session, 0, layer, to_torch(k, self.device, session.dtype), pos, "AttnScores")
+        S = self._write(session, 0, layer, to_torch(k, self.device, session.dtype), pk, "AttnScores")
         keys = session.kv[0, layer, :, :, :S].reshape(BH, S, D)  # a view: (B, Hkv) merge
         qt = to_torch(q, self.device, keys.dtype).reshape(BH, GT, D)  # query head h reads kv h // G
         return torch.bmm(qt, keys.transpose(1, 2)).view(B, c.num_heads, T, S)
 
     def attn_out(self, session: Session, layer: int, p: np.ndarray) -> torch.Tensor | np.ndarray:
         """o_proj(P V) with V from the session's cache: (B, T, E)."""
-        lw = self._layer(layer, "AttnOut")
+        self._check_attn_out(session, layer, p)
+        self._checked()
+        return self._attn_out(session, layer, p)
+
+    def _check_attn_out(self, session: Session, layer: int, p: np.ndarray) -> None:
+        self._layer(layer, "AttnOut")
         c = self.config
         _float_dtype(p, "AttnOut p")
         B = session.batch
         S = int(session.v_len[layer].max())
         if p.ndim != 4 or p.shape[0] != B or p.shape[1] != c.num_heads or p.shape[3] != S or p.shape[2] < 1:
             raise _bad(f"AttnOut: expected p (B={B}, {c.num_heads}, T, S={S}), got {p.shape}")
-        T = p.shape[2]
+
+    def _attn_out(self, session: Session, layer: int, p: np.ndarray) -> torch.Tensor | np.ndarray:
+        lw, c = self.w.layers[layer], self.config
+        B, S, T = session.batch, p.shape[3], p.shape[2]
         BH, GT = B * c.num_kv_heads, c.num_heads // c.num_kv_heads * T
         if _numpy_attention(session, p):
             values_np = session.kv_np[1, layer, :, :, :S].reshape(BH, S, c.head_dim)
@@ -456,7 +512,7 @@ class GPUComputeService:
             # (B, H, T, D) -> (B, T, H D); with T = 1 numpy returns a view of the same memory
             o_np = o_np.reshape(B, c.num_heads, T, c.head_dim).transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)
             if self.numpy_products:
-                return self._linear(o_np, lw.weight["o_proj"], lw.bias.get("o_proj"))
+                return self._reduce(self._linear(o_np, lw.weight["o_proj"], lw.bias.get("o_proj")))
             o = torch.from_numpy(o_np)
         else:
             values = session.kv[1, layer, :, :, :S].reshape(BH, S, c.head_dim)  # a view: (B, Hkv) merge
@@ -469,7 +525,8 @@ class GPUComputeService:
                 else o.view(B, c.num_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, c.q_dim)
             )
         w = self._w(lw.weight["o_proj"])
-        return F.linear(o if o.dtype == w.dtype else o.to(w.dtype), w, self._w(lw.bias.get("o_proj")))
+        o = F.linear(o if o.dtype == w.dtype else o.to(w.dtype), w, self._w(lw.bias.get("o_proj")))
+        return self._reduce(o)
 
     def _write(
         self,
@@ -477,14 +534,14 @@ class GPUComputeService:
         which: int,
         layer: int,
         x: torch.Tensor | np.ndarray,
-        pos: np.ndarray | None,
+        p: list[int],
         what: str,
     ) -> int:
-        """Write x (B, Hkv, T, D) at each row's position; the row's length becomes pos + T.
-        Returns the longest row's new length. x may be numpy (a float32 CPU server's)."""
+        """Write x (B, Hkv, T, D) at each row's position p (checked by `_check_positions`); the
+        row's length becomes p + T. Returns the longest row's new length. x may be numpy (a
+        float32 CPU server's)."""
         lengths = s.k_len if which == 0 else s.v_len
         T = x.shape[2]
-        p = self._check_positions(s, lengths, layer, pos, T, what)
         if isinstance(x, np.ndarray) and (x.dtype != _F32 or s.dtype != torch.float32):
             x = torch.from_numpy(np.ascontiguousarray(x))  # the cache's dtype decides, below
         if isinstance(x, np.ndarray):
@@ -494,7 +551,7 @@ class GPUComputeService:
                 x = x.to(s.dtype)
             xn = x.numpy() if x.is_cpu and x.dtype in _NUMPY_DTYPES else None
         finite = bool(np.isfinite(xn).all()) if xn is not None else bool(torch.isfinite(x).all())
-        if not finite:  # NaN/Inf would poison every later step of the session
+        if not self._agree(finite):  # NaN/Inf would poison every later step of the session
             raise _bad(
                 f"{what}: NaN or Inf in the values for session {s.sid}'s KV cache (layer {layer}); "
                 "refused (not written): send finite activations"
@@ -510,14 +567,16 @@ class GPUComputeService:
         lengths[layer] = [q + T for q in p]  # from the checked copy, as the writes above
         return end
 
-    def _reserve(self, s: Session, tokens: int) -> None:
+    def _growth(self, s: Session, tokens: int) -> tuple[int, ...] | None:
+        """The cache shape that holds `tokens` per row (None: it already does), checked against
+        the server's KV limit."""
         if tokens <= s.capacity:
-            return
+            return None
         c = self.config
         cap = min(max(tokens, 2 * s.capacity, 64), s.max_tokens)
         shape = (2, c.num_layers, s.batch, c.num_kv_heads, cap, c.head_dim)
-        new_bytes = int(np.prod(shape)) * torch.empty((), dtype=s.dtype).element_size()
-        old_bytes = 0 if s.kv is None else s.kv.numel() * s.kv.element_size()
+        new_bytes = int(np.prod(shape)) * torch.empty((), dtype=s.dtype).element_size() * self.kv_scale
+        old_bytes = 0 if s.kv is None else s.kv.numel() * s.kv.element_size() * self.kv_scale
         total = self.kv_bytes - old_bytes + new_bytes
         if total > self.limits.max_kv_bytes:
             raise _bad(
@@ -525,6 +584,12 @@ class GPUComputeService:
                 f"{self.limits.max_kv_bytes} (--max-kv-bytes)",
                 "too_large",
             )
+        return shape
+
+    def _reserve(self, s: Session, tokens: int) -> None:
+        shape = self._growth(s, tokens)
+        if shape is None:
+            return
         kv = torch.zeros(shape, dtype=s.dtype, device=self.device)  # zeros: masked slots stay finite
         if s.kv is not None:
             kv[..., : s.capacity, :] = s.kv
@@ -536,38 +601,43 @@ class GPUComputeService:
         return norm.to(self.dtype)
 
     def _qkv_unscaled(
-        self, layer: int, x: torch.Tensor, session: Session | None, pos: np.ndarray | None, what: str
+        self, layer: int, x: torch.Tensor, session: Session | None, pos: np.ndarray | None
     ) -> torch.Tensor:
-        """z = Wqkv (w ⊙ x) without bias; with a session, v waits for its row scales."""
+        """z = Wqkv (w ⊙ x) without bias; with a session, v waits for its row scales (at the
+        positions pos, which the caller has checked)."""
         lw = self.w.layers[layer]
         z = F.linear(x * self._gain(lw.input_norm), lw.qkv_weight)  # (B, T, (H + 2 Hkv) D)
         if session is None:
             return z
         c = self.config
         B, T = x.shape[:2]
-        self._check_positions(session, session.v_len, layer, pos, T, what)
         zv = z[..., c.q_dim + c.kv_dim :].reshape(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         session.pending_v[layer] = (zv.contiguous(), pos.copy())
         return z[..., : c.q_dim + c.kv_dim]
 
-    def _finish_pending_v(self, s: Session, layer: int, lw, r: np.ndarray, pos: np.ndarray) -> None:
+    def _check_pending_v(self, s: Session, layer: int, r: np.ndarray, pos: np.ndarray) -> list[int]:
+        """Check that v waits at these positions and r scales it; returns the positions."""
         pending = s.pending_v.get(layer)
         if pending is None or pos is None or pending[1].shape != pos.shape or (pending[1] != pos).any():
             raise _bad(f"AttnScores: no pending v for layer {layer} at these positions", "bad_args")
-        zv = pending[0]
-        B, _, T, _ = zv.shape
+        B, _, T, _ = pending[0].shape
         if r.dtype != DTYPES["float32"] or r.shape != (B, T) or not np.isfinite(r).all():
             raise _bad(f"AttnScores: row scales r must be finite float32 ({B}, {T})")
+        return self._check_positions(s, s.v_len, layer, pos, T, "AttnScores")
+
+    def _finish_pending_v(self, s: Session, layer: int, lw, r: np.ndarray, p: list[int]) -> None:
+        zv = s.pending_v[layer][0]
         c = self.config
         v = zv * to_torch(r, self.device, self.dtype)[:, None, :, None]
         if lw.qkv_bias is not None:
             v = v + lw.qkv_bias[c.q_dim + c.kv_dim :].view(c.num_kv_heads, 1, c.head_dim)
-        self._write(s, 1, layer, v, pos, "AttnScores")
+        self._write(s, 1, layer, v, p, "AttnScores")
 
     def _check_positions(
         self, s: Session, lengths: np.ndarray, layer: int, pos: np.ndarray | None, T: int, what: str
     ) -> list[int]:
-        """Check the rows' write positions; returns them as Python ints."""
+        """Check the rows' write positions, and that the cache may grow to hold them; returns
+        them as Python ints."""
         if pos is None or pos.dtype != DTYPES["int64"] or pos.shape != (s.batch,):
             raise _bad(f"{what}: positions must be int64 of shape ({s.batch},)")
         p = pos.tolist()  # a few rows: Python compares them faster than numpy
@@ -577,13 +647,18 @@ class GPUComputeService:
             raise _bad(
                 f"{what}: session {s.sid} holds at most {s.max_tokens} tokens per sequence", "too_large"
             )
+        self._growth(s, max(p) + T)
         return p
 
     def embed_qkv(
         self, ids: np.ndarray, session: Session | None = None, pos: np.ndarray | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.embedding(ids).to(self.dtype)  # (B, T, E)
-        return x, self._qkv_unscaled(0, x, session, pos, "EmbedQKV")
+        self._check_ids(ids)
+        if session is not None:
+            self._check_positions(session, session.v_len, 0, pos, ids.shape[1], "EmbedQKV")
+        self._checked()
+        x = self._embed(ids).to(self.dtype)  # (B, T, E)
+        return x, self._qkv_unscaled(0, x, session, pos)
 
     def down_qkv(
         self,
@@ -596,32 +671,43 @@ class GPUComputeService:
         """y = down(m) of `layer`, and the next layer's unscaled q|k|v on the residual x + y."""
         if not 0 <= layer < self.config.num_layers - 1:
             raise _bad(f"DownQKV: layer must lie in [0, {self.config.num_layers - 1})", "bad_args")
-        y, xn = self._down_residual(layer, m, x, "DownQKV")
-        return y, self._qkv_unscaled(layer + 1, xn, session, pos, "DownQKV")
+        mt, xt = self._down_inputs(m, x, "DownQKV")
+        if session is not None:
+            self._check_positions(session, session.v_len, layer + 1, pos, x.shape[1], "DownQKV")
+        self._checked()
+        y, xn = self._down_residual(layer, mt, xt)
+        return y, self._qkv_unscaled(layer + 1, xn, session, pos)
 
     def down_lm_head(self, m: np.ndarray, x: np.ndarray, rows: np.ndarray | None, top_k: int | None):
         """Last layer: y = down(m); the LM head on w ⊙ (x + y) at each row's `rows` position."""
         self._check_top_k(top_k, "DownLMHead")
-        y, xn = self._down_residual(self.config.num_layers - 1, m, x, "DownLMHead")
+        mt, xt = self._down_inputs(m, x, "DownLMHead")
+        B, T = x.shape[:2]
         if rows is not None:
-            B, T = x.shape[:2]
             if rows.dtype != DTYPES["int64"] or rows.shape != (B,) or (rows < 0).any() or (rows >= T).any():
                 raise _bad(f"DownLMHead: rows must be int64 ({B},) within [0, {T})")
+        self._check_result_size((B, T if rows is None else 1, self.config.vocab_size), "DownLMHead")
+        self._checked()
+        y, xn = self._down_residual(self.config.num_layers - 1, mt, xt)
+        if rows is not None:
             idx = torch.from_numpy(rows.copy()).to(self.device)
             ar = torch.arange(B, device=self.device)
             y, xn = y[ar, idx][:, None], xn[ar, idx][:, None]  # (B, 1, E)
-        self._check_result_size((*xn.shape[:2], self.config.vocab_size), "DownLMHead")
         z = F.linear(xn * self._gain(self.w.norm), self.w.lm_head)  # (B, R, V), unscaled
         return y, _top_k(z, top_k)  # the row scale is positive: the top-k of z are the top-k
 
-    def _down_residual(self, layer: int, m: np.ndarray, x: np.ndarray, what: str):
-        lw = self.w.layers[layer]
+    def _down_inputs(self, m: np.ndarray, x: np.ndarray, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         mt = self._activation(m, self.config.intermediate_size, f"{what} m")
         xt = self._activation(x, self.config.hidden_size, f"{what} x")
         if m.shape[:2] != x.shape[:2]:
             raise _bad(f"{what}: m {m.shape} and x {x.shape} differ in (B, T)")
-        y = F.linear(mt, lw.weight["down_proj"], lw.bias.get("down_proj"))
-        return y, xt + y
+        return mt, xt
+
+    def _down_residual(self, layer: int, m: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """y = down(m) and the residual x + y."""
+        lw = self.w.layers[layer]
+        y = self._reduce(F.linear(m, lw.weight["down_proj"], lw.bias.get("down_proj")))
+        return y, x + y
 
     def o_gate_up(self, layer: int, a: np.ndarray, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """o = o_proj(a), and the unscaled gate|up on the residual x + o."""
@@ -630,26 +716,30 @@ class GPUComputeService:
         xt = self._activation(x, self.config.hidden_size, "OGateUp x")
         if a.shape[:2] != x.shape[:2]:
             raise _bad(f"OGateUp: a {a.shape} and x {x.shape} differ in (B, T)")
-        o = F.linear(at, lw.weight["o_proj"], lw.bias.get("o_proj"))
+        self._checked()
+        o = self._reduce(F.linear(at, lw.weight["o_proj"], lw.bias.get("o_proj")))
         return o, F.linear((xt + o) * self._gain(lw.post_attention_norm), lw.gate_up_weight)
 
     def attn_out_gate_up(
         self, session: Session, layer: int, p: np.ndarray, x: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """o = o_proj(P V) from the session's cache, and the unscaled gate|up on x + o."""
-        o = self.attn_out(session, layer, p)
+        self._check_attn_out(session, layer, p)
+        xt = self._activation(x, self.config.hidden_size, "AttnOutGateUp x")
+        want = (session.batch, p.shape[2], self.config.hidden_size)  # o's shape
+        if tuple(xt.shape) != want:
+            raise _bad(f"AttnOutGateUp: x must have shape {want}, got {x.shape}")
+        self._checked()
+        o = self._attn_out(session, layer, p)
         if isinstance(o, np.ndarray):  # a float32 CPU server's (`_rows`)
             o = torch.from_numpy(o)
-        xt = self._activation(x, self.config.hidden_size, "AttnOutGateUp x")
-        if tuple(xt.shape) != tuple(o.shape):
-            raise _bad(f"AttnOutGateUp: x must have shape {tuple(o.shape)}, got {x.shape}")
         lw = self.w.layers[layer]
         return o, F.linear((xt + o) * self._gain(lw.post_attention_norm), lw.gate_up_weight)
 
     # ---- sessions -----------------------------------------------------------------------------
     @property
     def kv_bytes(self) -> int:
-        return sum(s.nbytes for s in self.sessions.values())
+        return sum(s.nbytes for s in self.sessions.values()) * self.kv_scale
 
     def open_session(
         self, batch: int, max_tokens: int, f32: bool = False, sid: int | None = None
@@ -667,10 +757,11 @@ class GPUComputeService:
             )
         if sid is None:
             sid = secrets.randbits(62)
+        self._checked()
         dtype = torch.float32 if f32 else self.dtype
         self.sessions[sid] = Session(sid, batch, max_tokens, self.config.num_layers, dtype)
         c = self.config
-        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * batch
+        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * batch * self.kv_scale
         return {
             "sid": sid,
             "kv_bytes_per_token": per_token * torch.empty((), dtype=dtype).element_size(),
@@ -684,7 +775,9 @@ class GPUComputeService:
         return s
 
     def close_session(self, sid: int) -> Session:
-        return self.sessions.pop(self.session(sid).sid)
+        s = self.session(sid)
+        self._checked()
+        return self.sessions.pop(s.sid)
 
     def expire_idle(self, max_idle_s: float, now: float | None = None) -> list[Session]:
         """Drop the sessions unused for more than `max_idle_s` seconds; returns them. A later

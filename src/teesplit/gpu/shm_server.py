@@ -174,6 +174,7 @@ class ShmServer:
         while not stop.is_set():
             now = time.monotonic()
             if now >= next_sweep:
+                self.handler.tick()
                 if session_idle_timeout_s:
                     self.handler.expire_sessions(session_idle_timeout_s)
                 self._sweep()
@@ -478,17 +479,8 @@ class ShmServer:
             if now < due:
                 continue
             del self.orphans[client_id]
-            service = self.handler.service
             for sid in sessions:
-                s = service.sessions.pop(sid, None)
-                if s is not None:
-                    log_event(
-                        "session_drop",
-                        sid=sid,
-                        reason="runner_gone",
-                        kv_bytes=s.nbytes,
-                        sessions=len(service.sessions),
-                    )
+                self.handler.drop_session(sid, "runner_gone")
 
     def close(self) -> None:
         for r in list(self.runners.values()):

@@ -69,6 +69,7 @@ def serve(
     next_sweep = time.monotonic()
     try:
         while not stop.is_set():
+            handler.tick()
             if sweep_every is not None and time.monotonic() >= next_sweep:
                 handler.expire_sessions(session_idle_timeout_s)
                 next_sweep = time.monotonic() + sweep_every
