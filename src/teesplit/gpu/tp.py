@@ -48,14 +48,15 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from teesplit.config import ModelConfig
+from teesplit.config import LAYER_MODULES, ModelConfig
+from teesplit.errors import UsageError
 from teesplit.gpu.handler import Call
 from teesplit.gpu.service import ROW_PARALLEL, GPUComputeService, SessionLimits, TopK, _float_dtype, to_torch
-from teesplit.gpu.weights import LAYER_MODULES, Weights, _assemble, safetensor_files
+from teesplit.gpu.weights import Weights, _assemble, safetensor_files
 from teesplit.protocol import RING_SITES, ProtocolError
 
 
-class TPConfigError(ValueError):
+class TPConfigError(UsageError):
     """--tp does not fit the model or the launch."""
 
 
