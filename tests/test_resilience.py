@@ -187,7 +187,8 @@ def test_server_refuses_another_protocol_version_naming_both(server):
             assert e.value.code == "bad_version"
             assert f"version {other}" in str(e.value) and f"speaks version {PROTOCOL_VERSION}" in str(e.value)
         init = c.init()  # the matching version is served, and the reply names it
-        assert init.config.num_layers == 2 and c.max_message_bytes == 2 << 30
+        # and the message size, derived from the model (the floor, for this tiny one)
+        assert init.config.num_layers == 2 and c.max_message_bytes == 64 << 20
     finally:
         c.close()
 
@@ -319,7 +320,10 @@ def wait_for_output(proc: subprocess.Popen) -> None:
     assert proc.stdout.read(1), proc.stderr.read()
 
 
-def test_dead_server_ends_generate_within_timeout_times_retries(smollm2_dir):
+def test_dead_server_ends_generate_within_the_connect_timeout(smollm2_dir):
+    """A killed server: the request in flight is lost, its resend finds no server, and the
+    runner gives up after the connect timeout (here --timeout 1 bounds it), not after every
+    retry's reply timeout."""
     address = free_tcp_address()
     srv = start_server(smollm2_dir, address, CPU)
     runner = generate_cli(address, smollm2_dir, "--timeout", "1", "--retries", "2")
@@ -334,10 +338,10 @@ def test_dead_server_ends_generate_within_timeout_times_retries(smollm2_dir):
         runner.kill()
         srv.kill()
     assert runner.returncode == 2, err
-    assert f"no reply from the GPU server at {address}" in err and "3 tries of 1 s" in err
+    assert f"no reply from the GPU server at {address}" in err and f"nothing answered at {address}" in err
     assert "Traceback" not in err
     print(f"dead server: generate exited {elapsed:.2f} s after the kill")
-    assert elapsed < 1 * 2 + 1
+    assert elapsed < 1 + 2
 
 
 def test_ctrl_c_in_the_runner_closes_its_session_and_exits_130(smollm2_dir, tmp_path):

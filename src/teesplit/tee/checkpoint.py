@@ -85,7 +85,7 @@ def check_pins(model_dir: Path, sha256: str | None = None, manifest: Path | None
         if len(files) != 1:
             raise PinError(
                 f"--weights-sha256 pins a single-file checkpoint; {model_dir} has {len(files)} weight files: "
-                "use --weights-manifest FILE (`teesplit manifest DIR` writes one)"
+                "use --weights-manifest FILE (`teesplit manifest --model DIR` writes one)"
             )
         got = sha256_file(files[0])
         if got != want:
