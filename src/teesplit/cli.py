@@ -438,7 +438,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         port=args.port,
         log=say if args.access_log else None,
         backlog=args.backlog,
-        max_per_client=args.max_per_client,
+        max_per_client=args.max_per_client or args.max_batch,
         **door.server_kwargs(),
     )
     engine.start()
@@ -1003,8 +1003,9 @@ def _add_commands(sub) -> None:
     a.add_argument(
         "--max-per-client",
         type=_positive_int,
-        default=8,
-        help="generations one client (its API key, else its address) may have in flight; more get 429",
+        default=None,
+        help="generations one client (its API key, else its address) may have in flight; more get 429 "
+        "(default: --max-batch, so one client can fill a batch but not the queue)",
     )
     a.add_argument(
         "--backlog", type=_positive_int, default=128, help="connections the kernel queues before accepting"

@@ -62,7 +62,7 @@ MAX_STOP = 4
 ROLES = ("system", "developer", "user", "assistant")
 TOKENIZE_AT_ONCE = 2  # requests tokenizing at the same time (each releases the GIL while it does)
 DEFAULT_BACKLOG = 128
-DEFAULT_MAX_PER_CLIENT = 8
+DEFAULT_MAX_PER_CLIENT = 16  # the CLI passes its --max-batch
 # The only values of the `endpoint` label of the HTTP metrics: anything else counts as "other".
 ENDPOINTS = frozenset(
     {

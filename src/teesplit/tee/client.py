@@ -112,6 +112,8 @@ class GPUClient:
             args = {**(args or {}), "version": protocol.PROTOCOL_VERSION}
         if self.f32_results and op in protocol.F32_OPS:
             args = {**(args or {}), "f32": True}
+        if op == "Ping" and args and type(args.get("reply_bytes")) is int:  # it says its reply's size
+            reply_bytes = max(reply_bytes, args["reply_bytes"])
         frames = request(rid, op, args, tensors, sid)
         sent = self._check_sizes(op, frames)
         expect = getattr(self.transport, "expect", None)
