@@ -155,7 +155,7 @@ class GPUClient:
         connection after the first."""
         timeout = getattr(self.transport, "timeout_s", None)
         tries = 1 + self.retries
-        lost = False
+        lost = ""  # what the last lost connection said
         for attempt in range(tries):
             if attempt:
                 self.retried += 1
@@ -172,14 +172,14 @@ class GPUClient:
                 self.transport.reconnect()
                 what = f"no reply from the GPU server at {self.address} to {op}"
                 raise GPUServerUnavailable(f"{what}: {e}") from None
-            except ConnectionLost:
-                lost = True
+            except ConnectionLost as e:
+                lost = str(e)
             except GPUServerUnavailable:
                 pass
         what = f"{tries} {'try' if tries == 1 else 'tries'}" + (f" of {timeout:g} s" if timeout else "")
         raise GPUServerUnavailable(
             f"no reply from the GPU server at {self.address} to {op} after {what}"
-            f"{' (the connection was lost)' if lost else ''}; is `teesplit serve` running there?"
+            f"{f' ({lost})' if lost else ''}; is `teesplit serve` running there?"
         )
 
     def _await_reply(

@@ -160,7 +160,13 @@ class ZmqTransport:
                     frames = self._sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
                     if self._ours(frames):
                         return frames[1:]
-                raise ConnectionLost(f"the connection to the GPU server at {self.address} was lost")
+                cap = self.max_message_bytes
+                raise ConnectionLost(
+                    f"the connection to the GPU server at {self.address} was lost (the server stopped, or "
+                    f"sent a reply frame larger than the {cap} bytes this request can get)"
+                    if cap > 0
+                    else f"the connection to the GPU server at {self.address} was lost"
+                )
             now = time.monotonic()
             left = deadline - now
             ct = self.connect_timeout_s
