@@ -92,9 +92,8 @@ def test_a_session_answers_only_the_connection_that_opened_it(server):
         unknown = _error(stranger, "CloseSession", sid=sid ^ 1)
         assert stolen.code == unknown.code == "no_session"
         # exactly the answer an unknown id gets: nothing says the id exists
-        assert stolen.remote_message.replace(str(sid), "N") == unknown.remote_message.replace(
-            str(sid ^ 1), "N"
-        )
+        same = unknown.remote_message.replace(str(sid ^ 1), "N")
+        assert stolen.remote_message.replace(str(sid), "N") == same
         assert _error(stranger, "AttnOut", {"layer": 0}, [p], sid).code == "no_session"
         # The owner reconnects (a retry does: same routing id, new socket) and goes on.
         owner.transport.reconnect()

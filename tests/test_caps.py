@@ -76,7 +76,8 @@ try:
     print("accepted")
 except Exception as e:
     print(type(e).__name__, e)
-print(f"elapsed {time.monotonic() - t0:.2f} maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
+maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(f"elapsed {time.monotonic() - t0:.2f} maxrss {maxrss}")
 """
 
 
