@@ -443,3 +443,46 @@ def test_server_flags_are_validated():
         [sys.executable, "-m", "teesplit", "serve", "--max-message-mb", "0"], capture_output=True, text=True
     )
     assert r.returncode == 2 and "--max-message-mb" in r.stderr
+
+
+# ---- failure detection with the default flags -------------------------------------------------
+@pytest.mark.parametrize("kind", ["tcp", "shm"])
+def test_no_server_fails_generate_in_seconds_by_default(smollm2_dir, kind):
+    """Nothing at the address: the connect check (--connect-timeout, 5 s) reports it, not
+    three tries of the 60 s reply timeout (3 minutes)."""
+    address = free_tcp_address() if kind == "tcp" else f"shm://teesplit-nobody-{os.getpid()}"
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "teesplit", "generate", "--server", address, "--model", str(smollm2_dir)]
+        + ["--prompt", "Hi", "--max-new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - t0
+    print(f"no server ({kind}): generate exited {elapsed:.1f} s after it started")
+    assert r.returncode == 2, r.stderr
+    assert f"no reply from the GPU server at {address}" in r.stderr and "within 5 s" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert elapsed < 30  # startup included
+
+
+@pytest.mark.slow
+def test_killed_server_fails_generate_in_seconds_by_default(smollm2_dir):
+    address = free_tcp_address()
+    srv = start_server(smollm2_dir, address, CPU)
+    runner = generate_cli(address, smollm2_dir)  # --timeout 60 and --retries 2: the defaults
+    try:
+        wait_for_output(runner)
+        srv.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        srv.wait()
+        _, err = runner.communicate(timeout=120)
+        elapsed = time.monotonic() - killed
+    finally:
+        runner.kill()
+        srv.kill()
+    print(f"killed server: generate exited {elapsed:.1f} s after the kill")
+    assert runner.returncode == 2, err
+    assert f"nothing answered at {address} within 5 s" in err and "Traceback" not in err
+    assert elapsed < 15  # 120 s before: two more tries of 60 s
