@@ -701,9 +701,12 @@ class GPUComputeService:
         session); its id is drawn at random unless `sid` gives it (see handler.Call)."""
         lim = self.limits
         if not 1 <= batch <= lim.max_batch:
-            raise _bad(f"OpenSession: batch must lie in [1, {lim.max_batch}]", "bad_args")
+            raise _bad(f"OpenSession: batch must lie in [1, {lim.max_batch}] (--max-batch)", "bad_args")
         if not 1 <= max_tokens <= lim.max_session_tokens:
-            raise _bad(f"OpenSession: max_tokens must lie in [1, {lim.max_session_tokens}]", "bad_args")
+            raise _bad(
+                f"OpenSession: max_tokens must lie in [1, {lim.max_session_tokens}] (--max-session-tokens)",
+                "bad_args",
+            )
         if len(self.sessions) >= lim.max_sessions:
             raise _bad(
                 f"OpenSession: the server already holds {lim.max_sessions} sessions (raise it with "
