@@ -26,7 +26,7 @@ class Recorder:
         self.out_dir = out_dir
         self.requests: list[tuple[dict[str, Any], list[np.ndarray]]] = []
 
-    def handle(self, frames, peer: bytes | None = None) -> list:
+    def handle(self, frames, peer: bytes | None = None, identity: bytes | None = None) -> list:
         try:
             header, tensors = decode(frames, self.handler.limits)
             record = ({k: header.get(k) for k in ("op", "args", "sid")}, [np.array(t) for t in tensors])
@@ -39,7 +39,7 @@ class Recorder:
                 n = len(list(self.out_dir.glob("*.npz")))
                 arrays = {f"t{i}": t for i, t in enumerate(record[1])}
                 np.savez(self.out_dir / f"{n:06d}.npz", header=np.array(json.dumps(record[0])), **arrays)
-        return self.handler.handle(frames, peer)
+        return self.handler.handle(frames, peer, identity)
 
     def __getattr__(self, name: str):  # serve() reads limits, counters and session upkeep
         return getattr(self.handler, name)

@@ -4,7 +4,11 @@ field is validated; an unreachable or dying GPU server is a 503, never a hang.""
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 import threading
+import time
 
 import pytest
 from apihelpers import APIProcess, make_chat_checkpoint, metrics, request, stream
@@ -341,25 +345,34 @@ def test_unreachable_gpu_server_is_a_503(ckpt, tmp_path):
 
 
 def test_gpu_server_dying_mid_stream_ends_it_with_an_error_then_recovers(ckpt, tmp_path):
+    """With the default timeouts (60 s a reply, 2 retries): the stream's error event and the
+    next request's 503 come within seconds (the connect timeout), not after the retries."""
     address = free_tcp_address()
     gpu = start_server(ckpt, address, ["--device", "cpu", "--threads", "1"])
-    p = APIProcess(ckpt, address, tmp_path / "api.log", ["--timeout", "5", "--retries", "0"])
+    p = APIProcess(ckpt, address, tmp_path / "api.log")
     try:
         killed = threading.Event()
+        at = []
 
         def kill_on_first_token(event):
             if not killed.is_set() and isinstance(event, dict) and event.get("choices"):
                 if event["choices"][0]["delta"].get("content"):
                     gpu.kill()
                     gpu.wait()
+                    at.append(time.monotonic())
                     killed.set()
 
         body = {"model": "tiny", "messages": _user("Go on forever."), "max_tokens": 1900, "temperature": 0}
-        status, events = stream(p.port, CHAT, body, on_event=kill_on_first_token, timeout=60)
+        status, events = stream(p.port, CHAT, body, on_event=kill_on_first_token, timeout=120)
+        error_s = time.monotonic() - at[0]
         assert status == 200 and killed.is_set()
         assert "[DONE]" not in events
         assert events[-1]["error"]["code"] == "gpu_unavailable", events[-1]
+        t0 = time.monotonic()
         assert request(p.port, "POST", CHAT, {**body, "max_tokens": 3})[0] == 503
+        refused_s = time.monotonic() - t0
+        print(f"GPU server killed: error event after {error_s:.1f} s, next 503 in {refused_s:.1f} s")
+        assert error_s < 15 and refused_s < 15  # 120 s and 180 s before the connect check
         # a new server at the same address: the API reconnects on the next request
         gpu = start_server(ckpt, address, ["--device", "cpu", "--threads", "1"])
         status, reply = request(p.port, "POST", CHAT, {**body, "max_tokens": 3})
@@ -407,3 +420,189 @@ def test_api_with_the_gpu_service_in_process(ckpt, solo, tmp_path):
         assert status == 200 and body["choices"][0]["message"]["content"] == want.text
     finally:
         assert p.stop() == 0
+
+
+# ---- under abuse -----------------------------------------------------------------------------------
+def _raw_post(port: int, path: str, body: bytes, timeout: float = 60) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_a_burst_of_64_connections_gets_no_reset(api):
+    """http.server listens with a backlog of 5; the API with 128 (--backlog)."""
+    gate, results = threading.Barrier(64), [None] * 64
+    body = json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 1}).encode()
+
+    def client(i: int) -> None:
+        gate.wait()
+        try:
+            results[i] = _raw_post(api, COMPLETIONS, body)[0]
+        except OSError as e:  # a reset, a refused connection
+            results[i] = repr(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(r in (200, 429) for r in results), results  # 429: past this client's limit
+
+
+def test_metric_labels_come_from_a_fixed_set(api):
+    before = len(request(api, "GET", "/metrics")[1])
+    for i in range(300):
+        assert request(api, "GET", f"/nope-{i}")[0] == 404
+        assert request(api, "POST", f"{COMPLETIONS}-{i}", {})[0] == 404
+        assert request(api, "GET", f"/v1/models/x{i}")[0] == 404
+    text = request(api, "GET", "/metrics")[1]
+    assert "nope" not in text and "completions-" not in text and "/v1/models/x" not in text
+    assert 'endpoint="other",status="404"' in text
+    assert len(text) - before < 2000
+
+
+def test_deep_json_and_lone_surrogates_get_400_in_openai_shape(api):
+    for raw in (
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"model": "tiny", "prompt": "\\ud800 hi", "max_tokens": 2}',
+    ):
+        status, body = _raw_post(api, COMPLETIONS, raw)
+        assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert request(api, "GET", "/health")[0] == 200
+
+
+def test_prompts_are_bounded_in_bytes_before_tokenizing(api):
+    t0 = time.monotonic()
+    status, body = request(api, "POST", COMPLETIONS, {"model": "tiny", "prompt": "word " * 700_000})
+    elapsed = time.monotonic() - t0
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert "bytes" in body["error"]["message"]
+    assert elapsed < 10  # 3.5 MB would take seconds to tokenize; it is refused on its length
+
+
+def test_requests_on_a_kept_alive_connection_are_fast(api):
+    conn = http.client.HTTPConnection("127.0.0.1", api, timeout=30)
+    times = []
+    try:
+        for _ in range(30):
+            t0 = time.perf_counter()
+            conn.request("GET", "/v1/models")
+            r = conn.getresponse()
+            r.read()
+            times.append(time.perf_counter() - t0)
+            assert r.status == 200
+    finally:
+        conn.close()
+    median = sorted(times)[len(times) // 2]
+    print(f"kept-alive GET /v1/models: median {median * 1000:.1f} ms")
+    assert median < 0.025  # 42 ms with Nagle and delayed ACKs (no TCP_NODELAY)
+
+
+def _running(port: int) -> float:
+    return metrics(port).get("teesplit_requests_running", 0)
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_row(api):
+    cancelled = 'teesplit_requests_finished_total{reason="cancelled"}'
+    before = metrics(api).get(cancelled, 0)
+    body = json.dumps({"model": "tiny", "messages": _user("Talk."), "max_tokens": 1900, "ignore_eos": True})
+    with socket.create_connection(("127.0.0.1", api), timeout=60) as sock:
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        sock.sendall(head + body.encode())
+        deadline = time.monotonic() + 60
+        while _running(api) < 1:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.1)
+    left = time.monotonic()  # the client closed its connection
+    while _running(api) > 0 or metrics(api).get(cancelled, 0) <= before:
+        assert time.monotonic() - left < 15, "the row of a client that left is still decoding"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_huge_prompts_do_not_starve_a_running_stream(api):
+    """Clients looping prompts just under the byte bound (each is tokenized, then refused for
+    its token count) while a stream decodes: tokenizing releases the GIL, so the stream's
+    tokens keep flowing."""
+    body = {"model": "tiny", "messages": _user("Tell me a story."), "max_tokens": 40, "ignore_eos": True}
+    t0 = time.monotonic()
+    assert stream(api, CHAT, body)[0] == 200
+    quiet = time.monotonic() - t0
+    stop = threading.Event()
+    refused = [0]
+    text = "lorem ipsum dolor sit amet " * 5000  # 135 kB: under 2048 x 81 bytes, over 2048 tokens
+
+    def abuse() -> None:
+        while not stop.is_set():
+            status, reply = request(api, "POST", COMPLETIONS, {"model": "tiny", "prompt": text})
+            assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+            refused[0] += 1
+
+    abusers = [threading.Thread(target=abuse) for _ in range(2)]
+    for t in abusers:
+        t.start()
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        status, events = stream(api, CHAT, body, timeout=300)
+        busy = time.monotonic() - t0
+    finally:
+        stop.set()
+        for t in abusers:
+            t.join(120)
+    print(f"a 40-token stream: {quiet:.1f} s quiet, {busy:.1f} s beside {refused[0]} huge prompts")
+    assert status == 200 and "[DONE]" in events
+    assert refused[0] >= 2
+    assert busy < 5 * quiet + 20
+
+
+def test_each_client_has_its_own_limit(ckpt, gpu, tmp_path):
+    keys = ["key-alice-0123456789", "key-bob-0123456789ab"]
+    extra = ["--max-per-client", "1", "--api-key", keys[0], "--api-key", keys[1]]
+    p = APIProcess(ckpt, gpu, tmp_path / "api.log", extra)
+    try:
+        long = {"model": "tiny", "messages": _user("Go on."), "max_tokens": 1900, "ignore_eos": True}
+        started = threading.Event()
+        done: list = []
+
+        def hold() -> None:
+            done.append(stream(p.port, CHAT, long, on_event=lambda _e: started.set(), api_key=keys[0]))
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert started.wait(120)
+        short = {"model": "tiny", "messages": _user("Hi"), "max_tokens": 2}
+        status, body = request(p.port, "POST", CHAT, short, api_key=keys[0])
+        assert status == 429 and "--max-per-client" in body["error"]["message"]
+        assert request(p.port, "POST", CHAT, short, api_key=keys[1])[0] == 200
+    finally:
+        assert p.stop() == 0
+        holder.join(60)
+
+
+@pytest.mark.slow
+def test_the_readme_curl_example_works_as_written(smollm2_dir, tmp_path):
+    """`teesplit api --model default` serves the model id "smollm2", as the README's examples use."""
+    from teesplit.launch import free_tcp_port, start_api
+
+    address = f"ipc://{tmp_path}/gpu.sock"
+    gpu = start_server(smollm2_dir, address, ["--device", "cpu", "--threads", "1"])
+    port = free_tcp_port()
+    api = start_api(["--server", address, "--model", "default", "--cache-dir", str(smollm2_dir.parent)], port)
+    try:
+        assert [m["id"] for m in request(port, "GET", "/v1/models")[1]["data"]] == ["smollm2"]
+        body = {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 32,
+            "temperature": 0,
+        }
+        status, reply = request(port, "POST", CHAT, body)
+        assert status == 200 and reply["model"] == "smollm2" and reply["choices"][0]["message"]["content"]
+    finally:
+        stop_server(api)
+        stop_server(gpu)

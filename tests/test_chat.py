@@ -103,6 +103,8 @@ def test_chat_from_stdin_ends_at_eof(setup):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 1 and "session: 1 turn(s)" in r.stdout
+    # piped input is echoed after its prompt: the question and the answer have their own lines
+    assert "you> Hi\nassistant> " in r.stdout and "you> /stats\n" in r.stdout
 
 
 def test_history_drops_the_oldest_turns_when_it_outgrows_the_context(smollm2_dir):

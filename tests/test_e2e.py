@@ -195,9 +195,19 @@ def test_demo_runs_a_server_and_prints_stats(smollm2_dir):
     assert r.stdout.strip(), "the demo should print the answer"
     assert "RPCs by op" in r.stderr and "AttnScores" in r.stderr
     log = re.search(r"\(log: (\S+)\)", r.stderr).group(1)
-    server_log = Path(log).read_text()
-    assert "serving" in server_log and "stopped after" in server_log and "session_open" in server_log
+    assert not Path(log).exists(), "a demo that worked leaves no server log behind"
     assert "session_open" not in r.stderr  # the answer and the table are not interleaved with it
+
+
+def test_demo_that_fails_prints_the_end_of_the_server_log(smollm2_dir):
+    # The server starts; the generation is refused (a negative token budget) after it did.
+    r = run_cli("demo", "--model", str(smollm2_dir), "--max-new-tokens", "-1", "--device", "cpu")
+    assert r.returncode == 2, r.stderr
+    assert "max_new_tokens" in r.stderr and "the GPU server's log" in r.stderr
+    assert "serving" in r.stderr.split("the GPU server's log", 1)[1]  # its first line, shown
+    log = re.search(r"\(log: (\S+)\)", r.stderr).group(1)
+    assert Path(log).exists()  # kept for a closer look
+    Path(log).unlink()
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from teesplit.protocol import ERROR_CODES, OPS, PROTOCOL_VERSION, RemoteError, p
 MAX_RSS_GROWTH = 64 << 20
 STRUCTURED_EXAMPLES = 3000
 RAW_MESSAGES = 9000
-MESSAGE_MB = 1  # the server's --max-message-mb: frames over 2 MiB drop the connection
+MESSAGE_MB = 1  # the server's --max-message-mb: larger frames drop the connection
 E, F, V, L, HKV, H, D = 64, 96, 128, 2, 2, 4, 16  # the random checkpoint (tests/helpers.py BASE)
 
 
@@ -470,20 +470,22 @@ def test_raw_mutation_loop_every_message_answered(server):
 
 
 def test_oversized_frame_drops_only_that_connection(server):
-    """A frame over twice --max-message-mb: ZeroMQ drops that peer before reading it; a frame
-    over the limit but under twice it gets a "too_large" reply."""
-    big = Peer(server["address"])
-    try:
-        x = np.ones((1, 3 << 18, 1), np.float32)  # 3 MiB
-        big.send(request(1, "Linear", {"layer": 0, "module": "q_proj"}, [x]))
-        assert not big.sock.poll(1000), "an over-size frame must not be answered"
-    finally:
-        big.close()
-    half = np.ones((1, 3 << 17, 1), np.float32)  # 1.5 MiB: read, then refused
+    """A frame over --max-message-mb: ZeroMQ drops that peer before reading it (nothing is
+    allocated for it), the other peers are served on; a request within the limit whose result
+    would exceed it gets "too_large" before the product is computed."""
+    for nbytes in (3 << 20, 3 << 19):  # 3 MiB and 1.5 MiB: both over the 1 MiB limit
+        big = Peer(server["address"])
+        try:
+            x = np.ones((1, nbytes // 4, 1), np.float32)
+            big.send(request(1, "Linear", {"layer": 0, "module": "q_proj"}, [x]))
+            assert not big.sock.poll(1000), "an over-size frame must not be answered"
+        finally:
+            big.close()
+    a, b = np.ones((1024, 1), np.float32), np.ones((1, 1024), np.float32)  # 4 MiB of result
     with pytest.raises(RemoteError) as e:
-        server["peer"].call(request(2, "Linear", {"layer": 0, "module": "q_proj"}, [half]))
-    assert e.value.code == "too_large"
-    server["sent"] += 2
+        server["peer"].call(request(2, "Matmul", {}, [a, b]))
+    assert e.value.code == "too_large" and "--max-message-mb" in str(e.value)
+    server["sent"] += 3
 
 
 def test_server_still_correct_and_memory_bounded_after_fuzzing(server, ckpt):

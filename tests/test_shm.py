@@ -650,3 +650,82 @@ def test_bench_section_in_tiny_mode(tmp_path, dev_shm_unchanged):
     assert all(t["passed"] is not None for t in result["targets"])
     md = (out / "shm.md").read_text()
     assert "| shm |" in md and "| v3-fused | 12 |" in md and "## Targets" in md
+
+
+# ---- hostile local processes: who may connect, how many, for how long --------------------------
+@pytest.fixture
+def small_server(ckpt):
+    """An in-process shm server taking one runner, with a 0.5 s handshake timeout; `allow`
+    sets its --shm-allow-uid."""
+    from teesplit.gpu.shm_server import ShmServer
+    from teesplit.launch import build_service
+
+    handler, _ = build_service(ckpt, "cpu", "float32", progress=False)
+    started: list = []
+
+    def start(allow: tuple[int, ...] | None = None) -> str:
+        address = shm_address()
+        server = ShmServer(handler, address, max_runners=1, handshake_s=0.5, allow_uids=allow)
+        stop = threading.Event()
+        thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+        thread.start()
+        started.append((server, stop, thread))
+        return address
+
+    yield start
+    for server, stop, thread in started:
+        stop.set()
+        thread.join(10)
+        server.close()
+
+
+def test_a_full_server_tells_the_runner_why_within_the_connect_timeout(small_server):
+    address = small_server()
+    first = GPUClient(ShmTransport(address, timeout_s=20, connect_timeout_s=2))
+    try:
+        first.ping()
+        t0 = time.monotonic()
+        second = GPUClient(ShmTransport(address, timeout_s=60, connect_timeout_s=2))
+        with pytest.raises(GPUServerUnavailable) as e:
+            second.ping()
+        elapsed = time.monotonic() - t0
+        second.close()
+    finally:
+        first.close()
+    assert "already serves 1 runners" in str(e.value) and "--connect-timeout" in str(e.value)
+    assert elapsed < 15  # the reply timeout is 60 s
+
+
+def test_a_connection_that_never_says_hello_is_dropped(small_server):
+    import socket as socketlib
+
+    address = small_server()
+    idle = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_SEQPACKET)
+    try:
+        idle.connect(shm.socket_name(address))
+        idle.settimeout(15)
+        t0 = time.monotonic()
+        assert idle.recv(64) == b""  # the server closed it
+        assert time.monotonic() - t0 < 10
+    finally:
+        idle.close()
+    c = client(address)  # and its place is free
+    try:
+        c.ping()
+    finally:
+        c.close()
+
+
+def test_only_the_allowed_users_may_connect(small_server):
+    from teesplit.transport import LinkRefused
+
+    address = small_server(allow=(os.getuid() + 4242,))
+    with pytest.raises(LinkRefused, match="--shm-allow-uid") as e:
+        ShmTransport(address, timeout_s=20, connect_timeout_s=5)
+    assert f"uid {os.getuid()}" in str(e.value)
+    ok = small_server(allow=(os.getuid(),))
+    c = client(ok)
+    try:
+        c.ping()
+    finally:
+        c.close()

@@ -222,3 +222,38 @@ def test_trusted_imports_do_not_load_torch():
     env = dict(os.environ, PYTHONPATH=str(Path(teesplit.__file__).resolve().parent.parent))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_long_text_is_tokenized_without_holding_the_gil(tok, hf_tok):
+    """The API tokenizes in its HTTP threads while the scheduler decodes: a long prompt must
+    not stop the other threads (`tokenizers`' encode holds the GIL: 3 s for a MiB here)."""
+    import threading
+    import time
+
+    text = "The quick brown fox jumps over the lazy dog, again and again. " * 10_000  # 620 kB
+    gaps, stop = [0.0], threading.Event()
+
+    def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps[0] = max(gaps[0], now - last)
+            last = now
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        ids = tok.encode(text)
+    finally:
+        stop.set()
+        thread.join()
+    assert ids == hf_tok.encode(text)
+    print(f"encoding {len(text)} characters: the longest pause of another thread {gaps[0] * 1000:.0f} ms")
+    assert gaps[0] < 1.0
+
+
+def test_max_token_bytes_bounds_every_token(tok):
+    n = tok.max_token_bytes()
+    assert 16 <= n <= 256
+    assert all(len(tok.decode([i], skip_special_tokens=False).encode()) <= n for i in range(0, 49152, 97))

@@ -236,7 +236,7 @@ def test_session_limits_are_the_servers_not_a_ranks(tp_server):
             try:
                 opened.append(c.call("OpenSession", {"batch": 1, "max_tokens": 4096})[0])
             except RemoteError as e:
-                assert e.code == "too_large" and "(--max-sessions)" in str(e)
+                assert e.code == "too_large" and "--max-sessions`" in str(e)
                 break
         assert 1 <= len(opened) <= 3
         per_token = opened[0]["kv_bytes_per_token"]
@@ -244,7 +244,7 @@ def test_session_limits_are_the_servers_not_a_ranks(tp_server):
         x, pos = np.ones((1, 700, 48), np.float32), np.zeros(1, np.int64)  # 700 tokens: over 0.0001 GiB
         with pytest.raises(RemoteError) as e:
             c.call("QKV", {"layer": 0}, (x, pos), opened[0]["sid"])
-        assert e.value.code == "too_large" and "(--max-kv-bytes)" in str(e.value)
+        assert e.value.code == "too_large" and "--max-kv-gib`" in str(e.value)
     finally:
         for res in opened:
             c.call("CloseSession", sid=res["sid"])
@@ -329,7 +329,7 @@ def test_hostile_and_fuzzed_requests_get_the_replies_one_rank_gives(tp_server, c
     handler.service.limits = build_limits()
     c = client(tp_server["address"], retries=0)
     sid = c.call("OpenSession", {"batch": 1, "max_tokens": 64})[0]["sid"]
-    handler.service.open_session(1, 64, sid=sid)  # the same session id on both sides
+    handler.service.open_session(1, 64, sid=sid, owner=b"peer")  # the same session id on both sides
     rng, opened = np.random.default_rng(7), [sid]
     templates = _requests(sid)
     try:

@@ -51,6 +51,7 @@ def runner_settings(args: argparse.Namespace, model_dir: Path, **extra):
         wire_dtype=args.wire_dtype,
         timeout_s=args.timeout,
         retries=args.retries,
+        connect_timeout_s=args.connect_timeout,
         curve_secret=args.curve_secret,
         server_key=args.server_key,
         verify=args.verify,
@@ -90,9 +91,10 @@ def sampling_params(args: argparse.Namespace):
 
 # ---- serve ---------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    from teesplit.gpu.capacity import default_max_message_bytes
     from teesplit.gpu.handler import RequestHandler, configure_logging, log_event
     from teesplit.gpu.service import SessionLimits
-    from teesplit.gpu.zmq_server import serve
+    from teesplit.gpu.zmq_server import ConnectionLimits, serve
     from teesplit.launch import build_service
     from teesplit.protocol import Limits
 
@@ -103,12 +105,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_session_tokens=args.max_session_tokens,
         max_batch=args.max_batch,
         max_kv_bytes=int(args.max_kv_gib * (1 << 30)),
+        max_sessions_per_client=args.max_sessions_per_client,
+        max_kv_bytes_per_client=int(args.max_kv_gib_per_client * (1 << 30)),
     )
     if args.tp > 1 or _under_torchrun():
         return _serve_tp(args, limits)
     model_dir = resolve(args.model, args.cache_dir)
     handler, desc = build_service(model_dir, args.device, args.dtype, args.threads, limits=limits)
-    handler = RequestHandler(handler.service, Limits(max_tensor_bytes=int(args.max_message_mb * (1 << 20))))
+    if args.max_message_mb is None:  # what the largest legitimate message of this model needs
+        config = handler.service.config
+        max_tensor = default_max_message_bytes(config, limits.max_session_tokens, limits.max_batch)
+    else:
+        max_tensor = int(args.max_message_mb * (1 << 20))
+    handler = RequestHandler(handler.service, Limits(max_tensor_bytes=max_tensor))
+    unread = 2 * max_tensor if args.max_unread_mb is None else int(args.max_unread_mb * (1 << 20))
+    conn = ConnectionLimits(max_inflight=args.max_inflight, max_unread_bytes=unread)
     log_event(
         "server_start",
         f"serving {desc} at {args.bind}",
@@ -118,20 +129,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_session_tokens=limits.max_session_tokens,
         max_batch=limits.max_batch,
         max_kv_bytes=limits.max_kv_bytes,
+        max_sessions_per_client=limits.max_sessions_per_client,
+        max_kv_bytes_per_client=limits.max_kv_bytes_per_client,
         max_tensor_bytes=handler.limits.max_tensor_bytes,
         max_frame_bytes=handler.max_frame_bytes,
+        max_inflight=conn.max_inflight,
+        max_unread_bytes=conn.max_unread_bytes,
         session_idle_timeout_s=args.session_idle_timeout,
         curve=curve is not None,
     )
     if args.bind.startswith("shm://"):  # same host, no link to secure (server_curve refused CURVE)
         from teesplit.gpu.shm_server import serve_shm
 
+        allow = tuple(args.shm_allow_uid) if args.shm_allow_uid else (os.getuid(),)
         try:
-            serve_shm(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None)
+            serve_shm(
+                handler,
+                args.bind,
+                session_idle_timeout_s=args.session_idle_timeout or None,
+                allow_uids=allow,
+            )
         except OSError as e:  # the name is taken: another server listens there
             raise UsageError(str(e)) from None
         return 0
-    serve(handler, args.bind, session_idle_timeout_s=args.session_idle_timeout or None, curve=curve)
+    if args.shm_allow_uid:
+        raise UsageError("--shm-allow-uid applies to shm:// servers only")
+    serve(
+        handler,
+        args.bind,
+        session_idle_timeout_s=args.session_idle_timeout or None,
+        curve=curve,
+        limits=conn,
+    )
     # The last reply can still be on its way, sent zero-copy from this process's memory: ending
     # the context waits for it (up to the socket's linger) before the process exits and frees it.
     import zmq
@@ -162,7 +191,7 @@ def _serve_tp(args: argparse.Namespace, limits) -> int:
         dtype=args.dtype,
         threads=args.threads,
         limits=limits,
-        max_tensor_bytes=int(args.max_message_mb * (1 << 20)),
+        max_tensor_bytes=None if args.max_message_mb is None else int(args.max_message_mb * (1 << 20)),
         session_idle_timeout_s=args.session_idle_timeout or None,
         log_format=args.log_format,
         curve_secret=args.curve_secret,
@@ -344,7 +373,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
         from teesplit.transport.curve import CurveClient
 
         curve = CurveClient.from_files(args.curve_secret, args.server_key)
-    client = GPUClient(open_transport(args.server, args.timeout, curve), retries=args.retries)
+    transport = open_transport(args.server, args.timeout, curve, connect_timeout_s=args.timeout)
+    client = GPUClient(transport, retries=args.retries)
     try:
         rtts = sorted(client.ping() for _ in range(args.count))
         res, _ = client.call("Ping")
@@ -367,30 +397,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The server's own log goes to a file, so its session lines do not interleave with the answer.
     log_path = Path(tempfile.gettempdir()) / f"teesplit-demo-server-{address.rsplit(':', 1)[1]}.log"
     say(f"starting a GPU server process for {model_dir.name} at {address} (log: {log_path}) ...")
-    with open(log_path, "w") as log:
-        proc = start_server(model_dir, address, ["--device", args.device], stderr=log)
+    rc = None
     try:
-        say(f"> {args.prompt}")
-        gen_args = build_parser().parse_args(
-            [
-                "generate",
-                "--server",
-                address,
-                "--model",
-                str(model_dir),
-                "--prompt",
-                args.prompt,
-                "--chat",
-                "--plan",
-                args.plan,
-                "--max-new-tokens",
-                str(args.max_new_tokens),
-                "--stats",
-            ]
-        )
-        return cmd_generate(gen_args)
+        with open(log_path, "w") as log:
+            proc = start_server(model_dir, address, ["--device", args.device], stderr=log)
+        try:
+            rc = _demo_generate(args, model_dir, address)
+        finally:
+            stop_server(proc)
     finally:
-        stop_server(proc)
+        if rc == 0:  # the log served its purpose; a failed demo shows its end instead
+            log_path.unlink(missing_ok=True)
+        else:
+            _say_log_tail(log_path)
+    return rc
+
+
+def _say_log_tail(path: Path, lines: int = 20) -> None:
+    try:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    if tail:
+        say(f"the GPU server's log ({path}), last {len(tail)} lines:")
+        for line in tail:
+            say(f"  {line}")
+
+
+def _demo_generate(args: argparse.Namespace, model_dir: Path, address: str) -> int:
+    say(f"> {args.prompt}")
+    gen = ["generate", "--server", address, "--model", str(model_dir), "--prompt", args.prompt, "--chat"]
+    gen += ["--plan", args.plan, "--max-new-tokens", str(args.max_new_tokens), "--stats"]
+    return cmd_generate(build_parser().parse_args(gen))
 
 
 # ---- convert -------------------------------------------------------------------------------
@@ -424,16 +462,20 @@ def cmd_api(args: argparse.Namespace) -> int:
             raise e.__cause__ from None
         say(f"warning: {e}; requests get 503 until it answers")
     plan = engine.model.plan.name if engine.model is not None else args.plan
+    from teesplit.models import served_model_name
+
     api = APIServer(
         engine,
         tokenizer,
-        args.served_model_name or model_dir.name,
+        args.served_model_name or served_model_name(args.model, model_dir),
         local.max_position_embeddings,
         local.vocab_size,
         plan,
         host=args.host,
         port=args.port,
         log=say if args.access_log else None,
+        backlog=args.backlog,
+        max_per_client=args.max_per_client or args.max_batch,
         **door.server_kwargs(),
     )
     engine.start()
@@ -533,7 +575,7 @@ def remote_chat(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if sys.stdin.isatty():
         import readline  # noqa: F401 - line editing and history for input()
-    return run_chat(session, input, _print_stream, format_stats)
+    return run_chat(session, input, _print_stream, format_stats, echo=not sys.stdin.isatty())
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -558,12 +600,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        return run_chat(session, input, write, format_stats)
+        return run_chat(session, input, write, format_stats, echo=not sys.stdin.isatty())
     finally:
         model.gpu.close()
 
 
 # ---- parser --------------------------------------------------------------------------------
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help names it already or there
+    is none worth showing (unset, off, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or not action.option_strings
+            or default in (None, False, [], argparse.SUPPRESS)
+            or isinstance(action, argparse._VersionAction | argparse._HelpAction)
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def _positive_float(s: str) -> float:
     v = float(s)
     if not v > 0:
@@ -605,7 +664,12 @@ def add_model_args(sp: argparse.ArgumentParser) -> None:
 
 
 def add_device_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sp.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the GPU service computes (auto: cuda when torch sees one)",
+    )
     sp.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -656,13 +720,25 @@ def add_runner_args(sp: argparse.ArgumentParser, default_plan: str) -> None:
         default=None,
         help="activations on the wire (default float32; int8 = per-row absmax)",
     )
-    sp.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply")
+    sp.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds to wait for each reply from a GPU server that is connected (alive but slow)",
+    )
+    sp.add_argument(
+        "--connect-timeout",
+        type=_positive_float,
+        default=5.0,
+        metavar="S",
+        help="a request that finds no connection to the GPU server (none listens, it died, its host is "
+        "gone) fails after S seconds, without retries",
+    )
     sp.add_argument(
         "--retries",
         type=_non_negative_int,
         default=2,
-        help="resend a request that got no reply this many times (same request id, new connection; "
-        "default %(default)s)",
+        help="resend a request that got no reply this many times (same request id, new connection)",
     )
     add_curve_client_args(sp)
     sp.add_argument(
@@ -688,11 +764,11 @@ def add_runner_args(sp: argparse.ArgumentParser, default_plan: str) -> None:
 
 
 def add_sampling_args(sp: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
     sp.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    sp.add_argument("--top-k", type=int, default=0)
-    sp.add_argument("--top-p", type=float, default=1.0)
-    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set above p")
+    sp.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
 
 
 def add_front_door_args(sp: argparse.ArgumentParser) -> None:
@@ -782,6 +858,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="teesplit", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"teesplit {teesplit.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_commands(sub)
+    for parser in [p, *sub.choices.values()]:
+        parser.formatter_class = _HelpFormatter
+        for action in parser._actions:  # nested: teesplit keys gen
+            if isinstance(action, argparse._SubParsersAction):
+                for nested in action.choices.values():
+                    nested.formatter_class = _HelpFormatter
+    return p
+
+
+def _add_commands(sub) -> None:
 
     s = sub.add_parser("serve", help="run the untrusted GPU server")
     add_model_args(s)
@@ -792,16 +879,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="tcp://HOST:PORT, ipc://PATH, or shm://NAME (shared memory, runners on this host)",
     )
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    s.add_argument("--max-sessions", type=int, default=64, help="sessions (GPU-side KV caches) at once")
-    s.add_argument("--max-session-tokens", type=int, default=8192, help="tokens per sequence in a session")
-    s.add_argument("--max-batch", type=int, default=64, help="sequences per session")
-    s.add_argument("--max-kv-gib", type=float, default=4.0, help="KV-cache memory for all sessions, GiB")
+    s.add_argument(
+        "--max-sessions", type=_positive_int, default=64, help="sessions (GPU-side KV caches) at once"
+    )
+    s.add_argument(
+        "--max-session-tokens", type=_positive_int, default=8192, help="tokens per sequence in a session"
+    )
+    s.add_argument("--max-batch", type=_positive_int, default=64, help="sequences per session")
+    s.add_argument(
+        "--max-kv-gib", type=_positive_float, default=4.0, help="KV-cache memory for all sessions, GiB"
+    )
+    s.add_argument(
+        "--max-sessions-per-client",
+        type=_positive_int,
+        default=16,
+        help="sessions one client (CURVE key, else connection) may hold at once",
+    )
+    s.add_argument(
+        "--max-kv-gib-per-client",
+        type=_positive_float,
+        default=1.0,
+        help="KV-cache memory one client's sessions may hold, GiB",
+    )
     s.add_argument(
         "--max-message-mb",
         type=_positive_float,
-        default=1024.0,
-        help="largest tensor a request may carry, MiB (larger: a too_large reply; over twice this, "
-        "ZeroMQ drops the connection before reading it; default %(default)g)",
+        default=None,
+        help="largest tensor a request or reply may carry, MiB: a larger frame is dropped unread, a "
+        "larger result refused before it is computed (default: derived from the model and the session "
+        "limits, see README Robustness; at least 64)",
+    )
+    s.add_argument(
+        "--max-inflight",
+        type=_positive_int,
+        default=4,
+        help="requests one connection may have queued at the server",
+    )
+    s.add_argument(
+        "--max-unread-mb",
+        type=_positive_float,
+        default=None,
+        help="replies one connection may leave unread, MiB, before its requests are refused (default: "
+        "twice the message size)",
+    )
+    s.add_argument(
+        "--shm-allow-uid",
+        type=_non_negative_int,
+        action="append",
+        default=None,
+        metavar="UID",
+        help="shm://: a user id allowed to connect (repeatable; default: the server's own uid only)",
     )
     s.add_argument(
         "--session-idle-timeout",
@@ -880,15 +1007,22 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start a local GPU server process and chat through it")
     add_model_args(d)
     d.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
-    d.add_argument("--plan", default="v3-fused")
-    d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    d.add_argument("--plan", default="v3-fused", help="the split plan (see generate --help)")
+    d.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    d.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the GPU service computes"
+    )
     d.set_defaults(func=cmd_demo)
 
     pg = sub.add_parser("ping", help="measure the round trip to a GPU server")
-    pg.add_argument("server")
-    pg.add_argument("--count", type=int, default=100)
-    pg.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait for each reply")
+    pg.add_argument("server", help="the GPU server: tcp://HOST:PORT, ipc://PATH or shm://NAME (this host)")
+    pg.add_argument("--count", type=int, default=100, help="pings to send")
+    pg.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=5.0,
+        help="seconds to wait for each reply, and for a connection to the server",
+    )
     pg.add_argument(
         "--retries", type=_non_negative_int, default=0, help="resend an unanswered ping (default %(default)s)"
     )
@@ -918,13 +1052,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     a.add_argument("--port", type=int, default=8000, help="port (0: any free one; default %(default)s)")
     a.add_argument(
-        "--served-model-name", default=None, help="the model id clients use (default: the directory name)"
+        "--served-model-name",
+        default=None,
+        help="the model id clients use (default: smollm2 for --model default, else the directory name)",
     )
     a.add_argument(
         "--max-batch", type=int, default=16, help="sequences decoded together (default %(default)s)"
     )
     a.add_argument(
         "--max-waiting", type=int, default=256, help="queued requests before 429 (default %(default)s)"
+    )
+    a.add_argument(
+        "--max-per-client",
+        type=_positive_int,
+        default=None,
+        help="generations one client (its API key, else its address) may have in flight; more get 429 "
+        "(default: --max-batch, so one client can fill a batch but not the queue)",
+    )
+    a.add_argument(
+        "--backlog", type=_positive_int, default=128, help="connections the kernel queues before accepting"
     )
     a.add_argument("--access-log", action="store_true", help="log every HTTP request to stderr")
     add_front_door_args(a)
@@ -979,7 +1125,6 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a GGUF model into the cache and print its directory")
     add_model_args(c)
     c.set_defaults(func=cmd_convert)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

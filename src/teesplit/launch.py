@@ -115,7 +115,8 @@ def start_server(
 
 def start_api(args: list[str], port: int, timeout: float = 300.0, stderr=None, env=None) -> subprocess.Popen:
     """Start `teesplit api ARGS --port PORT` in a child process and wait until GET /v1/models
-    answers 200; LaunchError if it exits or does not answer in time."""
+    answers (200, or 401 when it needs an API key); LaunchError if it exits or does not answer
+    in time."""
     cmd = [sys.executable, "-m", "teesplit", "api", *args, "--port", str(port)]
     proc = subprocess.Popen(cmd, stderr=stderr, stdout=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + timeout
@@ -124,7 +125,7 @@ def start_api(args: list[str], port: int, timeout: float = 300.0, stderr=None, e
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:
                 conn.request("GET", "/v1/models")
-                if conn.getresponse().status == 200:
+                if conn.getresponse().status in (200, 401):
                     return proc
             finally:
                 conn.close()

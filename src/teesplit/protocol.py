@@ -200,7 +200,9 @@ class RemoteError(Exception):
     """The peer answered with an error reply."""
 
     def __init__(self, code: str, message: str, op: str | None = None):
-        super().__init__(f"{op + ': ' if op else ''}{message} [{code}]")
+        # The server's messages usually start with the operation already ("OpenSession: ...").
+        named = not op or message.startswith((f"{op}:", f"{op} "))
+        super().__init__(f"{'' if named else op + ': '}{message} [{code}]")
         self.code = code
         self.remote_message = message
         self.op = op
@@ -214,6 +216,20 @@ class Limits:
     max_tensors: int = 8
     max_rank: int = 5
     max_tensor_bytes: int = 1 << 31
+    # No dimension of a real model's tensor comes near this (vocabularies, contexts, widths are
+    # below a million); a bigger one, even next to a zero, is a hostile shape, refused here
+    # before any product sees it.
+    max_dim: int = 1 << 24
+
+    @property
+    def max_frames(self) -> int:
+        """Frames of a message: the header and its tensors."""
+        return 1 + self.max_tensors
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame a message may hold (the transports drop bigger ones unread)."""
+        return max(self.max_tensor_bytes, self.max_header_bytes)
 
 
 DEFAULT_LIMITS = Limits()
@@ -369,6 +385,7 @@ def _decode_tensor(i: int, desc: Any, frame: Any, limits: Limits) -> np.ndarray:
     nbytes = n * dt.itemsize
     if nbytes > limits.max_tensor_bytes:
         raise ProtocolError(f"tensor {i}: {nbytes} bytes exceed {limits.max_tensor_bytes}", "too_large")
+    _check_dims(i, shape, limits)
     buf = _buffer(frame)
     if len(buf) != nbytes:
         raise ProtocolError(
@@ -377,15 +394,23 @@ def _decode_tensor(i: int, desc: Any, frame: Any, limits: Limits) -> np.ndarray:
     return np.ndarray(shape, dt, buf)  # a view, read-only for bytes: np.frombuffer(...).reshape(shape)
 
 
+def _check_dims(i: int, shape: list[int], limits: Limits) -> None:
+    """A tensor small enough in bytes can still have an absurd dimension next to a zero one."""
+    for d in shape:
+        if d > limits.max_dim:
+            raise ProtocolError(f"tensor {i}: dimension {d} exceeds {limits.max_dim}", "bad_tensor")
+
+
 def _decode_int8(i: int, shape: list[int], frame: Any, limits: Limits) -> np.ndarray:
     if not shape:
         raise ProtocolError(f"tensor {i}: an int8 tensor needs at least one dimension", "bad_tensor")
     rows, n = math.prod(shape[:-1]), math.prod(shape)
     nbytes = 4 * rows + n
-    if 4 * n > limits.max_tensor_bytes:  # it decodes to float32
+    if max(4 * n, nbytes) > limits.max_tensor_bytes:  # it decodes to float32
         raise ProtocolError(
-            f"tensor {i}: {4 * n} decoded bytes exceed {limits.max_tensor_bytes}", "too_large"
+            f"tensor {i}: {max(4 * n, nbytes)} bytes exceed {limits.max_tensor_bytes}", "too_large"
         )
+    _check_dims(i, shape, limits)
     buf = _buffer(frame)
     if len(buf) != nbytes:
         raise ProtocolError(

@@ -200,6 +200,9 @@ class Call:
     sid: int | None = None
     session: Session | None = None  # resolved from sid for operations that use one (OpSpec.session)
     peer: bytes | None = None
+    # Who asks: the CURVE public key when the link has CURVE, else the connection's routing id
+    # (the shm client id). Sessions belong to the identity that opened them.
+    owner: bytes | None = None
     # OpenSession: the id to give the new session; None lets the service draw one. Never taken
     # from the request (a runner must not choose it): rank 0 of a tensor-parallel group draws it
     # and hands it to the other ranks (gpu/tp.py).
@@ -240,22 +243,29 @@ class RequestHandler:
     def __init__(self, service: GPUComputeService, limits: Limits = DEFAULT_LIMITS):
         self.service = service
         self.limits = limits
-        # Frames up to this size are read and, past the decode limits, refused with "too_large";
-        # bigger ones drop the connection at the socket (ZeroMQ MAXMSGSIZE) before any allocation.
-        self.max_frame_bytes = 2 * max(limits.max_tensor_bytes, limits.max_header_bytes)
+        # No frame of a request can be larger: a bigger one drops the connection at the socket
+        # (ZeroMQ MAXMSGSIZE; the shm region header) before anything is allocated for it.
+        self.max_frame_bytes = limits.max_frame_bytes
+        # Nor can a result: the product is refused before it is computed (results are float32 at
+        # most, so no reply tensor is larger than a request tensor may be).
+        service.max_elements = min(service.max_elements, max(1, limits.max_tensor_bytes // 4))
         self.replies = ReplyCache()
         self.served = 0
         self.errors = 0
         self.replayed = 0  # resent requests answered from the reply cache
         self._log_window, self._logged, self._suppressed = 0.0, 0, 0
 
-    def handle(self, frames: Sequence[Any], peer: bytes | None = None) -> list:
-        """Reply frames for one request; `peer` (the routing id) enables the reply cache."""
+    def handle(self, frames: Sequence[Any], peer: bytes | None = None, identity: bytes | None = None) -> list:
+        """Reply frames for one request; `peer` (the routing id) enables the reply cache;
+        `identity` (default: the peer) owns the sessions the request opens and may use."""
         rid = op = None
         try:
             try:
                 header, tensors = decode(frames, self.limits)
-            except ProtocolError:
+            except ProtocolError as e:
+                if e.code == "too_large":
+                    flag = "the server's limit: `teesplit serve --max-message-mb`"
+                    raise ProtocolError(f"{e} ({flag})", e.code) from None
                 raise
             except Exception as e:  # a gap in the decoder on hostile input is still the peer's fault
                 raise ProtocolError(f"malformed message ({type(e).__name__})") from None
@@ -271,7 +281,7 @@ class RequestHandler:
                 if cached is not None:
                     self.replayed += 1
                     return cached
-            result, out, gpu_s = self.dispatch(op, args, header, tensors, peer)
+            result, out, gpu_s = self.dispatch(op, args, header, tensors, peer, identity or peer)
             self.served += 1
             frames_out = reply(rid, result, out, gpu_s)
             if cacheable:
@@ -288,14 +298,20 @@ class RequestHandler:
             return error_reply(rid, "internal", f"server error: {type(e).__name__}: {e}")
 
     def dispatch(
-        self, op: str, args: dict[str, Any], header: dict[str, Any], tensors: list, peer: bytes | None = None
+        self,
+        op: str,
+        args: dict[str, Any],
+        header: dict[str, Any],
+        tensors: list,
+        peer: bytes | None = None,
+        owner: bytes | None = None,
     ) -> tuple[dict, list, float]:
         """One validated request -> (result map, reply tensors, compute seconds), by its OpSpec."""
         spec = OPS[op]
         wire = self._reply_wire(op, spec, args, header)
-        call = Call(op, args, tensors, header.get("sid"), None, peer)
+        call = Call(op, args, tensors, sid=header.get("sid"), peer=peer, owner=owner)
         if spec.session != "none" and call.sid is not None:
-            call.session = self.service.session(call.sid)
+            call.session = self.service.session(call.sid, owner)
         t0 = time.perf_counter()
         out = self.run(spec, call)
         res, out = (out.res, out.out) if type(out) is Reply else ({}, out)
@@ -355,7 +371,8 @@ class RequestHandler:
     @operation("OpenSession")
     def open_session(self, c: Call) -> Reply:
         batch, max_tokens = c.args["batch"], c.args["max_tokens"]
-        result = self.service.open_session(batch, max_tokens, c.args.get("f32", False), sid=c.new_sid)
+        f32 = c.args.get("f32", False)
+        result = self.service.open_session(batch, max_tokens, f32, sid=c.new_sid, owner=c.owner)
         log_event(
             "session_open",
             sid=result["sid"],
@@ -368,7 +385,7 @@ class RequestHandler:
 
     @operation("CloseSession")
     def close_session(self, c: Call) -> Reply:
-        closed = self.service.close_session(c.session.sid)
+        closed = self.service.close_session(c.session.sid, c.owner)
         age = round(time.monotonic() - closed.opened, 1)
         log_event("session_close", sid=closed.sid, age_s=age, kv_bytes=closed.nbytes, **self._load())
         return Reply({})

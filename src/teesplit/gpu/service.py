@@ -112,17 +112,26 @@ class TopK(NamedTuple):
 
 @dataclass(frozen=True)
 class SessionLimits:
+    """The server's session limits (`teesplit serve` flags). A client is the identity that
+    opened a session (gpu/handler.py: the CURVE key, else the connection's routing id): one
+    client alone cannot take every slot or all the KV memory from the others."""
+
     max_sessions: int = 64
     max_session_tokens: int = 8192  # per sequence
     max_batch: int = 64
     max_kv_bytes: int = 4 << 30  # all sessions together
+    max_sessions_per_client: int = 16
+    max_kv_bytes_per_client: int = 1 << 30
 
 
 class Session:
     """One runner's GPU-side state: rotated K and V for every layer, row lengths per layer."""
 
-    def __init__(self, sid: int, batch: int, max_tokens: int, num_layers: int, dtype=None):
+    def __init__(
+        self, sid: int, batch: int, max_tokens: int, num_layers: int, dtype=None, owner: bytes | None = None
+    ):
         self.sid = sid
+        self.owner = owner  # the identity that opened it; only that one may use it
         self.dtype = dtype  # the cache's dtype: the compute dtype, or float32 for a verifying runner
         self.batch = batch
         self.max_tokens = max_tokens
@@ -300,7 +309,11 @@ class GPUComputeService:
     def _check_result_size(self, shape: tuple[int, ...], what: str) -> None:
         n = math.prod(shape)
         if n > self.max_elements:
-            raise _bad(f"{what}: result of {n} elements exceeds the limit {self.max_elements}", "too_large")
+            raise _bad(
+                f"{what}: result of {n} elements exceeds the limit {self.max_elements} (a reply is no "
+                "larger than a request may be: raise both with `teesplit serve --max-message-mb`)",
+                "too_large",
+            )
 
     def _layer(self, layer: int, what: str):
         if not 0 <= layer < self.config.num_layers:
@@ -474,6 +487,7 @@ class GPUComputeService:
                 f"(B, {c.num_kv_heads}, T, {c.head_dim}), got {q.shape} and {k.shape}"
             )
         pk = self._check_positions(session, session.k_len, layer, pos, T, "AttnScores")
+        self._check_result_size((B, c.num_heads, T, max(pk) + T), "AttnScores")  # before the write
         self._checked()
         if r is not None:
             self._finish_pending_v(session, layer, lw, r, pv)
@@ -501,6 +515,7 @@ class GPUComputeService:
         S = int(session.v_len[layer].max())
         if p.ndim != 4 or p.shape[0] != B or p.shape[1] != c.num_heads or p.shape[3] != S or p.shape[2] < 1:
             raise _bad(f"AttnOut: expected p (B={B}, {c.num_heads}, T, S={S}), got {p.shape}")
+        self._check_result_size((B, p.shape[2], max(c.q_dim, c.hidden_size)), "AttnOut")
 
     def _attn_out(self, session: Session, layer: int, p: np.ndarray) -> torch.Tensor | np.ndarray:
         lw, c = self.w.layers[layer], self.config
@@ -581,7 +596,15 @@ class GPUComputeService:
         if total > self.limits.max_kv_bytes:
             raise _bad(
                 f"KV cache of {total} bytes for all sessions would exceed the server's limit of "
-                f"{self.limits.max_kv_bytes} (--max-kv-bytes)",
+                f"{self.limits.max_kv_bytes} bytes (raise it with `teesplit serve --max-kv-gib`)",
+                "too_large",
+            )
+        mine = self.kv_bytes_of(s.owner) - old_bytes + new_bytes
+        if mine > self.limits.max_kv_bytes_per_client:
+            raise _bad(
+                f"KV cache of {mine} bytes for this client's sessions would exceed the server's limit "
+                f"of {self.limits.max_kv_bytes_per_client} bytes per client (raise it with `teesplit "
+                "serve --max-kv-gib-per-client`)",
                 "too_large",
             )
         return shape
@@ -654,6 +677,8 @@ class GPUComputeService:
         self, ids: np.ndarray, session: Session | None = None, pos: np.ndarray | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_ids(ids)
+        c = self.config
+        self._check_result_size((*ids.shape[:2], c.q_dim + 2 * c.kv_dim), "EmbedQKV")
         if session is not None:
             self._check_positions(session, session.v_len, 0, pos, ids.shape[1], "EmbedQKV")
         self._checked()
@@ -697,10 +722,12 @@ class GPUComputeService:
         return y, _top_k(z, top_k)  # the row scale is positive: the top-k of z are the top-k
 
     def _down_inputs(self, m: np.ndarray, x: np.ndarray, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        mt = self._activation(m, self.config.intermediate_size, f"{what} m")
-        xt = self._activation(x, self.config.hidden_size, f"{what} x")
+        c = self.config
+        mt = self._activation(m, c.intermediate_size, f"{what} m")
+        xt = self._activation(x, c.hidden_size, f"{what} x")
         if m.shape[:2] != x.shape[:2]:
             raise _bad(f"{what}: m {m.shape} and x {x.shape} differ in (B, T)")
+        self._check_result_size((*x.shape[:2], max(c.hidden_size, c.q_dim + 2 * c.kv_dim)), what)
         return mt, xt
 
     def _down_residual(self, layer: int, m: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -711,12 +738,15 @@ class GPUComputeService:
 
     def o_gate_up(self, layer: int, a: np.ndarray, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """o = o_proj(a), and the unscaled gate|up on the residual x + o."""
-        lw = self._layer(layer, "OGateUp")
-        at = self._activation(a, self.config.q_dim, "OGateUp a")
-        xt = self._activation(x, self.config.hidden_size, "OGateUp x")
+        lw, c = self._layer(layer, "OGateUp"), self.config
+        self._check_activation(a, c.q_dim, "OGateUp a")
+        self._check_activation(x, c.hidden_size, "OGateUp x")
         if a.shape[:2] != x.shape[:2]:
             raise _bad(f"OGateUp: a {a.shape} and x {x.shape} differ in (B, T)")
+        self._check_result_size((*x.shape[:2], 2 * c.intermediate_size), "OGateUp")
         self._checked()
+        at = to_torch(a, self.device, self._cdt)
+        xt = to_torch(x, self.device, self._cdt)
         o = self._reduce(F.linear(at, lw.weight["o_proj"], lw.bias.get("o_proj")))
         return o, F.linear((xt + o) * self._gain(lw.post_attention_norm), lw.gate_up_weight)
 
@@ -729,6 +759,9 @@ class GPUComputeService:
         want = (session.batch, p.shape[2], self.config.hidden_size)  # o's shape
         if tuple(xt.shape) != want:
             raise _bad(f"AttnOutGateUp: x must have shape {want}, got {x.shape}")
+        self._check_result_size(
+            (session.batch, p.shape[2], 2 * self.config.intermediate_size), "AttnOutGateUp"
+        )
         self._checked()
         o = self._attn_out(session, layer, p)
         if isinstance(o, np.ndarray):  # a float32 CPU server's (`_rows`)
@@ -741,25 +774,46 @@ class GPUComputeService:
     def kv_bytes(self) -> int:
         return sum(s.nbytes for s in self.sessions.values()) * self.kv_scale
 
+    def kv_bytes_of(self, owner: bytes | None) -> int:
+        return sum(s.nbytes for s in self.sessions.values() if s.owner == owner) * self.kv_scale
+
     def open_session(
-        self, batch: int, max_tokens: int, f32: bool = False, sid: int | None = None
+        self,
+        batch: int,
+        max_tokens: int,
+        f32: bool = False,
+        sid: int | None = None,
+        owner: bytes | None = None,
     ) -> dict[str, Any]:
-        """A new session; its id is drawn at random unless `sid` gives it (see handler.Call)."""
+        """A new session owned by `owner` (the identity that asked for it: only it may use the
+        session); its id is drawn at random unless `sid` gives it (see handler.Call)."""
         lim = self.limits
         if not 1 <= batch <= lim.max_batch:
-            raise _bad(f"OpenSession: batch must lie in [1, {lim.max_batch}]", "bad_args")
+            raise _bad(f"OpenSession: batch must lie in [1, {lim.max_batch}] (--max-batch)", "bad_args")
         if not 1 <= max_tokens <= lim.max_session_tokens:
-            raise _bad(f"OpenSession: max_tokens must lie in [1, {lim.max_session_tokens}]", "bad_args")
+            raise _bad(
+                f"OpenSession: max_tokens must lie in [1, {lim.max_session_tokens}] (--max-session-tokens)",
+                "bad_args",
+            )
         if len(self.sessions) >= lim.max_sessions:
             raise _bad(
-                f"OpenSession: the server already holds {lim.max_sessions} sessions (--max-sessions)",
+                f"OpenSession: the server already holds {lim.max_sessions} sessions (raise it with "
+                "`teesplit serve --max-sessions`)",
+                "too_large",
+            )
+        mine = sum(1 for s in self.sessions.values() if s.owner == owner)
+        if mine >= lim.max_sessions_per_client:
+            raise _bad(
+                f"OpenSession: this client already holds {mine} sessions, the server's limit per client "
+                "(raise it with `teesplit serve --max-sessions-per-client`; close the sessions you no "
+                "longer use)",
                 "too_large",
             )
         if sid is None:
             sid = secrets.randbits(62)
         self._checked()
         dtype = torch.float32 if f32 else self.dtype
-        self.sessions[sid] = Session(sid, batch, max_tokens, self.config.num_layers, dtype)
+        self.sessions[sid] = Session(sid, batch, max_tokens, self.config.num_layers, dtype, owner)
         c = self.config
         per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * batch * self.kv_scale
         return {
@@ -767,15 +821,17 @@ class GPUComputeService:
             "kv_bytes_per_token": per_token * torch.empty((), dtype=dtype).element_size(),
         }
 
-    def session(self, sid: int | None) -> Session:
+    def session(self, sid: int | None, owner: bytes | None = None) -> Session:
+        """The session `sid` if `owner` opened it. Another identity gets exactly the answer an
+        unknown id gets, so nothing tells it which ids exist."""
         s = self.sessions.get(sid) if sid is not None else None
-        if s is None:
+        if s is None or s.owner != owner:
             raise _bad(f"unknown session {sid} (closed, expired, or the server restarted)", "no_session")
         s.last_used = time.monotonic()
         return s
 
-    def close_session(self, sid: int) -> Session:
-        s = self.session(sid)
+    def close_session(self, sid: int, owner: bytes | None = None) -> Session:
+        s = self.session(sid, owner)
         self._checked()
         return self.sessions.pop(s.sid)
 

@@ -31,6 +31,12 @@ control message drops that runner (logged), never the server or another runner.
 A runner's connection ending (the process exited or was killed) frees its regions at once,
 and the sessions it opened after a short grace (RECONNECT_GRACE_S, for a runner that
 reconnects after a timeout: it gets them back).
+
+Who may connect: only processes of the user ids in `allow_uids` (the kernel's SO_PEERCRED,
+checked when the connection is accepted; `teesplit serve --shm-allow-uid`, default the
+server's own uid). A connection that has not completed its handshake within HANDSHAKE_S is
+dropped. A runner the server cannot take (it serves `max_runners` already, or too many
+connections are mid-handshake) is told why (REFUSED) instead of left to time out.
 """
 
 from __future__ import annotations
@@ -56,10 +62,12 @@ from teesplit.transport.shm import (
     _SIZE,
     _WELCOME,
     DATA,
+    DENIED,
     DOORBELL,
     HELLO,
     INITIAL_BYTES,
     MAX_FRAMES,
+    MAX_REASON_BYTES,
     MOVED,
     PROTOCOL,
     RECHECK_S,
@@ -122,8 +130,13 @@ class ShmServer:
         max_runners: int = MAX_RUNNERS,
         warm: bool = True,
         warm_after_s: float = WARM_AFTER_S,
+        allow_uids: tuple[int, ...] | None = None,
+        handshake_s: float = HANDSHAKE_S,
     ):
         self.handler = handler
+        # None: any local user (tests); the CLI passes the server's own uid unless told otherwise
+        self.allow_uids = None if allow_uids is None else frozenset(allow_uids)
+        self.handshake_s = handshake_s
         self.address = address
         self.spin_s = spin_s if TSO else 0.0
         self.grace_s = grace_s
@@ -169,7 +182,7 @@ class ShmServer:
         stop: threading.Event,
         session_idle_timeout_s: float | None = None,
     ) -> None:
-        sweep_every = min(1.0, session_idle_timeout_s / 4) if session_idle_timeout_s else 1.0
+        sweep_every = min(1.0, self.handshake_s / 2, (session_idle_timeout_s or 4.0) / 4)
         next_sweep = next_look = time.monotonic()
         while not stop.is_set():
             now = time.monotonic()
@@ -358,10 +371,18 @@ class ShmServer:
             except OSError as e:  # out of fds: keep serving the connected runners
                 log_event("error", level=logging.WARNING, code="shm_accept", msg=str(e))
                 return
-            if len(self.pending) >= MAX_PENDING:
-                sock.close()
-                continue
             sock.setblocking(False)
+            uid = _peer_uid(sock)
+            if self.allow_uids is not None and uid not in self.allow_uids:
+                self._refuse(
+                    sock,
+                    f"{DENIED}uid {uid} may not connect (the server allows {sorted(self.allow_uids)}: "
+                    "teesplit serve --shm-allow-uid)",
+                )
+                continue
+            if len(self.pending) >= MAX_PENDING:
+                self._refuse(sock, f"{len(self.pending)} connections are mid-handshake; retry")
+                continue
             self.pending[sock.fileno()] = (sock, time.monotonic())
             self._poll.register(sock, select.POLLIN)
 
@@ -380,7 +401,9 @@ class ShmServer:
             if version != PROTOCOL:
                 raise ShmError(f"the runner speaks shm protocol {version}, this server {PROTOCOL}")
             if len(self.runners) >= self.max_runners:
-                raise ShmError(f"the server already serves {self.max_runners} runners")
+                raise ShmError(
+                    f"the server already serves {self.max_runners} runners, its limit; retry when one leaves"
+                )
             fd_, rfd = rfd, None
             rx = adopt_region(fd_, size, self.max_region)
         except (ShmError, OSError) as e:
@@ -417,7 +440,7 @@ class ShmServer:
     def _refuse(self, sock: socket.socket, reason: str) -> None:
         self.handler.log_error("shm_refused", None, None, reason[:300], None)  # rate-limited
         try:
-            send_control(sock, REFUSED, reason.encode()[:60])
+            send_control(sock, REFUSED, reason.encode()[:MAX_REASON_BYTES])
         except OSError:
             pass
         sock.close()
@@ -471,7 +494,7 @@ class ShmServer:
     def _sweep(self) -> None:
         now = time.monotonic()
         for fd, (sock, t0) in list(self.pending.items()):
-            if now - t0 > HANDSHAKE_S:
+            if now - t0 > self.handshake_s:
                 del self.pending[fd]
                 self._poll.unregister(fd)
                 sock.close()
@@ -489,6 +512,11 @@ class ShmServer:
             sock.close()
         self.pending.clear()
         self.listener.close()
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return uid
 
 
 def _request_frames(region: Region, lengths: list[int], max_header: int) -> list:
@@ -532,11 +560,13 @@ def serve_shm(
     session_idle_timeout_s: float | None = None,
     spin_s: float = SPIN_S,
     grace_s: float = RECONNECT_GRACE_S,
+    allow_uids: tuple[int, ...] | None = None,
 ) -> None:
     """Serve shm://NAME until `stop` is set or SIGINT/SIGTERM arrives (in the main thread): the
-    request in flight is finished and answered, then every session is dropped."""
+    request in flight is finished and answered, then every session is dropped. `allow_uids`:
+    the user ids that may connect (None: any)."""
     stop = stop or threading.Event()
-    server = ShmServer(handler, address, spin_s=spin_s, grace_s=grace_s)
+    server = ShmServer(handler, address, spin_s=spin_s, grace_s=grace_s, allow_uids=allow_uids)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from teesplit.config import ModelConfig
+from teesplit.gpu.capacity import default_max_message_bytes
 from teesplit.gpu.handler import Call, RequestHandler, configure_logging
 from teesplit.gpu.handler import log_event as _log_event
 from teesplit.gpu.service import TORCH_DTYPES, SessionLimits
@@ -112,7 +113,7 @@ class TPSettings:
     dtype: str = "auto"
     threads: int | None = None
     limits: SessionLimits = field(default_factory=SessionLimits)
-    max_tensor_bytes: int = Limits().max_tensor_bytes
+    max_tensor_bytes: int | None = None  # None: what this model's largest message needs
     session_idle_timeout_s: float | None = None
     log_format: str = "text"
     curve_secret: str | None = None
@@ -258,6 +259,7 @@ class Rank0Handler(RequestHandler):
 
     def _send_request(self, call: Call) -> None:
         header = {"id": 0, "op": call.op, "sid": call.sid, "nsid": call.new_sid, "args": call.args}
+        header["owner"] = call.owner  # every rank counts a client's sessions against its own caps
         self.group.send(REQUEST, encode(header, call.tensors))
         self._last_sent = time.monotonic()
 
@@ -328,12 +330,13 @@ def serve_worker(service: ShardedService, group: Group, limits: Limits, watchdog
             continue
         header, tensors = decode(frames, limits)
         _, op, args = validate_request(header, tensors)
-        call = Call(op, args, tensors, sid=header.get("sid"), new_sid=header.get("nsid"))
+        owner = header.get("owner")
+        call = Call(op, args, tensors, sid=header.get("sid"), new_sid=header.get("nsid"), owner=owner)
         spec, sharding = OPS[op], SHARDING[op]
         watchdog.busy(op)
         try:
             if spec.session != "none" and call.sid is not None:
-                call.session = service.session(call.sid)
+                call.session = service.session(call.sid, owner)
             local = call if sharding.split is None else sharding.split(service, call)
             out = handler.run(spec, local)
             sharding.combine(group, service.plan, call, out)
@@ -418,7 +421,12 @@ def run_rank(s: TPSettings) -> int:
     )
     dist.barrier()  # every rank loaded: rank 0 may open the socket
     watchdog = Watchdog(s.timeout_s + WATCHDOG_GRACE_S, rank)
-    limits = Limits(max_tensor_bytes=s.max_tensor_bytes)
+    max_tensor = s.max_tensor_bytes
+    if max_tensor is None:
+        max_tensor = default_max_message_bytes(
+            service.config, s.limits.max_session_tokens, s.limits.max_batch
+        )
+    limits = Limits(max_tensor_bytes=max_tensor)
     if rank:
         return _serve_worker_until_stop(service, group, limits, watchdog)
     return _serve_rank0(s, service, group, limits, watchdog, f"{model_dir.name} on {world} x {device.type}")

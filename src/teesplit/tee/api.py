@@ -21,6 +21,17 @@ continuous-batching `Engine` (tee/serving.py). Standard library only (http.serve
 The front door: with a certificate (tee/tls.py) the API speaks only HTTPS, the TLS ending in
 this process; with API keys (tee/apikeys.py) every endpoint but /health (and /metrics when
 left open) needs `Authorization: Bearer KEY`, else 401 in OpenAI's error shape.
+
+Under abuse, every cost is bounded before it is paid: a body is at most MAX_BODY_BYTES; a
+prompt is at most `max_prompt_bytes` (the context length times the most bytes one token
+decodes to: longer text cannot fit) before it is tokenized; tokenizing releases Python's
+global lock (tee/tokenizer.py) and at most TOKENIZE_AT_ONCE requests tokenize at once, so the
+scheduler keeps decoding; a client (its API key, else its address) has at most
+`max_per_client` generations in flight (429 past that); JSON nested too deep or strings that
+are not valid Unicode get 400; metric labels come from a fixed set (an unknown path is
+"other"); the listen backlog is `backlog`; accepted sockets have TCP_NODELAY; a client that
+disconnects, streaming or not, frees its row at the scheduler's next step; and a failure
+inside a handler is answered 500 in OpenAI's error shape, never by a closed connection.
 """
 
 from __future__ import annotations
@@ -28,8 +39,12 @@ from __future__ import annotations
 import json
 import math
 import queue
+import select
+import socket
+import sys
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +60,22 @@ from teesplit.tee.tokenizer import ChatTemplateError, Tokenizer
 MAX_BODY_BYTES = 4 << 20
 MAX_STOP = 4
 ROLES = ("system", "developer", "user", "assistant")
+TOKENIZE_AT_ONCE = 2  # requests tokenizing at the same time (each releases the GIL while it does)
+DEFAULT_BACKLOG = 128
+DEFAULT_MAX_PER_CLIENT = 16  # the CLI passes its --max-batch
+# The only values of the `endpoint` label of the HTTP metrics: anything else counts as "other".
+ENDPOINTS = frozenset(
+    {
+        "/v1/models",
+        "/v1/models/{id}",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/metrics",
+        "/health",
+        "/v1/attestation",
+    }
+)
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer closed its end
 
 COMMON_FIELDS = {
     "model",
@@ -141,11 +172,35 @@ class Parsed:
 class Validator:
     """Turns a request body into prompt ids and sampling parameters, or raises APIError(400/404)."""
 
-    def __init__(self, tokenizer: Tokenizer, model_id: str, context: int, vocab_size: int):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        model_id: str,
+        context: int,
+        vocab_size: int,
+        max_prompt_bytes: int | None = None,
+    ):
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.context = context
         self.vocab_size = vocab_size
+        self.max_prompt_bytes = max_prompt_bytes  # None: unchecked before tokenizing
+
+    def _check_prompt_bytes(self, texts: list[str], param: str) -> None:
+        """Refuse text that cannot fit the context, before paying for its tokenization."""
+        limit = self.max_prompt_bytes
+        if limit is None:
+            return
+        n = 0
+        for t in texts:
+            n += len(t)  # characters first: never more than the bytes, and free to count
+        if n > limit or sum(len(t.encode("utf-8")) for t in texts) > limit:
+            raise bad(
+                f"the prompt is longer than this model's context of {self.context} tokens can hold: at most "
+                f"{limit} bytes of text (each token is at most {limit // self.context} bytes)",
+                param,
+                "context_length_exceeded",
+            )
 
     def chat(self, body: Any) -> Parsed:
         body = self._common(body, CHAT_FIELDS)
@@ -155,6 +210,7 @@ class Validator:
         fmt = body.get("response_format")
         if fmt is not None and fmt != {"type": "text"}:
             raise bad("only response_format {'type': 'text'} is supported", "response_format")
+        self._check_prompt_bytes([m["content"] for m in messages], "messages")
         try:
             prompt = self.tokenizer.apply_chat_template(messages)
         except ChatTemplateError as e:
@@ -268,8 +324,15 @@ class Validator:
         if isinstance(prompt, str):
             if not prompt:
                 raise bad("'prompt' is empty", "prompt")
+            self._check_prompt_bytes([prompt], "prompt")
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            if len(prompt) > self.context:
+                raise bad(
+                    f"the prompt has {len(prompt)} tokens; this model's context is {self.context} tokens",
+                    "prompt",
+                    "context_length_exceeded",
+                )
             if not all(0 <= t < self.vocab_size for t in prompt):
                 raise bad(f"'prompt' token ids must lie in [0, {self.vocab_size})", "prompt")
             return list(prompt)
@@ -350,11 +413,20 @@ class APIServer:
         api_keys: APIKeys | None = None,
         metrics_open: bool = False,
         attestation: AttestationService | None = None,
+        backlog: int = DEFAULT_BACKLOG,
+        max_per_client: int = DEFAULT_MAX_PER_CLIENT,
     ):
         """`tls`: serve HTTPS with this certificate. `api_keys`: require one of them.
-        `attestation`: answer GET /v1/attestation (None: the endpoint is off, 404)."""
+        `attestation`: answer GET /v1/attestation (None: the endpoint is off, 404). `backlog`:
+        connections the kernel queues before accepting. `max_per_client`: generations one client
+        (API key, else address) may have in flight."""
         self.engine = engine
-        self.validator = Validator(tokenizer, model_id, context, vocab_size)
+        token_bytes = getattr(tokenizer, "max_token_bytes", None)
+        max_prompt_bytes = context * token_bytes() if token_bytes is not None else None
+        self.validator = Validator(tokenizer, model_id, context, vocab_size, max_prompt_bytes)
+        self.max_per_client = max_per_client
+        self._in_flight: dict[str, int] = {}  # client -> generations in flight
+        self.tokenizing = threading.BoundedSemaphore(TOKENIZE_AT_ONCE)
         self.model_id = model_id
         self.plan = plan
         self.created = int(time.time())
@@ -371,6 +443,9 @@ class APIServer:
         else:
             self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
         self.httpd.daemon_threads = True
+        # http.server listens with a backlog of 5: a burst of connections past it is reset.
+        # Listening again on the bound socket only changes the backlog.
+        self.httpd.socket.listen(max(1, backlog))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -384,8 +459,33 @@ class APIServer:
         self.httpd.server_close()
 
     def count(self, endpoint: str, status: int) -> None:
+        if endpoint not in ENDPOINTS:  # labels from a fixed set: no client can grow /metrics
+            endpoint = "other"
         with self.lock:
             self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+
+    def admit(self, client: str) -> None:
+        """Count one more generation of `client` in flight, or APIError 429 past its limit."""
+        with self.lock:
+            n = self._in_flight.get(client, 0)
+            if n >= self.max_per_client:
+                raise APIError(
+                    429,
+                    f"this client already has {n} requests in flight, the server's limit per client "
+                    f"(teesplit api --max-per-client); wait for one to finish",
+                    None,
+                    "too_many_requests",
+                    "rate_limit_exceeded",
+                )
+            self._in_flight[client] = n + 1
+
+    def release(self, client: str) -> None:
+        with self.lock:
+            n = self._in_flight.get(client, 0) - 1
+            if n > 0:
+                self._in_flight[client] = n
+            else:
+                self._in_flight.pop(client, None)
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.model_card()]}
@@ -444,12 +544,57 @@ class _Handler(BaseHTTPRequestHandler):
     # so idle or stalled clients do not hold a thread forever.
     timeout = 300
 
+    def setup(self) -> None:
+        # Small answers on a kept-alive connection must not wait for Nagle and delayed ACKs
+        # (42 ms a request without this; TLS sockets too: setsockopt reaches the TCP socket).
+        try:
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         if self.server_api.log is not None:
             self.server_api.log(f"{self.address_string()} {format % args}")
 
-    # -- routing ---------------------------------------------------------------------------
+    def _guarded(self, method) -> None:
+        """A failure in a handler is a 500 in OpenAI's shape (its traceback to stderr), never a
+        connection closed without an answer."""
+        try:
+            method()
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
+            err = APIError(500, "internal error in the API server", None, "internal_error")
+            try:
+                self._error(err, "other")
+            except Exception:  # the answer could not be written either: the connection closes
+                pass
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._guarded(self._post)
+
+    def client_key(self) -> str:
+        """Whom the per-client limit counts: the API key when keys are configured, else the address."""
+        if self.server_api.api_keys:
+            return "key:" + (self.headers.get("Authorization") or "")
+        return "addr:" + self.client_address[0]
+
+    def client_gone(self) -> bool:
+        """Whether the client closed its end (or reset it) while its answer is computed."""
+        try:
+            p = select.poll()
+            p.register(self.connection, select.POLLIN | _POLLRDHUP)
+            events = p.poll(0)
+        except (OSError, ValueError):  # closed already
+            return True
+        return any(ev & (_POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in events)
+
+    # -- routing ---------------------------------------------------------------------------
+    def _get(self) -> None:
         path, _, query = self.path.partition("?")
         path = path.rstrip("/")
         api = self.server_api
@@ -475,7 +620,7 @@ class _Handler(BaseHTTPRequestHandler):
         except APIError as e:
             self._error(e, path)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def _post(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         api = self.server_api
         try:
@@ -491,15 +636,23 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._discard_body()
                 raise APIError(404, f"Unknown request URL: POST {self.path}", None, "unknown_url")
-            parsed = parse(self._read_json())
+            body = self._read_json()
+            client = self.client_key()
+            api.admit(client)
             try:
-                req = api.engine.submit(parsed.prompt, parsed.params, parsed.ignore_eos)
-            except ServingError as e:
-                raise from_serving(e) from None
-            try:
-                self._answer(req, parsed, kind, path)
+                with api.tokenizing:  # a bounded pool: tokenizing releases the GIL, not the CPU
+                    parsed = parse(body)
+                del body
+                try:
+                    req = api.engine.submit(parsed.prompt, parsed.params, parsed.ignore_eos)
+                except ServingError as e:
+                    raise from_serving(e) from None
+                try:
+                    self._answer(req, parsed, kind, path)
+                finally:
+                    req.cancel()  # no-op when it finished; frees the row when the client left
             finally:
-                req.cancel()  # no-op when it finished; frees the row when the client left
+                api.release(client)
         except APIError as e:
             self._error(e, path)
 
@@ -548,9 +701,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise bad("the request body ended early")
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise bad("the request body is nested too deeply") from None
+        _check_unicode(body)
+        return body
 
     # -- replies ---------------------------------------------------------------------------
     def _send(self, status: int, body: bytes, ctype: str, endpoint: str) -> None:
@@ -572,10 +729,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json", endpoint)
 
     def _error(self, e: APIError, endpoint: str) -> None:
-        known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics", "/v1/attestation")
-        if not endpoint.startswith(known):
-            endpoint = "other"
-        self._json(e.status, e.body(), endpoint)
+        self._json(e.status, e.body(), endpoint)  # count() keeps the label in ENDPOINTS
 
     def _next_event(self, req: Request):
         deadline = time.monotonic() + self.server_api.request_timeout_s
@@ -583,6 +737,8 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 return req.wait(timeout=0.5)
             except queue.Empty:
+                if self.client_gone():  # e.g. waiting for a prefill: free the row at the next step
+                    req.cancel()
                 if not self.server_api.engine.alive:
                     raise APIError(503, "the scheduler stopped", None, "shutting_down") from None
                 if time.monotonic() > deadline:
@@ -599,6 +755,10 @@ class _Handler(BaseHTTPRequestHandler):
             text = []
             while event.kind == "token":
                 text.append(event.text)
+                if self.client_gone():  # nobody will read the answer: free the row now
+                    req.cancel()
+                    self.close_connection = True
+                    return
                 event = self._next_event(req)
             if event.kind == "error":
                 raise from_serving(event.error)
@@ -673,6 +833,26 @@ class _Handler(BaseHTTPRequestHandler):
     def _sse(self, obj: Any) -> None:
         self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
         self.wfile.flush()
+
+
+def _check_unicode(obj: Any) -> None:
+    """400 for a string that is not valid Unicode: JSON's escapes can spell a lone surrogate
+    ("\\ud800"), which Python keeps in a str but nothing downstream (the tokenizer, the
+    reply's encoder) can take."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                why = "the request body holds a string that is not valid Unicode (a lone surrogate)"
+                raise bad(why) from None
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
 
 
 def _usage(req: Request) -> dict[str, int]:

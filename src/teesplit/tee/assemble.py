@@ -55,8 +55,11 @@ class RunnerSettings:
     servers: tuple[str, ...] = (DEFAULT_ADDRESS,)  # two for private-2party; "local": in this process
     plan: str = "v3-fused"  # a plan name, or "auto"
     wire_dtype: str | None = None  # None: float32 (or what --plan auto picks)
-    timeout_s: float = 60.0  # per reply
+    timeout_s: float = 60.0  # per reply, from a server that is connected but slow
     retries: int = 2  # resends of a request that got no reply
+    # A request that finds no connection to the server (none listens, it died, its host is gone)
+    # fails after this long, whatever timeout_s and retries say.
+    connect_timeout_s: float = 5.0
     curve_secret: str | None = None  # this runner's NAME.key_secret
     server_key: str | None = None  # the GPU server's public NAME.key
     verify: bool = False
@@ -112,6 +115,8 @@ class RunnerSettings:
             raise UsageError("CURVE secures tcp:// and ipc:// links; shm:// never leaves this host")
         if self.timeout_s <= 0 or self.retries < 0 or self.pad_pool < 0 or self.connections < 1:
             raise UsageError("timeout must be > 0, retries and pad pool >= 0, connections >= 1")
+        if not self.connect_timeout_s > 0:
+            raise UsageError("the connect timeout must be > 0")
 
 
 class Assembly:
@@ -180,7 +185,8 @@ class Assembly:
             if index not in self._local_handles:
                 self._local_handles[index] = self._local(index)
             local = self._local_handles[index]
-        transport = open_transport(address, s.timeout_s, self.curve, local=local)
+        connect = min(s.connect_timeout_s, s.timeout_s)  # never longer than a reply may take
+        transport = open_transport(address, s.timeout_s, self.curve, local=local, connect_timeout_s=connect)
         return GPUClient(transport, s.wire_dtype or "float32", retries=s.retries)
 
     def _port(self, index: int, address: str):

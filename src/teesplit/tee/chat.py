@@ -87,8 +87,11 @@ def run_chat(
     read_line: Callable[[str], str],
     write: Callable[[str], Any],
     format_stats: Callable[[dict[str, Any]], str],
+    echo: bool = False,
 ) -> int:
-    """The read-generate-print loop; returns at /quit or end of input."""
+    """The read-generate-print loop; returns at /quit or end of input. `echo`: write each line
+    read after its prompt (input from a pipe is not echoed by a terminal: without this the
+    prompt, the question and the answer would share one line)."""
     write(f"teesplit chat ({HELP})\n")
     while True:
         try:
@@ -96,6 +99,8 @@ def run_chat(
         except EOFError:
             write("\n")
             return 0
+        if echo:
+            write(line + "\n")
         text = line.strip()
         if not text:
             continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -85,7 +86,7 @@ def check_pins(model_dir: Path, sha256: str | None = None, manifest: Path | None
         if len(files) != 1:
             raise PinError(
                 f"--weights-sha256 pins a single-file checkpoint; {model_dir} has {len(files)} weight files: "
-                "use --weights-manifest FILE (`teesplit manifest DIR` writes one)"
+                "use --weights-manifest FILE (`teesplit manifest --model DIR` writes one)"
             )
         got = sha256_file(files[0])
         if got != want:
@@ -121,6 +122,7 @@ class SafetensorsReader:
 
     def __init__(self, files: list[Path]):
         self._tensors: dict[str, np.ndarray | ValueError] = {}
+        self._maps: list[np.memmap] = []
         for path in files:
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
@@ -128,6 +130,7 @@ class SafetensorsReader:
                     raise ValueError(f"{path}: safetensors header of {n} bytes is implausible")
                 header = json.loads(f.read(n))
             data = np.memmap(path, np.uint8, "r", offset=8 + n)
+            self._maps.append(data)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
@@ -145,6 +148,18 @@ class SafetensorsReader:
 
     def names(self) -> list[str]:
         return list(self._tensors)
+
+    def release(self) -> None:
+        """Unmap the pages read so far from this process (they stay in the kernel's page cache;
+        a later read maps them again): after reading every weight once, the files would
+        otherwise count in full in the runner's resident memory."""
+        for data in self._maps:
+            mm = getattr(data, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise"):
+                try:
+                    mm.madvise(mmap.MADV_DONTNEED)
+                except (OSError, ValueError):  # not supported here: the pages stay mapped
+                    pass
 
     def has(self, name: str) -> bool:
         return name in self._tensors or f"model.{name}" in self._tensors
@@ -172,15 +187,20 @@ class TrustedCheckpoint:
             raise FileNotFoundError(f"no *.safetensors files in {self.dir}: the runner has no local weights")
         self.reader = SafetensorsReader(files)
 
+    def release(self) -> None:
+        """Unmap the weight pages read so far (SafetensorsReader.release)."""
+        self.reader.release()
+
     @staticmethod
     def available(model_dir: str | Path) -> bool:
         return bool(weight_files(Path(model_dir)))
 
     def tensor(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
         """A tensor as the GPU server holds it: stored values rounded to `dtype` (its compute
-        dtype), returned in float32 (exact: every compute dtype widens exactly)."""
+        dtype), returned in float32 (exact: every compute dtype widens exactly). Read-only: a
+        view of the file when it stores float32 and `dtype` is float32 (no copy of the weights)."""
         t = self.reader.get(name)
-        return np.asarray(t.astype(np.dtype(dtype)).astype(np.float32))
+        return np.asarray(t.astype(np.dtype(dtype), copy=False).astype(np.float32, copy=False))
 
     def norms(self) -> np.ndarray:
         """(2L+1, E) float32: input and post-attention norm for each layer, then the final norm,

@@ -8,6 +8,7 @@ computing on the GPU. `tee/verify.py` and `tee/private.py` build the other ports
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,9 +29,11 @@ from teesplit.protocol import (
     request,
 )
 from teesplit.tee.port import InitResult, Metrics
-from teesplit.transport import ConnectionLost, GPUServerUnavailable
+from teesplit.transport import ConnectionLost, GPUServerUnavailable, ServerUnreachable
 
 _F32, _I64 = np.dtype(np.float32), np.dtype(np.int64)
+SMALL_REPLY_BYTES = 1 << 20  # a reply of no tensors (a result map, an error): its header alone
+INIT_REPLY_BYTES = 32 << 20  # Init's norm weights and biases, for any real model
 
 
 def _nbytes(frames: list) -> int:
@@ -96,19 +99,26 @@ class GPUClient:
         tensors: tuple = (),
         sid: int | None = None,
         after_send: Callable[[], None] | None = None,
+        reply_bytes: int = SMALL_REPLY_BYTES,
     ) -> tuple[dict[str, Any], list[np.ndarray]]:
         """One request, one reply. A try that gets no reply (timeout, lost connection) is sent
         again with the same request id on a fresh connection, `retries` times; the server
         answers a repeated id from its reply cache. `after_send` runs once the first try is out
-        (work that can overlap the server's)."""
+        (work that can overlap the server's). `reply_bytes`: the largest reply frame this request
+        can get; the transport refuses a larger one before it is allocated."""
         rid = self._next_id
         self._next_id += 1
         if op == "Init":  # the version handshake: the server answers with its own version
             args = {**(args or {}), "version": protocol.PROTOCOL_VERSION}
         if self.f32_results and op in protocol.F32_OPS:
             args = {**(args or {}), "f32": True}
+        if op == "Ping" and args and type(args.get("reply_bytes")) is int:  # it says its reply's size
+            reply_bytes = max(reply_bytes, args["reply_bytes"])
         frames = request(rid, op, args, tensors, sid)
         sent = self._check_sizes(op, frames)
+        expect = getattr(self.transport, "expect", None)
+        if expect is not None:
+            expect(max(reply_bytes, SMALL_REPLY_BYTES))
         t0 = time.perf_counter()
         header, out, reply_frames = self._exchange(op, rid, frames, after_send)
         if op == "Init":
@@ -145,7 +155,7 @@ class GPUClient:
         connection after the first."""
         timeout = getattr(self.transport, "timeout_s", None)
         tries = 1 + self.retries
-        lost = False
+        lost = ""  # what the last lost connection said
         for attempt in range(tries):
             if attempt:
                 self.retried += 1
@@ -156,14 +166,20 @@ class GPUClient:
                 run()
             try:
                 return self._await_reply(op, rid, None if timeout is None else time.monotonic() + timeout)
-            except ConnectionLost:
-                lost = True
+            except ServerUnreachable as e:
+                # Nothing to resend to: give up now, and start the next call on a fresh
+                # connection (nothing of this one's queue is kept).
+                self.transport.reconnect()
+                what = f"no reply from the GPU server at {self.address} to {op}"
+                raise GPUServerUnavailable(f"{what}: {e}") from None
+            except ConnectionLost as e:
+                lost = str(e)
             except GPUServerUnavailable:
                 pass
         what = f"{tries} {'try' if tries == 1 else 'tries'}" + (f" of {timeout:g} s" if timeout else "")
         raise GPUServerUnavailable(
             f"no reply from the GPU server at {self.address} to {op} after {what}"
-            f"{' (the connection was lost)' if lost else ''}; is `teesplit serve` running there?"
+            f"{f' ({lost})' if lost else ''}; is `teesplit serve` running there?"
         )
 
     def _await_reply(
@@ -213,7 +229,9 @@ class GPUClient:
     ) -> list[np.ndarray]:
         """One RPC whose reply tensors have known shapes: activations come back as float32; with
         `top_k_ids` the last tensor is token ids, which must lie in the vocabulary."""
-        _, out = self.call(op, args, tensors, sid, after_send)
+        # float32 (the widest float on the wire) per element, int64 ids for top-k
+        biggest = max(math.prod(s) for s in shapes) * (8 if top_k_ids else 4)
+        _, out = self.call(op, args, tensors, sid, after_send, reply_bytes=biggest)
         if [o.shape for o in out] != shapes:
             raise ProtocolError(f"{op}: expected tensors of shapes {shapes}, got {[o.shape for o in out]}")
         acts = out[:-1] if top_k_ids else out
@@ -244,7 +262,7 @@ class GPUClient:
 
     # ---- the seed's operations -------------------------------------------------------------
     def init(self) -> InitResult:
-        res, tensors = self.call("Init")
+        res, tensors = self.call("Init", reply_bytes=INIT_REPLY_BYTES)
         try:
             config = ModelConfig.from_dict(dict(res["config"], rope=res["rope"]))
         except (KeyError, TypeError, ValueError) as e:
@@ -414,8 +432,9 @@ class GPUClient:
     def ring_linear(self, layer: int, site: str, x: np.ndarray, out_features: int) -> np.ndarray:
         """x W_qᵀ mod 2^64 for a masked fixed-point x (B, T, in) int64 -> (B, T, N) int64."""
         x = np.ascontiguousarray(x, dtype=np.int64)
-        _, out = self.call("RingLinear", {"layer": layer, "site": site}, (x,))
         shape = (*x.shape[:-1], out_features)
+        args = {"layer": layer, "site": site}
+        _, out = self.call("RingLinear", args, (x,), reply_bytes=8 * math.prod(shape))
         if len(out) != 1 or out[0].shape != shape or out[0].dtype != np.int64:
             got = [f"{o.dtype}{o.shape}" for o in out]
             raise ProtocolError(f"RingLinear: expected one int64 tensor of shape {shape}, got {got}")
@@ -435,7 +454,8 @@ class GPUClient:
         """Round-trip time of a Ping carrying payload_bytes up and reply_bytes back."""
         tensors = (np.zeros(payload_bytes // 4, np.float32),) if payload_bytes else ()
         t0 = time.perf_counter()
-        self.call("Ping", {"reply_bytes": reply_bytes} if reply_bytes else {}, tensors)
+        args = {"reply_bytes": reply_bytes} if reply_bytes else {}
+        self.call("Ping", args, tensors, reply_bytes=reply_bytes)
         return time.perf_counter() - t0
 
     def close(self) -> None:

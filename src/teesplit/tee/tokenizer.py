@@ -27,6 +27,7 @@ from tokenizers import processors
 from teesplit.errors import UsageError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+RELEASE_GIL_ABOVE = 4096  # characters: longer texts are encoded without holding the GIL
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = (
     "bos_token",
@@ -68,6 +69,7 @@ class Tokenizer:
         # transformers ignores this flag for BPE models: its cleanup would eat real spaces.
         self._clean_up = clean_up_tokenization_spaces and type(backend.model).__name__ != "BPE"
         self._template: jinja2.Template | None = None
+        self._max_token_bytes: int | None = None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -118,7 +120,21 @@ class Tokenizer:
     # -- encode / decode ---------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) <= RELEASE_GIL_ABOVE:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # `tokenizers` holds Python's global lock through `encode` (3 s for a MiB of text) but
+        # releases it in `encode_batch`: a long prompt must not stop every other thread (the
+        # API's scheduler decoding other requests' tokens) while it is tokenized.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes any single token decodes to: a text of N tokens has at most N
+        times this many bytes (the API bounds prompts by it before tokenizing them)."""
+        if self._max_token_bytes is None:
+            vocab = self._tok.get_vocab_size(with_added_tokens=True)
+            texts = self._tok.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
+            self._max_token_bytes = max(1, max(len(t.encode("utf-8", "replace")) for t in texts))
+        return self._max_token_bytes
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

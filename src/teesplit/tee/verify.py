@@ -86,6 +86,7 @@ U32 = 2.0**-24  # float32 unit roundoff
 LAMBDA = {"linear": 16.0, "attn_out": 16.0, "attn_scores": 32.0, "matmul": 32.0}
 VECTORS = 8  # secret vectors per weight: a lie passes all with (0.8 tol / ‖δ‖)^8
 BLOCK = 512  # outputs per fingerprint block (LinearPrint); memory ∝ VECTORS / BLOCK
+EMBED_ROWS = 4096  # embedding rows fingerprinted at a time (a float64 copy of this many rows)
 VERIFIED_PLANS = ("v3", "v2", "v3-fused", "v2-fused")
 # Results waiting for their checks are flushed early past this size (a long prefill's attention
 # scores are L x H x T x S floats: 18 GB for SmolLM2 at T = S = 4096), checked layer by layer.
@@ -123,14 +124,18 @@ class LinearPrint:
         idx = idx.reshape(nb, block)
         Rb = rng.standard_normal((n, nb, block))
         Rb[:, idx == N] = 0.0
-        W64 = np.concatenate([W.astype(np.float64), np.zeros((1, K))])  # row N: padding
-        Wb = W64[idx]  # (nb, BLOCK, K)
-        F = np.einsum("ibk,bke->ibe", Rb, Wb).reshape(n * nb, K)
-        row2 = np.einsum("nk,nk->n", W64, W64)[idx]  # (nb, BLOCK)
-        rho = np.sqrt(np.einsum("ibk,bk->ib", Rb * Rb, row2)).reshape(-1)
+        # One block of rows at a time, in float64: never a float64 copy of all of W (the LM
+        # head's would be 226 MB for SmolLM2, twice over with the block gather).
+        F = np.empty((n, nb, K))
+        rho = np.empty((n, nb))
+        for j in range(nb):
+            rows = W[j * block : min((j + 1) * block, N)].astype(np.float64)  # (≤ BLOCK, K)
+            r = Rb[:, j, : len(rows)]  # (n, ≤ BLOCK); the padding's vectors are zero
+            F[:, j] = r @ rows
+            rho[:, j] = np.sqrt((r * r) @ np.einsum("nk,nk->n", rows, rows))
         b64 = np.zeros(N + 1) if b is None else np.append(b.astype(np.float64), 0.0)
         c = np.einsum("ibk,bk->ib", Rb, b64[idx]).reshape(-1)
-        return cls(Rb[None], idx, F[None], c[None], rho[None], N)
+        return cls(Rb[None], idx, F.reshape(1, n * nb, K), c[None], rho.reshape(1, -1), N)
 
     @classmethod
     def stack(cls, parts: list[LinearPrint]) -> LinearPrint:
@@ -408,6 +413,9 @@ class Verifier:
             lin["qkv"] = LinearPrint.stack([lin["q_proj"], lin["k_proj"], lin["v_proj"]])
             lin["gate_up"] = LinearPrint.stack([lin["gate_proj"], lin["up_proj"]])
             per_layer.append(lin)
+            # Reading the weights mapped the checkpoint's pages into this process: hand them
+            # back to the page cache as we go (the file would count in full in resident memory).
+            checkpoint.release()
         # One print per Linear, all layers stacked: q_proj ... down_proj, qkv, gate_up.
         self.prints = {name: LinearPrint.layers([lin[name] for lin in per_layer]) for name in per_layer[0]}
         del per_layer
@@ -416,9 +424,13 @@ class Verifier:
         self.Fo_norm = np.sqrt(np.einsum("lmhd,lmhd->lmh", self.Fo, self.Fo))  # (L, m, H)
         emb = checkpoint.embed(self.dtype)  # (V, E)
         self.emb_S = self.rng.standard_normal((self.n, c.hidden_size))
-        self.emb_print = emb.astype(np.float64) @ self.emb_S.T  # (V, n)
+        self.emb_print = np.empty((len(emb), self.n))  # (V, n), rows a block at a time: no float64 table
+        for i in range(0, len(emb), EMBED_ROWS):
+            self.emb_print[i : i + EMBED_ROWS] = emb[i : i + EMBED_ROWS].astype(np.float64) @ self.emb_S.T
         del emb
+        checkpoint.release()
         self.lm_head = LinearPrint.of(checkpoint.lm_head(self.dtype), None, self.rng, self.n)
+        checkpoint.release()
         self.stats = VerifyStats()
         self.stats.setup_s = time.perf_counter() - t0
         self.stats.fingerprint_bytes = (

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from teesplit.transport.errors import ConnectionLost, GPUServerUnavailable, LinkRefused
+from teesplit.transport.errors import ConnectionLost, GPUServerUnavailable, LinkRefused, ServerUnreachable
 
-__all__ = ["ConnectionLost", "GPUServerUnavailable", "LinkRefused", "open_transport"]
+__all__ = ["ConnectionLost", "GPUServerUnavailable", "LinkRefused", "ServerUnreachable", "open_transport"]
 
 
 def open_transport(
@@ -21,10 +21,13 @@ def open_transport(
     timeout_s: float,
     curve=None,
     local: Callable[[Sequence[Any]], list] | None = None,
+    connect_timeout_s: float | None = None,
 ):
     """The transport for a server address: `local` (the GPU service in this process: `local`
     is its request handler), shm://NAME (same host), else tcp:// or ipc:// (with the runner's
-    CURVE keys `curve`, a `teesplit.transport.curve.CurveClient`, if any)."""
+    CURVE keys `curve`, a `teesplit.transport.curve.CurveClient`, if any). `connect_timeout_s`:
+    a request that finds no connection to the server within this long fails at once with
+    ServerUnreachable (None: it waits out its reply timeout)."""
     if address == "local":
         if local is None:
             raise ValueError("--server local needs the GPU service in this process")
@@ -38,7 +41,7 @@ def open_transport(
     if address.startswith("shm://"):
         from teesplit.transport.shm import ShmTransport
 
-        return ShmTransport(address, timeout_s=timeout_s)
+        return ShmTransport(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
     from teesplit.transport.zmq import ZmqTransport
 
-    return ZmqTransport(address, timeout_s=timeout_s, curve=curve)
+    return ZmqTransport(address, timeout_s=timeout_s, curve=curve, connect_timeout_s=connect_timeout_s)

@@ -17,3 +17,9 @@ class ConnectionLost(GPUServerUnavailable):
 class LinkRefused(ConnectionError):
     """The security handshake failed (unknown runner key, wrong server key, CURVE on one side
     only): retrying cannot help, so this is not a GPUServerUnavailable."""
+
+
+class ServerUnreachable(GPUServerUnavailable):
+    """No connection to the GPU server could be made within the connect timeout (nothing
+    listens there, the host is gone, or the server is full): the request was never delivered,
+    and the call gives up at once instead of waiting out its reply timeout and its retries."""

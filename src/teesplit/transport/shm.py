@@ -77,7 +77,8 @@ from typing import Any
 
 from teesplit.errors import UsageError
 from teesplit.protocol import ProtocolError
-from teesplit.transport.errors import ConnectionLost, GPUServerUnavailable
+from teesplit.transport import caps
+from teesplit.transport.errors import ConnectionLost, GPUServerUnavailable, LinkRefused, ServerUnreachable
 
 SCHEME = "shm://"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,80}")
@@ -101,13 +102,15 @@ RUNNER_MAX_REGION = 64 << 30  # the largest reply region a runner maps (address 
 HELLO = b"H"  # runner -> server: PROTOCOL u32, client id 16 bytes, region size u64; fd: request region
 WELCOME = b"W"  # server -> runner: PROTOCOL u32, region size u64; fd: reply region
 REFUSED = b"E"  # server -> runner: utf-8 reason, then the server closes the connection
+DENIED = "denied: "  # a REFUSED reason starting so is final (this user may not connect): no retry
+MAX_REASON_BYTES = 240
 DOORBELL = b"D"
 MOVED = b"M"  # region size u64; fd: the new region, which already holds the next message
 _HELLO = struct.Struct("<I16sQ")
 _WELCOME = struct.Struct("<IQ")
 _SIZE = struct.Struct("<Q")
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-_CTRL_BYTES = 64
+_CTRL_BYTES = 256  # the longest control message: REFUSED and its reason
 _FD = struct.Struct("i")
 _ANC_BYTES = socket.CMSG_SPACE(2 * _FD.size)  # room for two fds: a second one is detected, closed
 
@@ -315,10 +318,21 @@ def spin_until(ctl: memoryview, want: int, spin_s: float) -> bool:
 class ShmTransport:
     """The runner's side of shm://NAME: `send(frames)`, `recv(timeout_s)`, `reconnect()`, `close()`."""
 
-    def __init__(self, address: str, timeout_s: float = 60.0, spin_s: float | None = None):
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 60.0,
+        spin_s: float | None = None,
+        connect_timeout_s: float | None = None,
+    ):
+        """`connect_timeout_s`: a request that finds no server to connect to for this long raises
+        ServerUnreachable, with the reason (None: it keeps trying until its reply timeout)."""
         self._name = socket_name(address)
         self.address = address
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_frame = caps.INITIAL  # the largest reply frame read (`expect`)
+        self._unconnected_since: float | None = None  # when connecting started failing
         self.spin_s = (SPIN_S if spin_s is None else spin_s) if TSO else 0.0
         self.client_id = os.urandom(16)  # survives reconnects: the server's reply cache key
         self._sock: socket.socket | None = None
@@ -337,8 +351,16 @@ class ShmTransport:
             self._open()
         except GPUServerUnavailable as e:
             self._why = str(e)
+            if self._unconnected_since is None:
+                self._unconnected_since = time.monotonic()
             return False
+        self._unconnected_since = None
         return True
+
+    def expect(self, nbytes: int) -> None:
+        """The next reply has frames of at most `nbytes`: a larger one is refused from the region
+        header, before anything is copied (transport/caps.py)."""
+        self.max_frame = caps.frame_cap(nbytes)
 
     # -- connection
     def _open(self) -> None:
@@ -361,9 +383,13 @@ class ShmTransport:
             self._sock = sock
             kind, rfd = self._recv_blocking(time.monotonic() + max(self.timeout_s, 1.0))
             if kind[:1] == REFUSED:
+                reason = kind[1:].decode(errors="replace")
+                if reason.startswith(DENIED):
+                    raise LinkRefused(
+                        f"the GPU server at {self.address} refused this runner: {reason[len(DENIED) :]}"
+                    )
                 raise GPUServerUnavailable(
-                    f"the GPU server at {self.address} refused the connection: "
-                    f"{kind[1:].decode(errors='replace')}"
+                    f"the GPU server at {self.address} refused the connection: {reason}"
                 )
             if kind[:1] != WELCOME or len(kind) != 1 + _WELCOME.size or rfd is None:
                 if rfd is not None:
@@ -469,7 +495,16 @@ class ShmTransport:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         while self._sock is None:  # no server listened at send(): keep trying until the deadline
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
+            ct, since = self.connect_timeout_s, self._unconnected_since
+            if ct is not None and since is not None:  # first: no connection is not a slow server
+                if now - since >= ct - 1e-3:
+                    raise ServerUnreachable(
+                        f"could not connect to the GPU server at {self.address} within {ct:g} s "
+                        f"({self._why}; --connect-timeout sets this bound)"
+                    )
+                left = min(left, since + ct - now)
             if left <= 0:
                 raise GPUServerUnavailable(
                     f"no reply from the GPU server at {self.address} within {timeout:g} s ({self._why})"
@@ -488,7 +523,7 @@ class ShmTransport:
             self._block(want, deadline, timeout, need_ring=True)
         rx = self._rx
         try:
-            lengths = rx.lengths(RUNNER_MAX_REGION)
+            lengths = rx.lengths(self.max_frame)
         except ShmError as e:
             self._close()
             raise ProtocolError(f"malformed reply in shared memory from {self.address}: {e}") from None

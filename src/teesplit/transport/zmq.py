@@ -10,6 +10,15 @@ Failure handling lives here and in `GPUClient.call`: a receive that times out ra
 late reply cannot leak into the next request) and opens a new one under the SAME routing id:
 the server keys its reply cache by (routing id, request id), so a resent request is answered
 from that cache instead of being computed twice.
+
+A dead or missing server is noticed in seconds, not after the reply timeout: with a
+`connect_timeout_s`, a request that finds no connection (ZeroMQ handshake done) within that
+long raises ServerUnreachable, and ZeroMQ heartbeats (HEARTBEAT_IVL/TIMEOUT/TTL) end a
+connection whose peer stopped answering pings, which then counts as lost. `timeout_s` stays
+the bound for a server that is connected and alive but slow.
+
+Reply frames larger than the request can need are dropped by ZeroMQ before they are allocated
+(MAXMSGSIZE, set per connection: `expect`, see transport/caps.py).
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from teesplit.errors import UsageError
-from teesplit.transport.errors import ConnectionLost, GPUServerUnavailable, LinkRefused
+from teesplit.transport import caps
+from teesplit.transport.errors import ConnectionLost, GPUServerUnavailable, LinkRefused, ServerUnreachable
 
 SCHEMES = ("tcp://", "ipc://", "inproc://")
 # Replies faster than this are received with one blocking call (the hot path: ~100 round
@@ -56,14 +66,27 @@ def _refusal(address: str, event: int, curve: bool) -> str:
 
 
 class ZmqTransport:
-    def __init__(self, address: str, timeout_s: float = 60.0, max_message_bytes: int = -1, curve=None):
-        """`curve`: a `teesplit.transport.curve.CurveClient` to encrypt and authenticate the link."""
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 60.0,
+        max_message_bytes: int = caps.INITIAL,
+        curve=None,
+        connect_timeout_s: float | None = None,
+    ):
+        """`curve`: a `teesplit.transport.curve.CurveClient` to encrypt and authenticate the link.
+        `max_message_bytes`: the largest reply frame accepted until `expect` changes it (-1: any,
+        and `expect` keeps it so). `connect_timeout_s`: see the module docstring (None: off)."""
         if not address.startswith(SCHEMES):
-            raise UsageError(f"unsupported address {address!r}: use tcp://HOST:PORT or ipc://PATH")
+            raise UsageError(
+                f"unsupported address {address!r}: use tcp://HOST:PORT, ipc://PATH or shm://NAME (same host)"
+            )
         self.address = address
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
         self.curve = curve
+        # inproc has no connection to watch (no monitor events): no check there
+        self.connect_timeout_s = None if address.startswith("inproc://") else connect_timeout_s
         # A random routing id that survives reconnects (a leading zero byte is reserved by ZeroMQ).
         self.routing_id = bytes([1 + os.urandom(1)[0] % 255]) + os.urandom(15)
         self._sock: zmq.Socket | None = None
@@ -75,17 +98,34 @@ class ZmqTransport:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
+        if self.connect_timeout_s is not None:
+            # A peer silent for half the connect timeout is gone: the connection ends, the
+            # request in flight counts as lost, and its retry meets the connect check.
+            silent_ms = max(1000, int(self.connect_timeout_s * 500))
+            sock.setsockopt(zmq.HEARTBEAT_IVL, max(200, silent_ms // 3))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, silent_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, silent_ms)  # the server drops us as fast
         if self.curve is not None:
             self.curve.apply(sock)
         self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
         )
         sock.connect(self.address)
         self._sock = sock
         self._rcvtimeo = None
+        self._opened = time.monotonic()
         self._connected = False  # as last seen on the monitor
+        self._up = False  # a ZeroMQ handshake succeeded on this socket (the server answered)
         self._lost = False  # the connection dropped and has not come back
         self._refused: str | None = None  # why the security handshake failed, if it did
+
+    def expect(self, nbytes: int) -> None:
+        """The next reply has frames of at most `nbytes`: cap what ZeroMQ accepts near that
+        (transport/caps.py), reconnecting when the cap changes (between requests only)."""
+        cap = caps.new_cap(self.max_message_bytes, nbytes)
+        if cap is not None:
+            self.max_message_bytes = cap
+            self.reconnect()
 
     def send(self, frames: list) -> None:
         self._sock.send_multipart([b"", *frames], copy=False)
@@ -120,8 +160,23 @@ class ZmqTransport:
                     frames = self._sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
                     if self._ours(frames):
                         return frames[1:]
-                raise ConnectionLost(f"the connection to the GPU server at {self.address} was lost")
-            left = deadline - time.monotonic()
+                cap = self.max_message_bytes
+                raise ConnectionLost(
+                    f"the connection to the GPU server at {self.address} was lost (the server stopped, or "
+                    f"sent a reply frame larger than the {cap} bytes this request can get)"
+                    if cap > 0
+                    else f"the connection to the GPU server at {self.address} was lost"
+                )
+            now = time.monotonic()
+            left = deadline - now
+            ct = self.connect_timeout_s
+            if ct is not None and not self._up:  # first: no connection is not a slow server
+                if now - self._opened >= ct - 1e-3:
+                    raise ServerUnreachable(
+                        f"nothing answered at {self.address} within {ct:g} s (is `teesplit serve` running "
+                        "there? --connect-timeout sets this bound)"
+                    )
+                left = min(left, self._opened + ct - now)
             if left <= 0:
                 raise GPUServerUnavailable(
                     f"no reply from the GPU server at {self.address} within {timeout:g} s "
@@ -143,6 +198,8 @@ class ZmqTransport:
             event = recv_monitor_message(self._monitor)["event"]
             if event & _HANDSHAKE_FAILED:
                 self._refused = _refusal(self.address, event, self.curve is not None)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._up = True
             elif event == zmq.EVENT_CONNECTED:
                 self._connected, self._lost = True, False
             elif event == zmq.EVENT_DISCONNECTED:
