@@ -31,8 +31,10 @@ def build_service(
     threads: int | None = None,
     progress: bool = True,
     limits=None,
+    private_weights: str | None = None,
 ):
-    """Load the GPU side (imports torch). Returns (RequestHandler, description)."""
+    """Load the GPU side (imports torch). Returns (RequestHandler, description). With
+    `private_weights` (int16 or int8) the server keeps only the private plans' integers."""
     import torch
 
     from teesplit.blas import set_blas_threads
@@ -54,7 +56,15 @@ def build_service(
     c = weights.config
     shape = f"{c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}"
     desc = f"{model_dir.name} ({shape}) on {device} {dtype}"
-    service = GPUComputeService(weights, dev, TORCH_DTYPES[dtype], limits=limits or SessionLimits())
+    bits = None
+    if private_weights is not None:
+        from teesplit.quant import weight_bits
+
+        bits = weight_bits(private_weights)
+        desc += f", private plans only ({private_weights} integer weights)"
+    service = GPUComputeService(
+        weights, dev, TORCH_DTYPES[dtype], limits=limits or SessionLimits(), private_weights=bits
+    )
     return RequestHandler(service), desc
 
 
@@ -129,7 +139,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_kv_bytes=int(args.max_kv_gib * (1 << 30)),
     )
-    handler, desc = build_service(model_dir, args.device, args.dtype, args.threads, limits=limits)
+    handler, desc = build_service(
+        model_dir, args.device, args.dtype, args.threads, limits=limits, private_weights=args.private_weights
+    )
     handler = RequestHandler(handler.service, Limits(max_tensor_bytes=int(args.max_message_mb * (1 << 20))))
     log_event(
         "server_start",
@@ -269,7 +281,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from teesplit.tee.local_weights import load_local_weights
             from teesplit.tee.private import private_gpu as make_private_gpu
 
-            private_gpu = make_private_gpu(plan.name, load_local_weights(model_dir), clients, args.pad_pool)
+            private_gpu = make_private_gpu(
+                plan.name, load_local_weights(model_dir), clients, args.pad_pool, args.private_weights
+            )
             clients = [private_gpu]
         models = [TEELlamaModel(c, plan or get_plan("v2-fused")) for c in clients]
         _check_same_model(models[0].config, model_dir)
@@ -289,8 +303,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         for c in clients:
             c.close()
-    if private_gpu is not None and hasattr(private_gpu, "pool"):
-        results[0].stats["pads"] = private_gpu.pool.stats()  # the trusted side's offline cost
+    if private_gpu is not None:
+        results[0].stats.update(private_stats(private_gpu))
     verifier = getattr(clients[0], "verifier", None)
     if verifier is not None:
         v = verifier.stats
@@ -311,6 +325,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         Path(args.stats_json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def private_stats(gpu) -> dict[str, Any]:
+    """The stats of a private plan's run: the servers' resident bytes per weight of the
+    private sites, their layout, and (private-otp) the one-time pads' cost in the trusted side."""
+    out: dict[str, Any] = {
+        "private_weights": f"int{gpu.bits}",
+        "server_private_bytes_per_weight": gpu.server_private_bytes_per_weight,
+        "private_servers": gpu.server_setup,
+    }
+    if getattr(gpu, "pool", None) is not None:
+        out["pads"] = gpu.pool.stats()
+    return out
 
 
 def _servers(args: argparse.Namespace, plan) -> list[str]:
@@ -430,6 +457,12 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{1000 * d['time_s']['total'] / n:.1f} ms ({n / d['time_s']['total']:.1f} tok/s)"
         )
     rows.append("RPCs by op: " + ", ".join(f"{k} {v}" for k, v in stats["rpc"]["by_op"].items()))
+    if stats.get("server_private_bytes_per_weight") is not None:
+        rows.append(
+            f"private weights: {stats['private_weights']}, "
+            f"{stats['server_private_bytes_per_weight']:.3f} bytes per weight on the server "
+            f"({stats['private_servers'][0]['layout']})"
+        )
     if "pads" in stats:  # private-otp: the one-time pads' cost in the trusted side
         p = stats["pads"]
         rows.append(
@@ -809,6 +842,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tcp://HOST:PORT, ipc://PATH, or shm://NAME (shared memory, runners on this host)",
     )
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument(
+        "--private-weights",
+        choices=("int16", "int8"),
+        default=None,
+        help="serve only the private plans: quantize now and keep only their integer weights "
+        "(2 or 1 bytes per weight; plain plans are refused). Without it the server keeps float "
+        "weights and quantizes on a private runner's first request",
+    )
     s.add_argument("--max-sessions", type=int, default=64, help="sessions (GPU-side KV caches) at once")
     s.add_argument("--max-session-tokens", type=int, default=8192, help="tokens per sequence in a session")
     s.add_argument("--max-batch", type=int, default=64, help="sequences per session")
@@ -866,7 +907,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=32,
         metavar="N",
-        help="private-otp: one-time pads made ahead per Linear, in tokens (default %(default)s)",
+        help="private-otp: one-time pads made ahead per crossing, in tokens (default %(default)s)",
+    )
+    g.add_argument(
+        "--private-weights",
+        choices=("int16", "int8"),
+        default="int16",
+        help="private plans: the integer weights the GPU multiplies by (int16: two int8 limbs, "
+        "close to float; int8: half the memory, coarser); default %(default)s",
     )
     g.add_argument("--prompt", default=None)
     g.add_argument(

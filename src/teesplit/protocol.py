@@ -63,12 +63,26 @@ T tokens, S cached + new tokens, E hidden, N output features, V vocabulary, K to
     OGateUp       args {layer} t [a (B, T, H D), x]       -> t [o = o_proj(a), z_gateup on (x + o)]
     AttnOutGateUp sid, args {layer} t [p (B, H, T, S), x] -> t [o = o_proj(p V), z_gateup on (x + o)]
 
-  Ring operation (plans private-otp and private-2party; see gpu/ring.py and tee/private.py):
+  Ring operations (plans private-otp and private-2party; see gpu/ring.py, tee/private.py and
+  teesplit/quant.py). Every tensor is int64 holding ring elements of Z_2^64: fixed-point values
+  masked by a one-time pad, or one additive share of them; replies are ring elements too. The
+  weights are the integers of quant.py's rule for `bits` 16 (int16) or 8 (int8), with the
+  RMSNorm gain folded into the product after a norm. The merged plans' structure, every step
+  linear: a first product (o_proj or down_proj), the residual add (each row of the first
+  product times its integer multiplier mult_j, quant.py), the product after the norm:
 
-    RingLinear    args {layer, site} t [x (B, T, in) i64]  -> t [x W_qᵀ mod 2^64 (B, T, N) i64]
-                  site: qkv, o, gate_up, down (layer 0..L-1) or lm_head (layer -1); x is a
-                  masked fixed-point ring element, W_q = round(W * 2^RING_WEIGHT_FRAC_BITS);
-                  no bias (the trusted side adds it). Needs a server keeping float32 weights.
+    RingSetup      args {bits}                 -> res {bits, source, bytes_per_weight, layout}
+                   quantizes (once) and reports the server's resident bytes per weight
+    RingEmbedQKV   args {bits} t [x0 (B, T, E)]               -> t [z = x0 Q_qkv(0)ᵀ]
+    RingOGateUp    args {layer, bits} t [a (B, T, H D), x (B, T, E)]
+                   -> t [o = a Q_oᵀ (B, T, E), z = (x + mult ⊙ o) Q_gate_upᵀ (B, T, 2F)]
+    RingDownQKV    args {layer, bits} t [m (B, T, F), x (B, T, E)], layer < L - 1
+                   -> t [y = m Q_downᵀ (B, T, E), z = (x + mult ⊙ y) Q_qkv(layer+1)ᵀ]
+    RingDownLMHead args {bits} t [m (B, R, F), x (B, R, E)]    (the last layer's down_proj)
+                   -> t [y (B, R, E), z = (x + mult ⊙ y) Q_lm_headᵀ (B, R, V)]
+
+  A server started with `--private-weights` keeps only these integers and refuses the
+  operations that need float weights.
 
   With a session, z_qkv holds q|k only; the v part waits in the session until AttnScores
   brings the row scales (a fourth tensor r (B, T) f32), which turn it into v for the cache.
@@ -107,9 +121,8 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 WIRE_DTYPES = (*FLOAT_DTYPES, "int8")  # activations on the wire; int8 is the per-row format
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 
-# Fractional bits of the fixed-point weights in RingLinear; both sides must use the same.
-RING_WEIGHT_FRAC_BITS = 24
-RING_SITES = ("qkv", "o", "gate_up", "down", "lm_head")
+# The private plans' ring operations (quant.py, gpu/ring.py): int64 ring elements in and out.
+RING_OPS = ("RingEmbedQKV", "RingOGateUp", "RingDownQKV", "RingDownLMHead")
 
 _LAYER = {"layer": (int, True)}
 # Operation -> (argument name -> (type, required)), (min, max) number of tensor frames.
@@ -131,7 +144,11 @@ OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
     "DownLMHead": ({"top_k": (int, False)}, (2, 3)),
     "OGateUp": (_LAYER, (2, 2)),
     "AttnOutGateUp": (_LAYER, (2, 2)),
-    "RingLinear": ({"layer": (int, True), "site": (str, True)}, (1, 1)),
+    "RingSetup": ({"bits": (int, True)}, (0, 0)),
+    "RingEmbedQKV": ({"bits": (int, True)}, (1, 1)),
+    "RingOGateUp": ({"layer": (int, True), "bits": (int, True)}, (2, 2)),
+    "RingDownQKV": ({"layer": (int, True), "bits": (int, True)}, (2, 2)),
+    "RingDownLMHead": ({"bits": (int, True)}, (2, 2)),
 }
 # `f32: true` (runner --verify): compute in float32 from the compute-dtype weights and return
 # float32, so the only honest difference from the exact product is float32 accumulation error

@@ -39,6 +39,7 @@ from teesplit.gpu.service import TORCH_DTYPES, GPUComputeService, TopK
 from teesplit.protocol import (
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,
+    RING_OPS,
     WIRE_DTYPES,
     Int8Rows,
     Limits,
@@ -57,6 +58,9 @@ MAX_PING_REPLY_BYTES = 64 << 20
 ERROR_LOGS_PER_S = 20
 UNCACHED_OPS = ("Ping", "Init")  # cheap, stateless and possibly large: recomputed on a resend
 # Operations that read or write a session's cache when given a session id; others ignore it.
+# Operations that multiply by float weights: a server keeping only integers refuses them.
+FLOAT_WEIGHT_OPS = ("Embedding", "Linear", "LMHead", "QKV", "GateUp", "AttnScores", "AttnOut")
+FLOAT_WEIGHT_OPS += ("EmbedQKV", "DownQKV", "DownLMHead", "OGateUp", "AttnOutGateUp")
 SESSION_USERS = ("QKV", "AttnScores", "AttnOut", "EmbedQKV", "DownQKV", "AttnOutGateUp")
 
 
@@ -272,6 +276,9 @@ class RequestHandler:
             (result, tensors), dt = s.timed(s.init)
             result = {**result, "version": PROTOCOL_VERSION, "max_message_bytes": self.max_frame_bytes}
             return result, tensors, dt
+        if op == "RingSetup":  # quantizes once (seconds for a large model): timed like Init
+            result, dt = s.timed(s.ring_setup, args["bits"])
+            return result, [], dt
         if op == "OpenSession":
             result = s.open_session(args["batch"], args["max_tokens"], args.get("f32", False))
             log_event(
@@ -292,9 +299,15 @@ class RequestHandler:
             return {}, [], 0.0
         sid = header.get("sid")
         t0 = time.perf_counter()
-        if op == "RingLinear":  # ring elements in, ring elements out: no wire dtype applies
-            out = s.ring_linear(args["layer"], args["site"], t[0])
-            return {}, [out], time.perf_counter() - t0
+        if op in RING_OPS:  # ring elements in, ring elements out: no wire dtype applies
+            out = s.ring_step(op, args, t)
+            return {}, list(out) if isinstance(out, tuple) else [out], time.perf_counter() - t0
+        if s.private_only and op in FLOAT_WEIGHT_OPS:
+            raise ProtocolError(
+                f"{op}: this server keeps only the private plans' integer weights (serve --private-weights); "
+                "run a private plan, or a server without --private-weights",
+                "bad_args",
+            )
         wire = wire_name(header, 0)
         if op in ("Embedding", "EmbedQKV"):  # their only tensors are token ids and positions
             wire = args.get("dtype", "float32")

@@ -739,12 +739,13 @@ class CheckedClient(GPUClient):
         self._layer: int | None = None  # the layer of the last Linear, to name a Matmul's layer
         self._matmuls = 0
         self.ring_verifier = None  # the private plans' exact check (tee/ring_verify.py), set by them
+        self.ring_only = False  # set by the private plans: their ring check replaces the float one
 
     def init(self) -> InitResult:
         res = super().init()
         ck = self.checkpoint
         ck.check_init(res.config, res.norms, res.biases, res.dtype)
-        if self.verify and self.verifier is None:
+        if self.verify and self.verifier is None and not self.ring_only:
             self.verifier = Verifier(ck, res.dtype, self._vectors, self._seed, self._progress)
         # From here on the model runs on the runner's own values (equal, as just checked).
         return InitResult(ck.config, ck.norms(), ck.biases(COMPUTE_DTYPES[res.dtype]), res.dtype)
@@ -790,14 +791,14 @@ class CheckedClient(GPUClient):
             self._check("Matmul", self._layer, a, b, c, what)
         return c
 
-    def ring_linear(self, layer: int, site: str, x: np.ndarray, out_features: int) -> np.ndarray:
-        """The private plans' masked product, checked over Z_2^64 against the input sent."""
+    def ring_step(self, op, args, tensors, widths):
+        """The private plans' masked products, checked over Z_2^64 against the inputs sent."""
         if self.verify and self.ring_verifier is None:
             raise ValueError("--verify: a ring product needs the private plan's verifier (tee/private.py)")
-        y = super().ring_linear(layer, site, x, out_features)
+        out = super().ring_step(op, args, tensors, widths)
         if self.ring_verifier is not None:
-            self.ring_verifier.check(layer, site, x, y, self.address)
-        return y
+            self.ring_verifier.check_step(op, args.get("layer", 0), tensors, out, self.address)
+        return out
 
     def lm_head(self, x: np.ndarray) -> np.ndarray:
         if not self.verifier:
