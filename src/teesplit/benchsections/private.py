@@ -13,6 +13,7 @@ and 8 sequences, in this process, on the run's device.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -68,14 +69,20 @@ def _gemm_ms(device: str, threads: int, quick: bool) -> list[dict[str, Any]]:
             qmax = quant.QMAX[bits]
             q = rng.integers(-qmax, qmax + 1, (n, k), dtype=np.int16 if bits == 16 else np.int8)
             lw = LimbWeights(quant.IntWeights(q, np.ones(n)), dev, exact)
+            # the CPU's other exact layout: float64 products over limbs of x, integers widened on the fly
+            numpy_lw = (
+                None if dev.type == "cuda" else LimbWeights(quant.IntWeights(q, np.ones(n)), dev, False)
+            )
             for rows in (1, 8):
                 t_ring, t_float = _time_pair(lw, w, rows, dev, rng)
+                t_numpy = None if numpy_lw is None else _time_pair(numpy_lw, w, rows, dev, rng, rounds=2)[0]
                 out.append(
                     {
                         "shape": name,
                         "weights": f"int{bits}",
                         "sequences": rows,
                         "limb_gemm_ms": t_ring,
+                        "float64_limbs_ms": t_numpy,
                         "float_gemm_ms": t_float,
                         "float_dtype": str(float_dtype).removeprefix("torch."),
                         "ratio": t_ring / t_float,
@@ -85,7 +92,7 @@ def _gemm_ms(device: str, threads: int, quick: bool) -> list[dict[str, Any]]:
     return out
 
 
-def _time_pair(lw, w, rows: int, dev, rng) -> tuple[float, float]:
+def _time_pair(lw, w, rows: int, dev, rng, rounds: int = 5) -> tuple[float, float]:
     """ms per call of lw's limb GEMM on `rows` ring rows and of F.linear on `rows` float rows."""
     import torch
     import torch.nn.functional as F
@@ -95,8 +102,8 @@ def _time_pair(lw, w, rows: int, dev, rng) -> tuple[float, float]:
     xf = torch.from_numpy(rng.standard_normal((rows, k), dtype=np.float32)).to(dev, w.dtype)
     if dev.type == "cuda":
         xt = torch.from_numpy(x).to(dev)
-        return _time_alternating(lambda: lw.matmul_t(xt), lambda: F.linear(xf, w), dev)
-    return _time_alternating(lambda: lw.matmul_np(x), lambda: F.linear(xf, w), dev)
+        return _time_alternating(lambda: lw.matmul_t(xt), lambda: F.linear(xf, w), dev, rounds)
+    return _time_alternating(lambda: lw.matmul_np(x), lambda: F.linear(xf, w), dev, rounds)
 
 
 def _time_alternating(a, b, dev, rounds: int = 5, calls: int = 5) -> tuple[float, float]:
@@ -130,6 +137,7 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
     from teesplit.tee.private import private_gpu
 
     s = ctx.settings
+    load = [os.getloadavg()[0]]
     n_new = max(3, 4 if s.quick else s.new_tokens)
     rounds = 1 if s.quick else 3
     prompt = ctx.prompt[: 32 if s.quick else 128]
@@ -161,7 +169,9 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
                     with pool.hold():
                         profiles[name].append(split_profile(m, prompt, n_new))
             ctx.log("private: logits against v2-merged")
-            seq = np.array([prompt + profiles[BASE][0].tokens], np.int64)
+            # 32 positions (the last 16 prompt tokens and the first 16 generated): every logit
+            # row costs the private plans a full LM head in ring elements.
+            seq = np.array([prompt[-16:] + profiles[BASE][0].tokens[:16]], np.int64)
             ref = _all_logits(models[BASE], seq)
             rows: dict[str, Any] = {}
             for name, m in models.items():
@@ -194,6 +204,8 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
         if name.startswith("private-otp"):
             r["pad_cpu_ms_per_token"] = pads[name.split("/")[1]]["cpu_ms_per_token"]
     ctx.log("private: limb GEMM against a float GEMM")
+    gemm = _gemm_ms("cuda" if s.device == "cuda" else "cpu", s.threads, s.quick)
+    load.append(os.getloadavg()[0])
     return {
         "prompt_tokens": len(prompt),
         "new_tokens": n_new,
@@ -202,7 +214,8 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
         "threads": s.threads,
         "pads": pads,
         "plans": rows,
-        "gemm": _gemm_ms("cuda" if s.device == "cuda" else "cpu", s.threads, s.quick),
+        "gemm": gemm,
+        "load_average": load,  # 1-minute load average at the start and at the end
     }
 
 
@@ -221,6 +234,7 @@ def _row(profiles: list, base_tokens: list[int]) -> dict[str, Any]:
         "decode_ms_per_token": float(np.median([p.mean_ms() for p in profiles])),
         "decode_ms_per_round": [p.mean_ms() for p in profiles],
         "tee_ms_per_token": float(np.median([p.mean_ms("tee") for p in profiles])),
+        "gpu_ms_per_token": float(np.median([p.mean_ms("gpu") for p in profiles])),
         "prefill_s": float(np.median([p.prefill_s for p in profiles])),
         "rpcs_per_token": float(np.mean([st["rpc"]["total"] for st in steps])),
         "bytes_to_gpu_per_token": float(np.mean([st["bytes"]["to_gpu"] for st in steps])),
@@ -240,18 +254,21 @@ def render(d: dict[str, Any]) -> list[str]:
     lines = [
         f"{d['prompt_tokens']} prompt tokens, {n} generated, greedy, tcp loopback, {d['device']} servers "
         f"({d['threads']} thread(s) each); medians of {d['rounds']} rounds, the plans alternating; "
+        f"load average {d['load_average'][0]:.1f} at the start, {d['load_average'][-1]:.1f} at the end; "
         "private-2party against two server processes; private-otp online (its pads made ahead).",
         "",
-        "| plan / weights | decode ms/token | vs v2-merged | RPCs/token | to GPU/token | from GPU/token | "
-        "server bytes/weight | pad CPU ms/token | tokens = v2-merged | max logit diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| plan / weights | decode ms/token | vs v2-merged | server ms/token | trusted ms/token | "
+        "RPCs/token | to GPU/token | from GPU/token | server bytes/weight | pad CPU ms/token | "
+        "tokens = v2-merged | max logit diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in d["plans"].items():
         bpw = r.get("server_bytes_per_weight")
         pad = r.get("pad_cpu_ms_per_token")
         lines.append(
             f"| {name} | {r['decode_ms_per_token']:.1f} | {r.get('decode_vs_v2_merged', 1.0):.2f}x | "
-            f"{r['rpcs_per_token']:.0f} | {_kib(r['bytes_to_gpu_per_token'])} | "
+            f"{r['gpu_ms_per_token']:.1f} | {r['tee_ms_per_token']:.1f} | {r['rpcs_per_token']:.0f} | "
+            f"{_kib(r['bytes_to_gpu_per_token'])} | "
             f"{_kib(r['bytes_from_gpu_per_token'])} | {'-' if bpw is None else f'{bpw:.4f}'} | "
             f"{'-' if pad is None else f'{pad:.1f}'} | "
             f"{round(r['tokens_equal_v2_merged'] * n)}/{n} | {r.get('max_logit_diff', 0.0):.3g} |"
@@ -271,13 +288,16 @@ def render(d: dict[str, Any]) -> list[str]:
         "The limb GEMM (8 limb rows per sequence, int8 x int8 -> int32) against a float GEMM of the same "
         "weights, ms per call, in one process on the run's device:",
         "",
-        "| weights (N x K) | integers | sequences | limb GEMM ms | float GEMM ms | ratio |",
-        "|---|---|---|---|---|---|",
+        "| weights (N x K) | integers | sequences | limb GEMM ms | float GEMM ms | ratio | "
+        "float64 limb products ms (numpy) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for g in d["gemm"]:
+        f64 = g.get("float64_limbs_ms")
         lines.append(
             f"| {g['shape']} | {g['weights']} | {g['sequences']} | {g['limb_gemm_ms']:.3f} | "
-            f"{g['float_gemm_ms']:.3f} ({g['float_dtype']}) | {g['ratio']:.2f}x |"
+            f"{g['float_gemm_ms']:.3f} ({g['float_dtype']}) | {g['ratio']:.2f}x | "
+            f"{'-' if f64 is None else f'{f64:.3f}'} |"
         )
     return lines
 
