@@ -22,13 +22,17 @@ def test_private_section_measures_costs_against_v2_merged(tmp_path):
         "private-otp/int8",
         "private-2party/int16",
         "private-2party/int8",
+        "private-2party/int16/online",
     }
     L = 2
     assert plans["v2-merged"]["rpcs_per_token"] == 2 * L + 1
     for w in ("int16", "int8"):
         assert plans[f"private-otp/{w}"]["rpcs_per_token"] == 2 * L + 1
-        assert plans[f"private-2party/{w}"]["rpcs_per_token"] == 2 * (2 * L + 1)  # both servers
+        # shares made ahead: online, server a only; the second server's work is counted apart
+        assert plans[f"private-2party/{w}"]["rpcs_per_token"] == 2 * L + 1
+        assert plans[f"private-2party/{w}"]["ahead_bytes_per_token"] > 0
         assert plans[f"private-otp/{w}"]["pad_cpu_ms_per_token"] > 0
+    assert plans["private-2party/int16/online"]["rpcs_per_token"] == 2 * (2 * L + 1)  # both servers
     assert plans["private-otp/int16"]["tokens_equal_v2_merged"] == 1.0
     assert plans["private-2party/int16"]["tokens_equal_v2_merged"] == 1.0
     assert (

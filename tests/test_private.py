@@ -286,9 +286,9 @@ def test_a_bfloat16_server_serves_the_private_plans(ckpt):
 # ---- counts ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("plan", PRIVATE)
 def test_round_trips_and_bytes_per_decode_token(ckpt, plan):
-    """2L + 1 round trips (v2-merged's); private-2party makes each of them to both servers.
-    Bytes: every input and output as int64 ring elements, plus headers."""
-    model = private_model(ckpt, plan)
+    """2L + 1 round trips (v2-merged's); private-2party without shares made ahead makes each of
+    them to both servers. Bytes: every input and output as int64 ring elements, plus headers."""
+    model = private_model(ckpt, plan, pool_depth=0 if plan == "private-2party" else 8)
     try:
         cache = model.new_cache()
         model.forward(np.array([[1, 2, 3, 4]]), cache)
@@ -308,6 +308,48 @@ def test_round_trips_and_bytes_per_decode_token(ckpt, plan):
     payload_out = 8 * (qkv + L * (E + 2 * F) + (L - 1) * (E + qkv) + E + V)
     assert n * payload_in < d.bytes_to_gpu < n * (payload_in + (2 * L + 1) * 200)  # + headers
     assert n * payload_out < d.bytes_from_gpu < n * (payload_out + (2 * L + 1) * 200)
+
+
+def test_2party_with_shares_made_ahead_asks_only_server_a_online(ckpt):
+    """The second server's products of fresh shares are made ahead by the pad thread; a decode
+    step then crosses 2L + 1 times to server a alone, with the same logits as without."""
+    handlers = [build_service(ckpt, "cpu", "float32", progress=False)[0] for _ in range(2)]
+    from recording import Recorder
+
+    recorders = [Recorder(h) for h in handlers]
+    logits = []
+    for depth in (0, 4):
+        model = private_model(ckpt, "private-2party", recorders, pool_depth=depth)
+        g = model.gpu
+        try:
+            cache = model.new_cache()
+            model.forward(np.array([[1, 2, 3, 4]]), cache)
+            if depth:
+                assert g.pool.wait_full(60)
+                n_b = len(recorders[1].requests)
+                with g.pool.hold():
+                    before = g.metrics.copy()
+                    logits.append(model.forward(np.array([[5]]), cache))
+                    d = g.metrics - before
+                assert len(recorders[1].requests) == n_b  # nothing went to server b online
+                L = model.config.num_layers
+                assert dict(d.rpc) == {
+                    "RingEmbedQKV": 1,
+                    "RingOGateUp": L,
+                    "RingDownQKV": L - 1,
+                    "RingDownLMHead": 1,
+                }
+                sh = g.share_metrics
+                assert (
+                    sum(sh.rpc.values()) >= 2 * L + 1
+                    and sh.bytes_to_gpu > 0
+                    and g.pool.stats()["tokens_made"] >= 4
+                )
+            else:
+                logits.append(model.forward(np.array([[5]]), cache))
+        finally:
+            g.close()
+    assert np.array_equal(logits[0], logits[1])  # exact either way
 
 
 # ---- a server that keeps only integers ------------------------------------------------------
@@ -532,22 +574,41 @@ def test_otp_generation_survives_a_server_killed_and_restarted(ckpt):
     assert len(set(payloads)) == len(payloads)  # every masked input is fresh
 
 
-def test_2party_resends_a_lost_reply_to_one_server(ckpt):
+@pytest.mark.parametrize("depth", [0, 4])
+def test_2party_resends_a_lost_reply_to_one_server(ckpt, depth):
+    """Server b loses two replies: online (depth 0), or to the thread making shares ahead."""
     handlers = [build_service(ckpt, "cpu", "float32", progress=False)[0] for _ in range(2)]
     want = _private_tokens(ckpt, "private-2party")
     lossy = LossyServer(handlers[1], drop={"RingOGateUp": 2}, delay={})
     a = GPUClient(LocalTransport(handlers[0].handle))
     b = GPUClient(ZmqTransport(lossy.address, timeout_s=0.5), retries=2)
-    model = TEELlamaModel(
-        private_gpu("private-2party", load_local_weights(ckpt), [a, b]), get_plan("private-2party")
-    )
+    gpu = private_gpu("private-2party", load_local_weights(ckpt), [a, b], pool_depth=depth)
+    model = TEELlamaModel(gpu, get_plan("private-2party"))
     try:
         result = Generator(model, eos_token_ids=set()).generate(PROMPT, PARAMS)
     finally:
         model.gpu.close()
         lossy.close()
     assert result.tokens == want
-    assert result.stats["retries"] == 2 and handlers[1].replayed == 2
+    assert gpu.retried == 2 and handlers[1].replayed == 2
+
+
+def test_2party_stops_when_the_share_server_goes_away(ckpt):
+    """An error of the thread making shares ahead (server b gone) is raised in the generation."""
+    handlers = [build_service(ckpt, "cpu", "float32", progress=False)[0] for _ in range(2)]
+    lossy = LossyServer(handlers[1], drop={}, delay={})
+    a = GPUClient(LocalTransport(handlers[0].handle))
+    b = GPUClient(ZmqTransport(lossy.address, timeout_s=0.5), retries=0)
+    model = TEELlamaModel(
+        private_gpu("private-2party", load_local_weights(ckpt), [a, b], 2), get_plan("private-2party")
+    )
+    lossy.drop = {op: 10**6 for op in protocol.RING_OPS}  # from now on every reply is lost
+    try:
+        with pytest.raises(GPUServerUnavailable):
+            Generator(model, eos_token_ids=set()).generate(PROMPT, PARAMS)
+    finally:
+        model.gpu.close()
+        lossy.close()
 
 
 def test_2party_with_one_server_down_fails_within_the_timeout(ckpt):

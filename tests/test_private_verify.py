@@ -36,7 +36,7 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("pverify"), "llama", num_hidden_layers=2)
 
 
-def _model(ckpt, plan, verify=True, liars=None):
+def _model(ckpt, plan, verify=True, liars=None, depth=0):
     """A private plan over in-process services; liars: {server index: (mode, nth)}."""
     n = 2 if plan == "private-2party" else 1
     clients, handlers = [], []
@@ -49,7 +49,10 @@ def _model(ckpt, plan, verify=True, liars=None):
         clients.append(
             CheckedClient(LocalTransport(h.handle), checkpoint=TrustedCheckpoint(ckpt), verify=verify)
         )
-    gpu = private_gpu(plan, load_local_weights(ckpt), clients, pool_depth=4)
+    # private-2party without shares made ahead, so that a server's nth call is the nth step
+    gpu = private_gpu(
+        plan, load_local_weights(ckpt), clients, pool_depth=4 if plan == "private-otp" else depth
+    )
     return TEELlamaModel(gpu, get_plan(plan)), handlers
 
 
@@ -112,6 +115,15 @@ def test_ring_lies_are_caught(ckpt, plan, server, mode, nth):
     assert msg.startswith(
         f"{first if liar.lied_index == 0 else second}: the GPU server's result fails its Freivalds"
     )
+
+
+def test_a_lie_in_the_shares_made_ahead_is_caught(ckpt):
+    """Server b's products of shares made ahead are checked in the thread that asks for them;
+    the lie stops the generation at its next step."""
+    model, handlers = _model(ckpt, "private-2party", liars={1: ("add1", 3)}, depth=2)
+    with pytest.raises(IntegrityError, match="the GPU server's result fails its Freivalds check"):
+        _generate(model)
+    assert handlers[1].told
 
 
 def test_replay_of_a_same_step_reply_is_caught(ckpt):
@@ -193,10 +205,10 @@ def test_a_client_without_the_verifier_refuses_ring_products(ckpt):
 
 # ---- through real server processes and the CLI ----------------------------------------------
 def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
-    """`teesplit generate --plan private-otp --verify` against a real `teesplit serve`: the same
-    text as without --verify and the checks counted in --stats; against a real server process
-    that flips bit 63 of one ring element in the second decode step: exit status 4 and
-    IntegrityError naming the site and layer."""
+    """`teesplit generate --plan private-otp --verify` against a real `teesplit serve
+    --private-weights int16`: the same text as without --verify and the checks counted in
+    --stats; against a real server process that flips bit 63 of one ring element in the
+    second decode step: exit status 4 and IntegrityError naming the site and layer."""
     import json
     from pathlib import Path
 
@@ -207,7 +219,9 @@ def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
     base += ["--max-new-tokens", "4", "--plan", "private-otp"]
     stats = tmp_path / "stats.json"
     address = free_tcp_address()
-    proc = start_server(model, address, ["--device", "cpu", "--dtype", "float32", "--threads", "1"])
+    # a server that keeps only the private plans' integers (serve --private-weights)
+    cpu = ["--device", "cpu", "--dtype", "float32", "--threads", "1"]
+    proc = start_server(model, address, [*cpu, "--private-weights", "int16"])
     try:
         runs = {}
         for verify in (False, True):
@@ -225,6 +239,7 @@ def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
     want = {"RingEmbedQKV": steps, "RingOGateUp": 2 * steps, "RingDownQKV": steps, "RingDownLMHead": steps}
     assert s["verify"]["by_op"] == want == s["rpc"]["by_op"]
     assert s["verify"]["fingerprint_bytes"] > 0 and s["verify"]["setup_s"] > 0
+    assert 2.0 <= s["server_private_bytes_per_weight"] < 2.01 and s["private_weights"] == "int16"
     assert f"verify: {steps * STEPS} checks in" in runs[True].stderr
 
     address = free_tcp_address()

@@ -337,6 +337,13 @@ def private_stats(gpu) -> dict[str, Any]:
     }
     if getattr(gpu, "pool", None) is not None:
         out["pads"] = gpu.pool.stats()
+    if getattr(gpu, "share_metrics", None) is not None:  # private-2party: server b's work made ahead
+        m = gpu.share_metrics
+        out["shares_ahead"] = {
+            "rpc": sum(m.rpc.values()),
+            "bytes": {"to_gpu": m.bytes_to_gpu, "from_gpu": m.bytes_from_gpu},
+            "gpu_s": m.gpu_s,
+        }
     return out
 
 
@@ -463,7 +470,14 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{stats['server_private_bytes_per_weight']:.3f} bytes per weight on the server "
             f"({stats['private_servers'][0]['layout']})"
         )
-    if "pads" in stats:  # private-otp: the one-time pads' cost in the trusted side
+    if "shares_ahead" in stats:  # private-2party: server b's products made ahead
+        p, sh = stats["pads"], stats["shares_ahead"]
+        rows.append(
+            f"shares made ahead by the second server: {p['tokens_made']:.0f} tokens, {sh['rpc']} RPCs, "
+            f"{_human(sh['bytes']['to_gpu'])} to it, {_human(sh['bytes']['from_gpu'])} back, "
+            f"{p['cpu_ms_per_token']:.1f} ms trusted CPU per token"
+        )
+    elif "pads" in stats:  # private-otp: the one-time pads' cost in the trusted side
         p = stats["pads"]
         rows.append(
             f"one-time pads: {p['cpu_ms_per_token']:.1f} ms trusted CPU per token ({p['inline_s']:.3f} s of "
@@ -907,7 +921,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=32,
         metavar="N",
-        help="private-otp: one-time pads made ahead per crossing, in tokens (default %(default)s)",
+        help="private plans: tokens made ahead, per crossing, of one-time pads (private-otp, by this "
+        "runner) or of shares multiplied by the second server (private-2party); 0: none "
+        "(default %(default)s)",
     )
     g.add_argument(
         "--private-weights",

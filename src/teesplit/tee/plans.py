@@ -32,7 +32,8 @@ normalized input it always received, times 1/r).
 The private plans keep v2-merged's placement and round trips, 2L + 1 per token, but the GPU
 sees only masked data (tee/private.py): the embedding is looked up in the trusted side, and
 every merged call gets one-time-padded (private-otp) or secret-shared (private-2party, two
-servers in parallel) fixed-point inputs, multiplied by integer weights (teesplit/quant.py).
+servers; the second one's shares multiplied ahead) fixed-point inputs, multiplied by integer
+weights (teesplit/quant.py).
 Every GPU operation of a merged call is linear (products, the norm gain as a diagonal, the
 residual add), so it computes on masked values and on shares alike.
 """

@@ -30,8 +30,11 @@ next Linear's bias, tee/model.py).
   steady state this bounds throughput by the trusted side's own matrix speed: one ring product
   of every weight per token (`PadPool.stats`).
 - `private-2party` (two non-colluding servers): each input is split into two additive shares,
-  X - r and r, one to each server in parallel; the replies add up. Nothing is precomputed,
-  and the trusted side multiplies nothing.
+  X - r and r, one to each server; the replies add up. Server b's share r does not depend on
+  the data, so a background thread has b multiply fresh shares ahead of need, and a decode
+  step then asks only server a (a one-time pad whose unblinding factors server b made);
+  without ready shares both servers are asked online, in parallel. Either way the trusted
+  side multiplies nothing: its throughput is bounded by the servers, not by its own CPU.
 
 Every pad and share is fresh: os.urandom per use, never combined from reused vectors (a pad
 that is a combination of a fixed basis lets the server cancel it: arXiv 2602.11088).
@@ -237,26 +240,56 @@ class Pad:
         return parts
 
 
+def local_pad_maker(sites: RingSites, steps: list[RingStep]) -> Callable[[int, int], tuple]:
+    """private-otp's pads, made by the trusted side itself: for step `index` and n rows,
+    r_a (n, Ka), r_x (n, E) fresh and uniform, u = r_a Qᵀ and v = (r_x + mult ⊙ u) Q'ᵀ mod 2^64."""
+    if any(s.q is None for s in sites.sites.values()):
+        raise ValueError("local pads need the integer weights (RingSites with keep_q)")
+
+    def make(index: int, n: int) -> tuple:
+        step = steps[index]
+        second = sites[step.second]
+        r_x = random_ring((n, second.q.shape[1]))
+        if step.first is None:
+            return None, r_x, None, quant.ring_matmul(r_x, second.q)
+        first = sites[step.first]
+        r_a = random_ring((n, first.q.shape[1]))
+        u = quant.ring_matmul(r_a, first.q)
+        return r_a, r_x, u, quant.ring_matmul(r_x + u * first.mult, second.q)  # int64 wraps
+
+    return make
+
+
 class PadPool:
     """Makes pads ahead of need in a background thread, `depth` rows (tokens) per step.
 
     A pad for a step with a first product Q (o_proj or down_proj) and a second Q' is
-    r_a (R, Ka), r_x (R, E) fresh and uniform, u = r_a Qᵀ and v = (r_x + mult ⊙ u) Q'ᵀ mod 2^64:
-    the server's reply to the masked inputs A - r_a, X - r_x is (O - u, Z - v). A request
-    for more rows than are ready is completed inline, and that time is counted separately
-    (`inline_s`), so the cost is reported either way, never hidden."""
+    (r_a, r_x, u, v): r_a, r_x fresh and uniform, u = r_a Qᵀ and v = (r_x + mult ⊙ u) Q'ᵀ
+    mod 2^64, so that the reply to the masked inputs A - r_a, X - r_x is (O - u, Z - v).
+    `make(index, n)` makes n rows of step `index`: in the trusted side (`local_pad_maker`,
+    private-otp) or on the second server (private-2party). A request for more rows than are
+    ready is completed inline, and that time is counted separately (`inline_s`), so the cost
+    is reported either way, never hidden. An error of the pad thread (a server gone, a reply
+    failing its check) is raised by the next `take`."""
 
-    def __init__(self, sites: RingSites, steps: list[RingStep], depth: int = 32, chunk: int = 8):
+    def __init__(
+        self,
+        sites: RingSites,
+        steps: list[RingStep],
+        depth: int = 32,
+        chunk: int = 8,
+        make: Callable[[int, int], tuple] | None = None,
+    ):
         if depth < 0 or chunk < 1:
             raise ValueError("pad pool depth must be >= 0 and chunk >= 1")
-        if any(s.q is None for s in sites.sites.values()):
-            raise ValueError("the pad pool needs the integer weights (RingSites with keep_q)")
         self.sites, self.steps, self.depth, self.chunk = sites, steps, depth, chunk
+        self._make = make or local_pad_maker(sites, steps)
         self._stock: dict[int, deque] = {s.index: deque() for s in steps}
         self._rows = Counter()  # ready rows per step
         self._cond = threading.Condition()
         self._stop = False
         self._held = False  # `hold()`: the pad thread waits (a benchmark measuring the online cost)
+        self.error: BaseException | None = None  # what stopped the pad thread
         self.background_cpu_s = 0.0  # CPU time of the pad thread
         self.background_rows = 0  # rows made per step by the pad thread
         self.inline_s = 0.0  # time spent making pads on the critical path
@@ -267,18 +300,6 @@ class PadPool:
             self._thread = threading.Thread(target=self._fill, name="pad-pool", daemon=True)
             self._thread.start()
 
-    def _make(self, index: int, n: int) -> tuple:
-        step = self.steps[index]
-        second = self.sites[step.second]
-        E = second.q.shape[1]
-        r_x = random_ring((n, E))
-        if step.first is None:
-            return None, r_x, None, quant.ring_matmul(r_x, second.q)
-        first = self.sites[step.first]
-        r_a = random_ring((n, first.q.shape[1]))
-        u = quant.ring_matmul(r_a, first.q)
-        return r_a, r_x, u, quant.ring_matmul(r_x + u * first.mult, second.q)  # int64 wraps
-
     @property
     def nbytes(self) -> int:
         with self._cond:
@@ -288,6 +309,14 @@ class PadPool:
         return sum(p.nbytes for q in self._stock.values() for parts in q for p in parts if p is not None)
 
     def _fill(self) -> None:
+        try:
+            self._fill_until_stopped()
+        except BaseException as e:  # raised in the model's thread by the next take()
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
+
+    def _fill_until_stopped(self) -> None:
         t_cpu = time.thread_time()
         while True:
             with self._cond:
@@ -310,31 +339,48 @@ class PadPool:
                 t_cpu = time.thread_time()
                 self.peak_bytes = max(self.peak_bytes, self._nbytes())
 
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _pop(self, index: int, n: int) -> list[tuple]:
+        """Up to n ready rows of step `index`, as blocks (the caller holds the lock)."""
+        parts, need = [], n
+        q = self._stock[index]
+        while need and q:
+            block = q.popleft()
+            rows = len(block[1])
+            if rows > need:  # split the block: the rest stays for later rows
+                q.appendleft(tuple(None if p is None else p[need:] for p in block))
+                block = tuple(None if p is None else p[:need] for p in block)
+                rows = need
+            parts.append(block)
+            need -= rows
+            self._rows[index] -= rows
+        self._cond.notify()
+        return parts
+
     def take(self, index: int, n: int) -> Pad:
         """A fresh pad for n rows of step `index`: ready rows first, the rest made now."""
-        parts, need = [], n
+        self._check()
         with self._cond:
-            q = self._stock[index]
-            while need and q:
-                block = q.popleft()
-                rows = len(block[1])
-                if rows > need:  # split the block: the rest stays for later rows
-                    q.appendleft(tuple(None if p is None else p[need:] for p in block))
-                    block = tuple(None if p is None else p[:need] for p in block)
-                    rows = need
-                parts.append(block)
-                need -= rows
-                self._rows[index] -= rows
-            self._cond.notify()
+            parts = self._pop(index, n)
+        need = n - sum(len(b[1]) for b in parts)
         if need:
             t0 = time.perf_counter()
             parts.append(self._make(index, need))
             self.inline_s += time.perf_counter() - t0
             self.inline_rows += need
-        if len(parts) == 1:
-            return Pad(index, parts[0])
-        joined = tuple(None if ps[0] is None else np.concatenate(ps) for ps in zip(*parts, strict=True))
-        return Pad(index, joined)
+        return _joined(index, parts)
+
+    def take_ready(self, index: int, n: int) -> Pad | None:
+        """A pad for n rows of step `index` if that many are ready, else None (nothing taken)."""
+        self._check()
+        with self._cond:
+            if self._rows.get(index, 0) < n:
+                return None
+            parts = self._pop(index, n)
+        return _joined(index, parts)
 
     @contextlib.contextmanager
     def hold(self):
@@ -354,6 +400,7 @@ class PadPool:
         """Block until every step has `depth` rows ready (True), or the timeout passed (False)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while min(self._rows.get(k, 0) for k in self._stock) < self.depth:
+            self._check()
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
@@ -368,7 +415,7 @@ class PadPool:
             "cpu_ms_per_token": 1000 * (self.background_cpu_s + self.inline_s) / rows if rows else 0.0,
             "bytes_now": self.nbytes,
             "peak_bytes": self.peak_bytes,
-            "weights_bytes": self.sites.nbytes,  # the integers kept to make pads
+            "weights_bytes": self.sites.nbytes,  # the integers kept to make pads (private-otp)
         }
 
     def close(self) -> None:
@@ -377,6 +424,12 @@ class PadPool:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+
+
+def _joined(index: int, parts: list[tuple]) -> Pad:
+    if len(parts) == 1:
+        return Pad(index, parts[0])
+    return Pad(index, tuple(None if ps[0] is None else np.concatenate(ps) for ps in zip(*parts, strict=True)))
 
 
 # ---- the object the model calls as `self.gpu` ------------------------------------------------
@@ -605,15 +658,41 @@ class PrivateOTP(_PrivateGPU):
 
 
 class PrivateTwoParty(_PrivateGPU):
-    """Plan private-2party: additive shares to two non-colluding servers, in parallel."""
+    """Plan private-2party: additive shares to two non-colluding servers.
 
-    def __init__(self, weights: LocalWeights, client_a: GPUClient, client_b: GPUClient, bits: int = 16):
+    Server b's inputs are the shares r, which do not depend on the data, so its products can
+    be made ahead: a background thread (`PadPool` with `depth` > 0) sends fresh shares to b
+    and keeps its replies, and a decode step then needs only server a: a one-time pad whose
+    unblinding factors server b made. Where no shares are ready (a prefill longer than the
+    pool, or `depth` 0), both servers get their share online, in parallel. Either way the
+    trusted side multiplies nothing; every share is fresh and used once."""
+
+    def __init__(
+        self,
+        weights: LocalWeights,
+        client_a: GPUClient,
+        client_b: GPUClient,
+        bits: int = 16,
+        pool_depth: int = 32,
+        pool_chunk: int = 8,
+    ):
         if client_a.address == client_b.address and client_a.address != "local":
             raise ValueError(f"private-2party needs two different GPU servers; both are {client_a.address}")
         super().__init__(weights, [client_a, client_b], bits, keep_q=False)
         self.a, self.b = client_a, client_b
         self._other = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-b")  # b's own thread
-        self.metrics = Metrics()  # round trips as seen by the trusted side; both servers' bytes
+        self._b_lock = threading.Lock()  # b's client: the share thread and online steps take turns
+        self._metrics_lock = threading.Lock()
+        self.metrics = Metrics()  # the critical path: online round trips, both servers' bytes
+        self.share_metrics = Metrics()  # server b's work on shares made ahead, off the critical path
+        self.pool: PadPool | None = None  # started by init(), with depth > 0
+        self._pool_args = (pool_depth, pool_chunk)
+
+    def _build(self, source: str) -> None:
+        super()._build(source)
+        depth, chunk = self._pool_args
+        if depth:
+            self.pool = PadPool(self.sites, self.steps, depth, chunk, make=self._shares_from_b)
 
     @property
     def retried(self) -> int:
@@ -623,32 +702,68 @@ class PrivateTwoParty(_PrivateGPU):
     def address(self) -> str:
         return f"{self.a.address} + {self.b.address}"
 
+    def _on_b(self, f):
+        """f() with b's client to ourselves; its result and b's metrics for that call."""
+        with self._b_lock:
+            m0 = self.b.metrics.copy()
+            out = f()
+            return out, self.b.metrics - m0
+
     def _both(self, fa, fb):
         """fa() here and fb() on b's thread, at the same time; metrics merged."""
-        ma, mb = self.a.metrics.copy(), self.b.metrics.copy()
+        ma = self.a.metrics.copy()
         t0 = time.perf_counter()
-        future = self._other.submit(fb)
+        future = self._other.submit(self._on_b, fb)
         try:
             ra = fa()
         finally:
-            rb = future.result()  # a failure on either side is raised here, after both ended
-        da, db = self.a.metrics - ma, self.b.metrics - mb
-        m = self.metrics
-        m.rpc_wall_s += time.perf_counter() - t0
-        m.gpu_s += max(da.gpu_s, db.gpu_s)
-        m.rpc.update(da.rpc)
-        m.rpc.update(db.rpc)
-        m.bytes_to_gpu += da.bytes_to_gpu + db.bytes_to_gpu
-        m.bytes_from_gpu += da.bytes_from_gpu + db.bytes_from_gpu
+            rb, db = future.result()  # a failure on either side is raised here, after both ended
+        da = self.a.metrics - ma
+        with self._metrics_lock:
+            m = self.metrics
+            m.rpc_wall_s += time.perf_counter() - t0
+            m.gpu_s += max(da.gpu_s, db.gpu_s)
+            _add_traffic(m, da)
+            _add_traffic(m, db)
         return ra, rb
 
     def _on_each(self, calls: list) -> list:
         return list(self._both(*calls))
 
+    def _shares_from_b(self, index: int, n: int) -> tuple:
+        """n rows of step `index`, made ahead: fresh shares r_a, r_x and server b's products
+        u = r_a Qᵀ, v = (r_x + mult ⊙ u) Q'ᵀ (the pad thread's maker)."""
+        step = self.steps[index]
+        r_x = random_ring((n, self.config.hidden_size))
+        r_a = (
+            None
+            if step.first is None
+            else random_ring((n, quant.site_shape(self.config, step.first.site)[1]))
+        )
+        out, d = self._on_b(lambda: self._send(self.b, step, r_a, r_x, (1, n)))
+        with self._metrics_lock:
+            _add_traffic(self.share_metrics, d)
+            self.share_metrics.gpu_s += d.gpu_s
+            self.share_metrics.rpc_wall_s += d.rpc_wall_s
+        return (r_a, r_x, None, out[0]) if r_a is None else (r_a, r_x, out[0], out[1])
+
     def _ring_step(self, step: RingStep, A, X, lead):
+        pad = None if self.pool is None else self.pool.take_ready(step.index, len(X))
+        if pad is not None:  # server b's products were made ahead: only server a is asked now
+            r_a, r_x, u, v = pad.consume()
+            m0 = self.a.metrics.copy()
+            out = self._send(self.a, step, None if A is None else A - r_a, X - r_x, lead)
+            with self._metrics_lock:
+                d = self.a.metrics - m0
+                self.metrics.rpc_wall_s += d.rpc_wall_s
+                self.metrics.gpu_s += d.gpu_s
+                _add_traffic(self.metrics, d)
+            if A is None:  # int64 arithmetic wraps modulo 2^64
+                return None, out[0] + v
+            return out[0] + u, out[1] + v
         X_b = random_ring(X.shape)  # each share alone is uniform, and fresh
         A_b = None if A is None else random_ring(A.shape)
-        X_a, A_a = X - X_b, None if A is None else A - A_b  # int64 arithmetic wraps modulo 2^64
+        X_a, A_a = X - X_b, None if A is None else A - A_b
         ra, rb = self._both(
             lambda: self._send(self.a, step, A_a, X_a, lead), lambda: self._send(self.b, step, A_b, X_b, lead)
         )
@@ -658,10 +773,18 @@ class PrivateTwoParty(_PrivateGPU):
 
     def close(self) -> None:
         try:
+            if self.pool is not None:
+                self.pool.close()  # after its request in flight, if any
             self.a.close()
             self._other.submit(self.b.close).result()
         finally:
             self._other.shutdown()
+
+
+def _add_traffic(m: Metrics, d: Metrics) -> None:
+    m.rpc.update(d.rpc)
+    m.bytes_to_gpu += d.bytes_to_gpu
+    m.bytes_from_gpu += d.bytes_from_gpu
 
 
 def private_gpu(
@@ -672,6 +795,7 @@ def private_gpu(
     weights_format: str = "int16",
 ) -> PrivateOTP | PrivateTwoParty:
     """The `gpu` object for a private plan: one client for private-otp, two for private-2party;
+    `pool_depth` is --pad-pool (tokens of pads, or of server b's shares, made ahead),
     `weights_format` is --private-weights (int16 or int8)."""
     bits = quant.weight_bits(weights_format)
     if plan_name == "private-otp":
@@ -684,5 +808,5 @@ def private_gpu(
                 "private-2party needs two non-colluding GPU servers (--server A --server B), "
                 f"got {len(clients)}"
             )
-        return PrivateTwoParty(weights, clients[0], clients[1], bits=bits)
+        return PrivateTwoParty(weights, clients[0], clients[1], bits=bits, pool_depth=pool_depth)
     raise ValueError(f"{plan_name!r} is not a private plan")
