@@ -78,9 +78,10 @@ def test_a_merged_step_is_first_product_residual_add_second_product(bits):
     o_want = reference(a, q1)
     z_want = reference(x + o_want * first.mult, q2)
     spec1, spec2 = quant.SiteSpec(0, "o", None), quant.SiteSpec(0, "gate_up", 1)
-    for exact in (True, False):
+    for exact, numpy_path in ((True, True), (False, True), (True, False)):  # last: the CUDA path's code
         sites = {(0, "o"): LimbWeights(first, CPU, exact), (0, "gate_up"): LimbWeights(second, CPU, exact)}
         model = RingModel(None, sites, bits, "float32", CPU)
+        model.numpy_path = numpy_path
         o, z = model.step(spec1, spec2, a, x)
         assert np.array_equal(o, o_want) and np.array_equal(z, z_want)
         assert np.array_equal(model.step(None, spec2, None, x), reference(x, q2))

@@ -123,12 +123,14 @@ class LimbWeights:
         a = torch.zeros((rows, cols), dtype=torch.int8, device=x.device)  # padding adds nothing
         a[: RING_LIMBS * R, : self.k] = limbs.reshape(RING_LIMBS * R, self.k)
         p = torch._int_mm(a, self.w.t())[: RING_LIMBS * R, : self.n_out * self.nl]
-        t = p.view(RING_LIMBS, R, self.n_out, self.nl).to(torch.int64)
+        t = p.reshape(RING_LIMBS, R, self.n_out, self.nl).to(torch.int64)
         t = t[..., 0] + t[..., 1] * 256 if self.nl == 2 else t[..., 0]
         scale = torch.tensor([1 << (8 * k) for k in range(RING_LIMBS)], dtype=torch.int64, device=x.device)
         return (t * scale.view(RING_LIMBS, 1, 1)).sum(dim=0)  # int64 arithmetic wraps modulo 2^64
 
     def times_mult_t(self, o: torch.Tensor) -> torch.Tensor:
+        if self._mult_t is None:  # made on first use where the torch path runs off CUDA (tests)
+            self._mult_t = torch.from_numpy(self.mult.astype(np.int64)).to(o.device)
         return o * self._mult_t
 
 
@@ -146,6 +148,9 @@ class RingModel:
         device: torch.device,
     ):
         self.config, self.sites, self.bits, self.source, self.device = config, sites, bits, source, device
+        # CPU: numpy in and out around torch._int_mm (short request path); elsewhere device
+        # tensors throughout (tests set False on the CPU to run the CUDA path's code)
+        self.numpy_path = device.type == "cpu"
 
     @classmethod
     def build(cls, weights, bits: int, source: str, device: torch.device) -> RingModel:
@@ -183,13 +188,14 @@ class RingModel:
         int64 numpy. Returns (o, z) or z, numpy int64."""
         p = None if first is None else self.sites[(first.layer, first.site)]
         n = self.sites[(second.layer, second.site)]
-        if self.device.type != "cuda":
+        if self.numpy_path:
             o = None if p is None else p.matmul_np(a)
             s = x if o is None else x + p.times_mult_np(o)  # int64 arithmetic wraps modulo 2^64
             z = n.matmul_np(s)
             return z if o is None else (o, z)
-        xt = torch.from_numpy(x).to(self.device)
-        o = None if p is None else p.matmul_t(torch.from_numpy(a).to(self.device))
+        # copies: wire frames are read-only, and torch warns about views of them
+        xt = torch.from_numpy(x.copy()).to(self.device)
+        o = None if p is None else p.matmul_t(torch.from_numpy(a.copy()).to(self.device))
         s = xt if o is None else xt + p.times_mult_t(o)
         z = n.matmul_t(s).cpu().numpy()
         return z if o is None else (o.cpu().numpy(), z)
