@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import make_checkpoint
 
 from teesplit import bench
 
 
+@pytest.mark.slow  # six plans and three servers: 25 s on a quiet machine, minutes on a loaded one
 def test_private_section_measures_costs_against_v2_merged(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m", "llama", num_hidden_layers=2, max_position_embeddings=128)
     out = tmp_path / "out"

@@ -1,10 +1,10 @@
 """Bench section: the private plans beside v2-merged, over tcp on the run's model.
 
 private-otp and private-2party, each with int16 and int8 weights, and v2-merged (float, the
-same crossings in the clear), measured in one run, alternating plan by plan for several rounds
-so that the machine's drift hits all alike: decode ms/token online (private-otp's pads and
-private-2party's shares made ahead, the pad thread held while measured and refilled before the
-next plan; private-2party/int16/online also without shares made ahead), round trips and wire
+same crossings in the clear), measured in one run, every plan's decode steps interleaved token
+by token for several rounds so that the machine's changing load hits all alike: decode ms/token
+online (private-otp's pads and private-2party's shares made ahead, the pad threads full and
+held while measured; private-2party/int16/online also without shares made ahead), round trips and wire
 bytes per token, the servers' resident bytes per weight of the private sites, the trusted CPU
 time per token to make the one-time pads (offline) and the second server's work made ahead,
 and accuracy against v2-merged: equal greedy tokens and the largest logit difference.
@@ -15,6 +15,7 @@ and 8 sequences, in this process, on the run's device.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -163,19 +164,18 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
             for m in models.values():  # warm-up
                 split_profile(m, prompt[:8], 2)
             profiles: dict[str, list] = {name: [] for name in models}
+            pools = [p for p in (getattr(m.gpu, "pool", None) for m in models.values()) if p is not None]
             for r in range(rounds):
-                for name, m in models.items():
-                    ctx.log(
-                        f"private: round {r + 1}/{rounds}, {name}, {len(prompt)} prompt tokens, {n_new} new"
-                    )
-                    pool = getattr(m.gpu, "pool", None)
-                    if pool is None:
-                        profiles[name].append(split_profile(m, prompt, n_new))
-                        continue
+                ctx.log(
+                    f"private: round {r + 1}/{rounds}, {len(prompt)} prompt tokens, {n_new} new, interleaved"
+                )
+                for pool in pools:
                     pool.wait_full(600)  # online cost only: the pads (shares) are made ahead
-                    with pool.hold():
-                        profiles[name].append(split_profile(m, prompt, n_new))
-                    pool.wait_full(600)  # refilled now, not while the next plan is measured
+                with contextlib.ExitStack() as held:
+                    for pool in pools:
+                        held.enter_context(pool.hold())
+                    for name, prof in _interleaved(models, prompt, n_new).items():
+                        profiles[name].append(prof)
             ctx.log("private: logits against v2-merged")
             # 32 positions (the last 16 prompt tokens and the first 16 generated): every logit
             # row costs the private plans a full LM head in ring elements.
@@ -211,11 +211,13 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
     base = rows[BASE]
     for name in PRIVATE:
         r = rows[name]
-        # paired by round (the plans of one round ran back to back), then the median: the
-        # machine's drift between rounds cancels
-        paired = [p / b for p, b in zip(r["decode_ms_per_round"], base["decode_ms_per_round"], strict=True)]
-        r["decode_vs_v2_merged_per_round"] = paired
+        # paired by token: step t of this plan ran right after step t of v2-merged (interleaved),
+        # so the machine's changing load cancels in the ratio; the median over every token
+        paired = [p / b for p, b in zip(r["step_ms"], base["step_ms"], strict=True)]
         r["decode_vs_v2_merged"] = float(np.median(paired))
+        r["decode_vs_v2_merged_per_round"] = [
+            float(np.median(paired[i : i + n_new - 1])) for i in range(0, len(paired), n_new - 1)
+        ]
         r["bytes_vs_v2_merged"] = (r["bytes_to_gpu_per_token"] + r["bytes_from_gpu_per_token"]) / (
             base["bytes_to_gpu_per_token"] + base["bytes_from_gpu_per_token"]
         )
@@ -237,6 +239,32 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
     }
 
 
+def _interleaved(models: dict, prompt: list[int], n_new: int) -> dict:
+    """Greedy generation by every model at once, one decode step of each in turn: the prefills
+    one after the other, then token t of every model before token t + 1 of any, so that the
+    machine's changing load hits all plans alike (bench.split_profile's metering per step)."""
+    from teesplit.bench import Profile
+
+    caches, prefill, steps, tokens = {}, {}, {name: [] for name in models}, {}
+    try:
+        for name, m in models.items():
+            caches[name] = m.new_cache(1, max_tokens=len(prompt) + n_new + 1)
+            m0, t0 = m.gpu.metrics.copy(), time.perf_counter()
+            _, ids = m.forward(np.array([prompt], np.int64), caches[name], top_k=1)
+            prefill[name] = (m.gpu.metrics.copy() - m0).summary(time.perf_counter() - t0)
+            tokens[name] = [int(ids[0, -1, 0])]
+        for _ in range(n_new - 1):
+            for name, m in models.items():
+                m0, t0 = m.gpu.metrics.copy(), time.perf_counter()
+                _, ids = m.forward(np.array([[tokens[name][-1]]], np.int64), caches[name], top_k=1)
+                steps[name].append((m.gpu.metrics.copy() - m0).summary(time.perf_counter() - t0))
+                tokens[name].append(int(ids[0, -1, 0]))
+    finally:
+        for name, cache in caches.items():
+            models[name].close_cache(cache)
+    return {name: Profile(prefill[name], steps[name], tokens[name]) for name in models}
+
+
 def _all_logits(model, seq: np.ndarray) -> np.ndarray:
     cache = model.new_cache(1, max_tokens=seq.shape[1] + 1)
     try:
@@ -249,6 +277,7 @@ def _row(profiles: list, base_tokens: list[int]) -> dict[str, Any]:
     steps = [st for p in profiles for st in p.steps]
     tokens = profiles[0].tokens
     return {
+        "step_ms": [1000 * st["time_s"]["total"] for st in steps],  # every decode step, rounds in order
         "decode_ms_per_token": float(np.median([p.mean_ms() for p in profiles])),
         "decode_ms_per_round": [p.mean_ms() for p in profiles],
         "tee_ms_per_token": float(np.median([p.mean_ms("tee") for p in profiles])),
@@ -271,8 +300,9 @@ def render(d: dict[str, Any]) -> list[str]:
     n = d["new_tokens"]
     lines = [
         f"{d['prompt_tokens']} prompt tokens, {n} generated, greedy, tcp loopback, {d['device']} servers "
-        f"({d['threads']} thread(s) each); medians of {d['rounds']} rounds, the plans alternating "
-        "(vs v2-merged: the median of the ratios within each round); "
+        f"({d['threads']} thread(s) each); {d['rounds']} rounds, every plan's decode steps interleaved "
+        "token by token (decode ms/token: the median of the rounds' means; vs v2-merged: the median of "
+        "the ratios of steps that ran back to back); "
         f"load average {d['load_average'][0]:.1f} at the start, {d['load_average'][-1]:.1f} at the end; "
         "private-2party against two server processes. Online: private-otp's pads and private-2party's "
         "shares (the second server's products) made ahead; `/online`: private-2party asking both "
