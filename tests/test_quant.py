@@ -57,8 +57,8 @@ def test_signed_limbs_recompose_every_ring_element(x):
 def test_weight_limbs_hold_int16_weights_at_their_extremes():
     qmax = quant.QMAX[16]
     q = np.array([[-qmax, qmax, 0, -1, 1, 255, -256, 128, -129]], np.int16)
-    limbs = quant.weight_limbs(q).astype(np.int32)
-    assert np.array_equal(limbs[:, 0] + 256 * limbs[:, 1], q)
+    limbs = quant.weight_limbs(q).astype(np.int32)  # (2, N, K)
+    assert np.array_equal(limbs[0] + 256 * limbs[1], q)
     assert limbs.min() >= -128 and limbs.max() <= 127
     with pytest.raises(quant.QuantizationError):
         quant.weight_limbs(np.array([[qmax + 1]], np.int16))
@@ -77,10 +77,10 @@ def test_recombined_limb_products_equal_the_ring_product(xq):
     product, recombined with shifts modulo 2^64."""
     x, q = xq
     R, K = x.shape
-    wl = quant.weight_limbs(q)  # (N, nl, K)
+    wl = quant.weight_limbs(q)  # (nl, N, K)
     p = quant.signed_limbs(x).reshape(8 * R, K).astype(np.int64) @ wl.reshape(-1, K).astype(np.int64).T
     assert np.abs(p).max(initial=0) < 2**31  # what an int32 accumulator holds
-    got = quant.recombine(p.reshape(8, R, q.shape[0], wl.shape[1]).astype(np.int32))
+    got = quant.recombine(p.reshape(8, R, wl.shape[0], q.shape[0]).astype(np.int32))
     assert np.array_equal(got, reference(x, q))
 
 
@@ -118,7 +118,7 @@ def test_products_stay_exact_at_the_largest_widths_and_extremes(K, bits):
     wl = quant.weight_limbs(q)
     p = d @ wl.reshape(-1, K).astype(np.int64).T
     assert np.abs(p).max() < 2**31
-    assert np.array_equal(quant.recombine(p.reshape(8, 4, 4, -1).astype(np.int32)), want)
+    assert np.array_equal(quant.recombine(p.reshape(8, 4, -1, 4).astype(np.int32)), want)
 
 
 # ---- the rule -----------------------------------------------------------------------------------

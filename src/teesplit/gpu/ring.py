@@ -5,8 +5,9 @@ masked by a one-time pad (private-otp) or one additive share of them (private-2p
 server multiplies them by integer weights (teesplit/quant.py: the same integers the trusted
 side derives) and returns ring elements without interpreting them.
 
-Layout: each site keeps only its integers, as signed 8-bit limbs, one row per output and limb
-((N nl, K) int8: nl = 2 limbs for int16 weights, 1 for int8), so 2 or 1 bytes per weight. A
+Layout: each site keeps only its integers, as signed 8-bit limbs, one row per limb and output
+((nl N, K) int8, the low limbs' rows first: nl = 2 limbs for int16 weights, 1 for int8), so 2
+or 1 bytes per weight. A
 product splits the R input rows into 8 signed 8-bit limbs each (quant.signed_limbs), stacks
 them as 8R rows and makes one integer GEMM, int8 x int8 -> int32 (`torch._int_mm`; exact: a
 sum of K <= 2^17 - 1 products of at most 2^14), then recombines the 8 nl partial products with
@@ -74,7 +75,7 @@ class LimbWeights:
             self.w = None
             self.nbytes = self.q.nbytes
         else:
-            limbs = quant.weight_limbs(iw.q).reshape(self.n_out * self.nl, self.k)  # (N nl, K)
+            limbs = quant.weight_limbs(iw.q).reshape(self.nl * self.n_out, self.k)  # (nl N, K)
             rows, cols = _round8(limbs.shape[0]), _round8(self.k)
             if (rows, cols) != limbs.shape:
                 padded = np.zeros((rows, cols), np.int8)
@@ -104,9 +105,9 @@ class LimbWeights:
         else:
             limbs = np.zeros((RING_LIMBS * R, cols), np.int8)
             limbs[:, : self.k] = d.reshape(RING_LIMBS * R, self.k)
-        p = torch._int_mm(torch.from_numpy(limbs), self.w.t()).numpy()  # (8R, N nl [+ pad]) int32
-        p = p[:, : self.n_out * self.nl]
-        return quant.recombine(p.reshape(RING_LIMBS, R, self.n_out, self.nl))
+        p = torch._int_mm(torch.from_numpy(limbs), self.w.t()).numpy()  # (8R, nl N [+ pad]) int32
+        p = p[:, : self.nl * self.n_out]
+        return quant.recombine(p.reshape(RING_LIMBS, R, self.nl, self.n_out))
 
     def times_mult_np(self, o: np.ndarray) -> np.ndarray:
         return o * self.mult  # (R, N) int64 times int8 multipliers: int64, wrapping
@@ -122,9 +123,9 @@ class LimbWeights:
         rows, cols = max(24, _round8(RING_LIMBS * R)), self.w.shape[1]
         a = torch.zeros((rows, cols), dtype=torch.int8, device=x.device)  # padding adds nothing
         a[: RING_LIMBS * R, : self.k] = limbs.reshape(RING_LIMBS * R, self.k)
-        p = torch._int_mm(a, self.w.t())[: RING_LIMBS * R, : self.n_out * self.nl]
-        t = p.reshape(RING_LIMBS, R, self.n_out, self.nl).to(torch.int64)
-        t = t[..., 0] + t[..., 1] * 256 if self.nl == 2 else t[..., 0]
+        p = torch._int_mm(a, self.w.t())[: RING_LIMBS * R, : self.nl * self.n_out]
+        t = p.reshape(RING_LIMBS, R, self.nl, self.n_out).to(torch.int64)
+        t = t[:, :, 0] + t[:, :, 1] * 256 if self.nl == 2 else t[:, :, 0]
         scale = torch.tensor([1 << (8 * k) for k in range(RING_LIMBS)], dtype=torch.int64, device=x.device)
         return (t * scale.view(RING_LIMBS, 1, 1)).sum(dim=0)  # int64 arithmetic wraps modulo 2^64
 
