@@ -20,9 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 MODES = ("perturb", "swap", "scale", "replay", "stale")
-# Lies on ring elements (RingLinear of the private plans, int64 modulo 2^64): one element plus 1,
+# Lies on ring elements (the private plans' ring steps, int64 modulo 2^64): one element plus 1,
 # one element with bit 63 flipped (an error of 2^63, the hardest for a check over Z_2^64), two
-# rows exchanged, an earlier reply replayed.
+# rows exchanged, an earlier reply replayed. A step replies with one or two products; the lie
+# goes into one of them, chosen at random (`LyingHandler.lied_index`).
 RING_MODES = ("add1", "bit63", "swap", "replay")
 
 
@@ -82,7 +83,8 @@ def lie(mode: str, y: np.ndarray, rng: np.random.Generator, previous: np.ndarray
 
 class LyingHandler:
     """Wraps a RequestHandler: on the `nth` request of operation `op` (counting from 1), the
-    service's result is replaced by a lie. Everything else is honest."""
+    service's result is replaced by a lie. Everything else is honest. op "Ring" counts every
+    ring step of the private plans (they share the service's `ring_step`)."""
 
     def __init__(self, handler, mode: str, op: str, nth: int, seed: int = 0):
         import torch
@@ -95,7 +97,8 @@ class LyingHandler:
         service = handler.service
         name = {"QKV": "qkv", "GateUp": "gate_up", "Linear": "linear", "LMHead": "lm_head"}
         name |= {"AttnScores": "attn_scores", "AttnOut": "attn_out", "Embedding": "embedding"}
-        name |= {"Matmul": "matmul", "RingLinear": "ring_linear"}
+        name |= {"Matmul": "matmul", "Ring": "ring_step"}
+        self.lied_index = None  # which product of a ring step's reply carries the lie
         method = name[op]
         honest = getattr(service, method)
         liar = self
@@ -106,13 +109,16 @@ class LyingHandler:
                 out = liar._stale(service, method, honest, args)
             else:
                 out = honest(*args, **kwargs)
-            if isinstance(out, np.ndarray) and out.dtype == np.int64:  # ring elements: exact int64 lies
+            if method == "ring_step":  # ring elements: exact int64 lies
+                parts = list(out) if isinstance(out, tuple) else [out]
                 if liar.count == liar.nth:
-                    y_lie = ring_lie(liar.mode, out, liar.rng, liar._earlier(out))
-                    liar.told = not np.array_equal(y_lie, out)
-                    liar.history.append(out)
-                    return y_lie
-                liar.history.append(out)
+                    i = liar.lied_index = int(liar.rng.integers(len(parts)))
+                    y_lie = ring_lie(liar.mode, parts[i], liar.rng, liar._earlier(parts[i]))
+                    liar.told = not np.array_equal(y_lie, parts[i])
+                    liar.history += parts
+                    parts[i] = y_lie
+                    return tuple(parts) if isinstance(out, tuple) else y_lie
+                liar.history += parts
                 return out
             numpy_out = isinstance(out, np.ndarray)  # a float32 CPU server's results are numpy
             y = np.array(out, np.float32) if numpy_out else out.detach().float().cpu().numpy()

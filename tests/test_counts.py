@@ -85,3 +85,34 @@ def test_v3_sends_attention_operands_v2_does_not(deep_checkpoint):
     matmul_payload = L * 4 * (H * D + H * D * S + H * S + H * S * D)
     extra = sent["v3"] - sent["v2"]
     assert matmul_payload <= extra < matmul_payload + L * 2 * 200  # plus two small headers per layer
+
+
+@pytest.mark.parametrize("plan", ["private-otp", "private-2party"])
+def test_private_plans_cross_like_v2_merged(deep_checkpoint, plan):
+    """The private plans make v2-merged's 2L + 1 round trips per decode token (each to both
+    servers under private-2party without shares made ahead), and a prefill costs the same as
+    one decode step."""
+    from test_private import private_model
+
+    L, path = deep_checkpoint
+    model = private_model(path, plan, pool_depth=4 if plan == "private-otp" else 0)
+    try:
+        cache = model.new_cache()
+        model.forward(np.array([[1, 2, 3, 4]]), cache)
+        m = model.gpu.metrics
+        before = m.copy()
+        model.forward(np.array([[5]]), cache)
+        model.forward(np.array([[6]]), cache)
+        per_token = {op: n / 2 for op, n in (m - before).rpc.items()}
+    finally:
+        model.gpu.close()
+    n = 2 if plan == "private-2party" else 1
+    assert get_plan(plan).rpcs_per_forward(L) == 2 * L + 1 == get_plan("v2-merged").rpcs_per_forward(L)
+    assert per_token == {
+        "RingEmbedQKV": n,
+        "RingOGateUp": n * L,
+        "RingDownQKV": n * (L - 1),
+        "RingDownLMHead": n,
+    }
+    setup = m.rpc["Init"] + m.rpc["RingSetup"]
+    assert setup == 2 * n and sum(m.rpc.values()) - setup == 3 * n * (2 * L + 1)

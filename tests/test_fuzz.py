@@ -118,6 +118,16 @@ def _warm_up(peer: Peer) -> None:
             ("AttnOut", {"layer": 0}, [np.full((1, H, 3, 3), 1 / 3, np.float32)], sid),
             ("Ping", {"reply_bytes": 1 << 20}, [], None),
             ("CloseSession", {}, [], sid),
+            # The private plans' integers are made on first use: before the memory baseline.
+            ("RingSetup", {"bits": 16}, [], None),
+            ("RingSetup", {"bits": 8}, [], None),
+            (
+                "RingOGateUp",
+                {"layer": 0, "bits": 16},
+                [np.ones((1, 3, H * D), np.int64), x.astype(np.int64)],
+                None,
+            ),
+            ("RingDownLMHead", {"bits": 8}, [np.ones((1, 3, F), np.int64), x.astype(np.int64)], None),
         ],
         start=2,
     ):
@@ -152,10 +162,69 @@ def f32(shape) -> tuple[list, bytes]:
 
 
 ints64 = st.integers(-(2**63), 2**64 - 1)
-rids = st.integers(0, 2**63 - 1)
+# Above the warm-up's ids: the reply cache answers a repeated (id, op) from this peer with the
+# cached success reply, which a structured case must not hit.
+rids = st.integers(1 << 20, 2**63 - 1)
 layers_bad = st.one_of(st.integers(-(2**63), -1), st.integers(L, 2**63 - 1))
 bogus_sids = st.integers(0, 2**63 - 1)
 dims = st.integers(0, 2**62)
+
+
+RING_WIDTHS = {
+    "RingEmbedQKV": [E],
+    "RingOGateUp": [H * D, E],
+    "RingDownQKV": [F, E],
+    "RingDownLMHead": [F, E],
+}
+
+
+@st.composite
+def ring_case(draw, rid: int):
+    """A hostile request for one of the private plans' ring operations, one field wrong."""
+    op = draw(st.sampled_from(sorted(RING_WIDTHS)))
+    widths = RING_WIDTHS[op]
+    args = {"bits": draw(st.sampled_from([8, 16]))}
+    if op in ("RingOGateUp", "RingDownQKV"):
+        args["layer"] = 0
+    shapes = [[1, 2, w] for w in widths]
+    dtypes = ["int64"] * len(widths)
+    fault = draw(st.sampled_from(["bits", "layer", "dtype", "width", "lead", "rank", "count", "arg"]))
+    code = "bad_tensor"
+    i = draw(st.integers(0, len(widths) - 1))
+    if fault == "bits":
+        args["bits"] = draw(
+            st.one_of(ints64, st.booleans()).filter(lambda b: b not in (8, 16) or type(b) is bool)
+        )
+        code = "bad_args"
+    elif fault == "layer" and "layer" in args:
+        args["layer"] = draw(st.one_of(layers_bad, st.just(L - 1) if op == "RingDownQKV" else layers_bad))
+        code = "bad_args"
+    elif fault == "arg":
+        args[
+            draw(st.sampled_from(["layer", "site", "top_k"]) if "layer" not in args else st.just("top_k"))
+        ] = 0
+        code = "bad_args"
+    elif fault == "dtype":
+        dtypes[i] = draw(st.sampled_from(["float32", "float16", "bfloat16"]))
+    elif fault == "width":
+        shapes[i][-1] = draw(st.integers(1, 200).filter(lambda w: w != widths[i]))
+    elif fault == "lead" and len(widths) == 2:
+        shapes[i][draw(st.integers(0, 1))] = draw(st.integers(3, 5))
+    elif fault == "rank":
+        shapes[i] = draw(st.sampled_from([[2, widths[i]], [1, 1, 2, widths[i]]]))
+    elif fault == "count":
+        n = draw(st.sampled_from([0, len(widths) + 1]))
+        shapes, dtypes = [[1, 2, E]] * n, ["int64"] * n
+    else:  # "layer" or "lead" where they do not apply: an empty batch instead
+        shapes[0][1] = 0
+        if len(widths) == 2:
+            shapes[1][1] = 0
+    t = [[dt, sh] for dt, sh in zip(dtypes, shapes, strict=True)]
+    frames = [bytes(DTYPE_SIZE[dt] * math.prod(sh)) for dt, sh in zip(dtypes, shapes, strict=True)]
+    return pack(header(op, args, t, rid), *frames), {code}, rid
+
+
+DTYPE_SIZE = {"int64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @st.composite
@@ -191,6 +260,7 @@ def cases(draw, live_sid: int):
                 "open_session",
                 "init_version",
                 "garbage_frames",
+                "ring",
             ]
         )
     )
@@ -353,6 +423,8 @@ def cases(draw, live_sid: int):
     if kind == "init_version":
         v = draw(ints64.filter(lambda v: v != PROTOCOL_VERSION))
         return pack(header("Init", {"version": v}, [], rid)), {"bad_version"}, rid
+    if kind == "ring":
+        return draw(ring_case(rid))
     if kind == "garbage_frames":  # a plausible header, then random frames
         frames = draw(st.lists(st.binary(max_size=300), min_size=1, max_size=4))
         return pack(header("Linear", lin, [desc], rid), *frames), {"bad_tensor", "bad_message"}, rid
@@ -404,6 +476,14 @@ def _templates(sid: int) -> list[list[bytes]]:
             request(7, "Ping", {}, [np.zeros(4, np.float32)]),
             request(8, "CloseSession", {}, [], 5),
             request(9, "GateUp", {"layer": 1}, [x.astype(np.float16)]),
+            request(
+                10,
+                "RingOGateUp",
+                {"layer": 1, "bits": 16},
+                [np.ones((1, 2, H * D), np.int64), x.astype(np.int64)],
+            ),
+            request(11, "RingDownLMHead", {"bits": 8}, [np.ones((1, 2, F), np.int64), x.astype(np.int64)]),
+            request(12, "RingEmbedQKV", {"bits": 16}, [x.astype(np.int64)]),
         )
     ]
 

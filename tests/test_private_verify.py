@@ -1,11 +1,12 @@
 """--verify under the private plans (tee/ring_verify.py): the exact Freivalds check over Z_2^64
-of every RingLinear reply. Honest runs pass with the same tokens; a server that changes one ring
+of every product of every ring step. Honest runs pass with the same tokens; a server that changes one ring
 element (by 1, or by 2^63), swaps rows or replays a reply is caught, under private-otp and from
 either server of private-2party; the check's miss and false-alarm rates, measured; and the real
 CLI against a real `teesplit serve` process."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 from helpers import make_checkpoint
 from liar import RING_MODES, LyingHandler, ring_lie
 
+from teesplit import quant
 from teesplit.launch import build_service, free_tcp_address, start_server, stop_server
 from teesplit.tee.checkpoint import IntegrityError, TrustedCheckpoint
 from teesplit.tee.client import GPUClient
@@ -21,7 +23,7 @@ from teesplit.tee.generate import Generator, SamplingParams
 from teesplit.tee.local_weights import load_local_weights
 from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import get_plan
-from teesplit.tee.private import RingSite, private_gpu, random_ring
+from teesplit.tee.private import RingSites, private_gpu, random_ring, ring_steps
 from teesplit.tee.ring_verify import VECTORS, RingPrint, RingVerifier, ring_fingerprint, secret_vectors
 from teesplit.tee.verify import VerifiedPort
 from teesplit.transport.local import LocalTransport
@@ -35,7 +37,7 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("pverify"), "llama", num_hidden_layers=2)
 
 
-def _model(ckpt, plan, verify=True, liars=None):
+def _model(ckpt, plan, verify=True, liars=None, depth=0):
     """A private plan over in-process services; liars: {server index: (mode, nth)}."""
     n = 2 if plan == "private-2party" else 1
     clients, handlers = [], []
@@ -43,14 +45,17 @@ def _model(ckpt, plan, verify=True, liars=None):
         h, _ = build_service(ckpt, "cpu", "float32", progress=False)
         if liars and i in liars:
             mode, nth = liars[i]
-            h = LyingHandler(h, mode, "RingLinear", nth, seed=i)
+            h = LyingHandler(h, mode, "Ring", nth, seed=i)
         handlers.append(h)
         clients.append(
             VerifiedPort(
                 GPUClient(LocalTransport(h.handle)), checkpoint=TrustedCheckpoint(ckpt), verify=verify
             )
         )
-    gpu = private_gpu(plan, load_local_weights(ckpt), clients, pool_depth=4)
+    # private-2party without shares made ahead, so that a server's nth call is the nth step
+    gpu = private_gpu(
+        plan, load_local_weights(ckpt), clients, pool_depth=4 if plan == "private-otp" else depth
+    )
     return TEELlamaModel(gpu, get_plan(plan)), handlers
 
 
@@ -61,6 +66,9 @@ def _generate(model, n=5):
         model.gpu.close()
 
 
+STEPS = 2 * 2 + 1  # ring steps per forward pass of the 2-layer checkpoint
+
+
 @pytest.mark.parametrize("plan", PLANS)
 def test_honest_private_runs_pass_with_the_same_tokens(ckpt, plan):
     plain, _ = _model(ckpt, plan, verify=False)
@@ -69,50 +77,65 @@ def test_honest_private_runs_pass_with_the_same_tokens(ckpt, plan):
     v = model.gpu.verifier
     got = _generate(model).tokens
     assert got == want
-    L = model.config.num_layers
-    calls = (4 * L + 1) * 5 * (2 if plan == "private-2party" else 1)  # 5 forward passes
-    assert v.stats.by_op == {"RingLinear": calls} and v.stats.checks == calls
+    n = 5 * (2 if plan == "private-2party" else 1)  # 5 forward passes
+    assert v.stats.by_op == {"RingEmbedQKV": n, "RingOGateUp": 2 * n, "RingDownQKV": n, "RingDownLMHead": n}
+    assert v.stats.checks == STEPS * n
     assert v.stats.fingerprint_bytes > 0 and v.stats.setup_s > 0 and v.stats.check_s > 0
     assert model.gpu.clients[0].verifier is None  # no float fingerprints built
 
 
-def _where(ckpt, nth, plan):
-    """The site of the nth RingLinear call of a server (sites in forward order, one pass each)."""
-    sites = load_local_weights(ckpt).sites()
-    layer, site = sites[(nth - 1) % len(sites)]
-    return f"RingLinear {site}" if layer == -1 else f"RingLinear {site} of layer {layer}"
+def _sites(ckpt, nth: int) -> tuple[str, str]:
+    """The two products' names in the error message of the nth ring step (forward order)."""
+    step = ring_steps(load_local_weights(ckpt).config)[(nth - 1) % STEPS]
+
+    def name(spec):
+        return "lm_head" if spec.site == quant.LM_HEAD else f"{spec.site} of layer {spec.layer}"
+
+    first = step.second if step.first is None else step.first
+    return f"{step.op} {name(first)}", f"{step.op} {name(step.second)}"
 
 
 CASES = [
-    ("add1", 2),  # prefill, layer 0 o
-    ("bit63", 9),  # prefill, lm_head (2 layers: 9 sites)
-    ("swap", 5),  # prefill (7 rows), layer 1 qkv
-    ("replay", 9 + 4),  # first decode step, layer 0 down: the reply of an earlier step's site
-    ("add1", 9 * 2 + 7),  # second decode step, layer 1 gate_up
-    ("bit63", 9 * 3 + 1),
+    ("add1", 2),  # prefill, layer 0 o + gate|up
+    ("bit63", 5),  # prefill, the last down + the LM head
+    ("swap", 3),  # prefill (7 rows), layer 0 down + layer 1 q|k|v
+    ("replay", STEPS + 2),  # first decode step: the reply of an earlier step
+    ("add1", STEPS * 2 + 4),  # second decode step, layer 1 o + gate|up
+    ("bit63", STEPS * 3 + 1),  # third decode step, the embedding's q|k|v
 ]
 
 
 @pytest.mark.parametrize("plan, server", [("private-otp", 0), ("private-2party", 0), ("private-2party", 1)])
 @pytest.mark.parametrize("mode, nth", CASES)
 def test_ring_lies_are_caught(ckpt, plan, server, mode, nth):
-    if mode == "replay" and nth < 10:
-        pytest.skip("replay needs an earlier reply")
     model, handlers = _model(ckpt, plan, liars={server: (mode, nth)})
     with pytest.raises(IntegrityError) as err:
         _generate(model)
-    assert handlers[server].told
+    liar = handlers[server]
+    assert liar.told
+    first, second = _sites(ckpt, nth)
     msg = str(err.value)
-    assert msg.startswith(f"{_where(ckpt, nth, plan)}: the GPU server's result fails its Freivalds check")
+    assert msg.startswith(
+        f"{first if liar.lied_index == 0 else second}: the GPU server's result fails its Freivalds"
+    )
 
 
-def test_replay_of_a_same_site_reply_is_caught(ckpt):
-    """The reply the same site got one step earlier (same shape, an honest product of an
+def test_a_lie_in_the_shares_made_ahead_is_caught(ckpt):
+    """Server b's products of shares made ahead are checked in the thread that asks for them;
+    the lie stops the generation at its next step."""
+    model, handlers = _model(ckpt, "private-2party", liars={1: ("add1", 3)}, depth=2)
+    with pytest.raises(IntegrityError, match="the GPU server's result fails its Freivalds check"):
+        _generate(model)
+    assert handlers[1].told
+
+
+def test_replay_of_a_same_step_reply_is_caught(ckpt):
+    """The reply the same step got one token earlier (same shape, an honest product of an
     earlier pad) is wrong for the fresh pad."""
-    model, handlers = _model(ckpt, "private-otp", liars={0: ("replay", 9 * 2 + 3)})
+    model, handlers = _model(ckpt, "private-otp", liars={0: ("replay", STEPS * 2 + 2)})
     liar = handlers[0]
-    liar._earlier = lambda y: liar.history[-9]  # the same site, one decode step back
-    with pytest.raises(IntegrityError, match="RingLinear gate_up of layer 0"):
+    liar._earlier = lambda y: next(h for h in reversed(liar.history[:-6]) if h.shape == y.shape)
+    with pytest.raises(IntegrityError, match="RingOGateUp (o|gate_up) of layer 0"):
         _generate(model)
     assert liar.told
 
@@ -130,15 +153,15 @@ def test_miss_and_false_alarm_rates(ckpt):
     """>= 10,000 honest checks without a false alarm; >= 1,000 random lies of each kind, errors
     that are multiples of 2^63 included, caught at >= 99.9% (the bound is 1 - 2^-32)."""
     lw = load_local_weights(ckpt)
-    site = RingSite(lw, 0, "gate_up", keep_weights=True)
-    fp = RingPrint.of(site.wq, VECTORS)
+    q = RingSites(lw, 16, "float32", keep_q=True).sites[(0, "gate_up")].q.astype(np.int64)
+    fp = RingPrint.of(q, VECTORS)
     rng = np.random.default_rng(1)
-    x = random_ring((10_000, site.in_features))
-    y = x @ site.wq.T
+    x = random_ring((10_000, q.shape[1]))
+    y = x @ q.T
     assert not fp.failures(x, y).any()  # 10,000 honest rows: no false alarm
     n = 1000
     kinds = {}
-    idx = rng.integers(site.out_features, size=n)
+    idx = rng.integers(q.shape[0], size=n)
     rows = np.arange(n)
     for kind in ("add1", "bit63", "random", "multiple of 2^63 in many entries", "multiple of 2^62"):
         bad = y[:n].copy()
@@ -176,17 +199,19 @@ def test_a_client_without_the_verifier_refuses_ring_products(ckpt):
     h, _ = build_service(ckpt, "cpu", "float32", progress=False)
     c = VerifiedPort(GPUClient(LocalTransport(h.handle)), checkpoint=TrustedCheckpoint(ckpt), verify=True)
     with pytest.raises(ValueError, match="needs the private plan's verifier"):
-        c.ring_linear(0, "o", random_ring((1, 1, 64)), 64)
-    v = RingVerifier(load_local_weights(ckpt), vectors=4)
-    assert len(v.prints) == 4 * 2 + 1
+        c.ring_step("RingEmbedQKV", {"bits": 16}, [random_ring((1, 1, 64))], [128])
+    lw = load_local_weights(ckpt)
+    v = RingVerifier(lw.config, vectors=4)
+    RingSites(lw, 16, "float32", keep_q=False, on_site=v.add)
+    assert len(v.prints) == 4 * 2 + 1 and len(v.mult) == 2 * 2
 
 
 # ---- through real server processes and the CLI ----------------------------------------------
 def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
-    """`teesplit generate --plan private-otp --verify` against a real `teesplit serve`: the same
-    text as without --verify and the checks counted in --stats; against a real server process
-    that flips bit 63 of one ring element in the second decode step: exit status 4 and
-    IntegrityError naming the site and layer."""
+    """`teesplit generate --plan private-otp --verify` against a real `teesplit serve
+    --private-weights int16`: the same text as without --verify and the checks counted in
+    --stats; against a real server process that flips bit 63 of one ring element in the
+    second decode step: exit status 4 and IntegrityError naming the site and layer."""
     import json
     from pathlib import Path
 
@@ -197,7 +222,9 @@ def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
     base += ["--max-new-tokens", "4", "--plan", "private-otp"]
     stats = tmp_path / "stats.json"
     address = free_tcp_address()
-    proc = start_server(model, address, ["--device", "cpu", "--dtype", "float32", "--threads", "1"])
+    # a server that keeps only the private plans' integers (serve --private-weights)
+    cpu = ["--device", "cpu", "--dtype", "float32", "--threads", "1"]
+    proc = start_server(model, address, [*cpu, "--private-weights", "int16"])
     try:
         runs = {}
         for verify in (False, True):
@@ -212,15 +239,17 @@ def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
     assert runs[True].stdout == runs[False].stdout
     s = json.loads(stats.read_text())
     steps = len(s["tokens"])  # one forward pass per generated token
-    assert s["verify"]["by_op"] == {"RingLinear": steps * (4 * 2 + 1)} == s["rpc"]["by_op"]
+    want = {"RingEmbedQKV": steps, "RingOGateUp": 2 * steps, "RingDownQKV": steps, "RingDownLMHead": steps}
+    assert s["verify"]["by_op"] == want == s["rpc"]["by_op"]
     assert s["verify"]["fingerprint_bytes"] > 0 and s["verify"]["setup_s"] > 0
-    assert f"verify: {steps * 9} checks in" in runs[True].stderr
+    assert 2.0 <= s["server_private_bytes_per_weight"] < 2.01 and s["private_weights"] == "int16"
+    assert f"verify: {steps * STEPS} checks in" in runs[True].stderr
 
     address = free_tcp_address()
     script = Path(__file__).parent / "lying_server.py"
-    nth = 9 * 2 + 3  # second decode step, layer 0 gate_up
+    nth = STEPS * 2 + 2  # second decode step, layer 0 o + gate|up
     liar = subprocess.Popen(
-        [sys.executable, str(script), str(model), address, "bit63", "RingLinear", str(nth)],
+        [sys.executable, str(script), str(model), address, "bit63", "Ring", str(nth)],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -233,7 +262,9 @@ def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
     finally:
         stop_server(liar)
     assert r.returncode == 4, r.stderr
-    assert "IntegrityError: RingLinear gate_up of layer 0: the GPU server's result fails" in r.stderr
+    assert re.search(
+        r"IntegrityError: RingOGateUp (o|gate_up) of layer 0: the GPU server's result fails", r.stderr
+    )
     printed = r.stdout.rstrip("\n")
     assert runs[False].stdout.startswith(printed) and len(printed) < len(runs[False].stdout.rstrip("\n"))
 

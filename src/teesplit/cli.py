@@ -58,6 +58,7 @@ def runner_settings(args: argparse.Namespace, model_dir: Path, **extra):
         weights_sha256=args.weights_sha256,
         weights_manifest=args.weights_manifest,
         pad_pool=args.pad_pool,
+        private_weights=args.private_weights,
         device=args.device,
         dtype=args.dtype,
         log=say,
@@ -109,9 +110,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_kv_bytes_per_client=int(args.max_kv_gib_per_client * (1 << 30)),
     )
     if args.tp > 1 or _under_torchrun():
+        if args.private_weights is not None:
+            raise UsageError(
+                "--private-weights: the private plans are not served by a tensor-parallel server (drop --tp)"
+            )
         return _serve_tp(args, limits)
     model_dir = resolve(args.model, args.cache_dir)
-    handler, desc = build_service(model_dir, args.device, args.dtype, args.threads, limits=limits)
+    handler, desc = build_service(
+        model_dir, args.device, args.dtype, args.threads, limits=limits, private_weights=args.private_weights
+    )
     if args.max_message_mb is None:  # what the largest legitimate message of this model needs
         config = handler.service.config
         max_tensor = default_max_message_bytes(config, limits.max_session_tokens, limits.max_batch)
@@ -338,7 +345,20 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{1000 * d['time_s']['total'] / n:.1f} ms ({n / d['time_s']['total']:.1f} tok/s)"
         )
     rows.append("RPCs by op: " + ", ".join(f"{k} {v}" for k, v in stats["rpc"]["by_op"].items()))
-    if "pads" in stats:  # private-otp: the one-time pads' cost in the trusted side
+    if stats.get("server_private_bytes_per_weight") is not None:
+        rows.append(
+            f"private weights: {stats['private_weights']}, "
+            f"{stats['server_private_bytes_per_weight']:.3f} bytes per weight on the server "
+            f"({stats['private_servers'][0]['layout']})"
+        )
+    if "shares_ahead" in stats:  # private-2party: server b's products made ahead
+        p, sh = stats["pads"], stats["shares_ahead"]
+        rows.append(
+            f"shares made ahead by the second server: {p['tokens_made']:.0f} tokens, {sh['rpc']} RPCs, "
+            f"{_human(sh['bytes']['to_gpu'])} to it, {_human(sh['bytes']['from_gpu'])} back, "
+            f"{p['cpu_ms_per_token']:.1f} ms trusted CPU per token"
+        )
+    elif "pads" in stats:  # private-otp: the one-time pads' cost in the trusted side
         p = stats["pads"]
         rows.append(
             f"one-time pads: {p['cpu_ms_per_token']:.1f} ms trusted CPU per token ({p['inline_s']:.3f} s of "
@@ -712,7 +732,16 @@ def add_runner_args(sp: argparse.ArgumentParser, default_plan: str) -> None:
         type=_non_negative_int,
         default=32,
         metavar="N",
-        help="private-otp: one-time pads made ahead per Linear, in tokens (default %(default)s)",
+        help="private plans: tokens made ahead, per crossing, of one-time pads (private-otp, by this "
+        "runner) or of shares multiplied by the second server (private-2party); 0: none "
+        "(default %(default)s)",
+    )
+    sp.add_argument(
+        "--private-weights",
+        choices=("int16", "int8"),
+        default="int16",
+        help="private plans: the integer weights the GPU multiplies by (int16: two int8 limbs, "
+        "close to float; int8: half the memory, coarser); default %(default)s",
     )
     sp.add_argument(
         "--wire-dtype",
@@ -879,6 +908,14 @@ def _add_commands(sub) -> None:
         help="tcp://HOST:PORT, ipc://PATH, or shm://NAME (shared memory, runners on this host)",
     )
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument(
+        "--private-weights",
+        choices=("int16", "int8"),
+        default=None,
+        help="serve only the private plans: quantize now and keep only their integer weights "
+        "(2 or 1 bytes per weight; plain plans are refused). Without it the server keeps float "
+        "weights and quantizes on a private runner's first request",
+    )
     s.add_argument(
         "--max-sessions", type=_positive_int, default=64, help="sessions (GPU-side KV caches) at once"
     )

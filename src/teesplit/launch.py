@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from teesplit.errors import UsageError
+from teesplit.quant import weight_bits
 from teesplit.transport import GPUServerUnavailable, open_transport
 
 
@@ -31,8 +32,10 @@ def build_service(
     threads: int | None = None,
     progress: bool = True,
     limits=None,
+    private_weights: str | None = None,
 ):
-    """Load the GPU side (imports torch). Returns (RequestHandler, description)."""
+    """Load the GPU side (imports torch). Returns (RequestHandler, description). With
+    `private_weights` (int16 or int8) the server keeps only the private plans' integers."""
     import torch
 
     from teesplit.blas import set_blas_threads
@@ -54,7 +57,13 @@ def build_service(
     c = weights.config
     shape = f"{c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}"
     desc = f"{model_dir.name} ({shape}) on {device} {dtype}"
-    service = GPUComputeService(weights, dev, TORCH_DTYPES[dtype], limits=limits or SessionLimits())
+    bits = None
+    if private_weights is not None:
+        bits = weight_bits(private_weights)
+        desc += f", private plans only ({private_weights} integer weights)"
+    service = GPUComputeService(
+        weights, dev, TORCH_DTYPES[dtype], limits=limits or SessionLimits(), private_weights=bits
+    )
     return RequestHandler(service), desc
 
 

@@ -63,12 +63,26 @@ T tokens, S cached + new tokens, E hidden, N output features, V vocabulary, K to
     OGateUp       args {layer} t [a (B, T, H D), x]       -> t [o = o_proj(a), z_gateup on (x + o)]
     AttnOutGateUp sid, args {layer} t [p (B, H, T, S), x] -> t [o = o_proj(p V), z_gateup on (x + o)]
 
-  Ring operation (plans private-otp and private-2party; see gpu/ring.py and tee/private.py):
+  Ring operations (plans private-otp and private-2party; see gpu/ring.py, tee/private.py and
+  teesplit/quant.py). Every tensor is int64 holding ring elements of Z_2^64: fixed-point values
+  masked by a one-time pad, or one additive share of them; replies are ring elements too. The
+  weights are the integers of quant.py's rule for `bits` 16 (int16) or 8 (int8), with the
+  RMSNorm gain folded into the product after a norm. The merged plans' structure, every step
+  linear: a first product (o_proj or down_proj), the residual add (each row of the first
+  product times its integer multiplier mult_j, quant.py), the product after the norm:
 
-    RingLinear    args {layer, site} t [x (B, T, in) i64]  -> t [x W_qᵀ mod 2^64 (B, T, N) i64]
-                  site: qkv, o, gate_up, down (layer 0..L-1) or lm_head (layer -1); x is a
-                  masked fixed-point ring element, W_q = round(W * 2^RING_WEIGHT_FRAC_BITS);
-                  no bias (the trusted side adds it). Needs a server keeping float32 weights.
+    RingSetup      args {bits}                 -> res {bits, source, bytes_per_weight, layout}
+                   quantizes (once) and reports the server's resident bytes per weight
+    RingEmbedQKV   args {bits} t [x0 (B, T, E)]               -> t [z = x0 Q_qkv(0)ᵀ]
+    RingOGateUp    args {layer, bits} t [a (B, T, H D), x (B, T, E)]
+                   -> t [o = a Q_oᵀ (B, T, E), z = (x + mult ⊙ o) Q_gate_upᵀ (B, T, 2F)]
+    RingDownQKV    args {layer, bits} t [m (B, T, F), x (B, T, E)], layer < L - 1
+                   -> t [y = m Q_downᵀ (B, T, E), z = (x + mult ⊙ y) Q_qkv(layer+1)ᵀ]
+    RingDownLMHead args {bits} t [m (B, R, F), x (B, R, E)]    (the last layer's down_proj)
+                   -> t [y (B, R, E), z = (x + mult ⊙ y) Q_lm_headᵀ (B, R, V)]
+
+  A server started with `--private-weights` keeps only these integers and refuses the
+  operations that need float weights.
 
   With a session, z_qkv holds q|k only; the v part waits in the session until AttnScores
   brings the row scales (a fourth tensor r (B, T) f32), which turn it into v for the cache.
@@ -107,9 +121,8 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 WIRE_DTYPES = (*FLOAT_DTYPES, "int8")  # activations on the wire; int8 is the per-row format
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 
-# Fractional bits of the fixed-point weights in RingLinear; both sides must use the same.
-RING_WEIGHT_FRAC_BITS = 24
-RING_SITES = ("qkv", "o", "gate_up", "down", "lm_head")
+# The private plans' ring operations (quant.py, gpu/ring.py): int64 ring elements in and out.
+RING_OPS = ("RingEmbedQKV", "RingOGateUp", "RingDownQKV", "RingDownLMHead")
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,9 @@ class OpSpec:
     # configuration, padding, ring elements).
     reply: str = "input"
     compute: bool = True  # the reply reports the compute time in gpu_s (else 0)
+    # Multiplies by the float weights: a server keeping only the private plans' integers
+    # (serve --private-weights) refuses it.
+    float_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.session not in ("none", "optional", "required"):
@@ -150,29 +166,35 @@ class OpSpec:
 _LAYER = {"layer": (int, True)}
 _DTYPE = {"dtype": (str, False)}
 _TOP_K = {"top_k": (int, False)}
+_BITS = {"bits": (int, True)}
 # Every operation, in the order of the module docstring. Adding one: an entry here and one
 # handler method in gpu/handler.py (the server refuses to start without it).
 OPS: dict[str, OpSpec] = {
     "Init": OpSpec({"version": (int, False)}, cacheable=False, reply="as_is"),
-    "Embedding": OpSpec(_DTYPE, (1, 1), f32=True, reply="dtype"),
-    "Linear": OpSpec({"layer": (int, True), "module": (str, True)}, (1, 1), f32=True),
+    "Embedding": OpSpec(_DTYPE, (1, 1), f32=True, reply="dtype", float_weights=True),
+    "Linear": OpSpec({"layer": (int, True), "module": (str, True)}, (1, 1), f32=True, float_weights=True),
     "Matmul": OpSpec({}, (2, 2), f32=True),
-    "LMHead": OpSpec(_TOP_K, (1, 1), f32=True),
+    "LMHead": OpSpec(_TOP_K, (1, 1), f32=True, float_weights=True),
     "Ping": OpSpec({"reply_bytes": (int, False)}, (0, 1), cacheable=False, reply="as_is", compute=False),
-    "QKV": OpSpec(_LAYER, (1, 2), session="optional", f32=True),
-    "GateUp": OpSpec(_LAYER, (1, 1), f32=True),
-    "AttnScores": OpSpec(_LAYER, (3, 4), session="required", f32=True),
-    "AttnOut": OpSpec(_LAYER, (1, 1), session="required", f32=True),
+    "QKV": OpSpec(_LAYER, (1, 2), session="optional", f32=True, float_weights=True),
+    "GateUp": OpSpec(_LAYER, (1, 1), f32=True, float_weights=True),
+    "AttnScores": OpSpec(_LAYER, (3, 4), session="required", f32=True, float_weights=True),
+    "AttnOut": OpSpec(_LAYER, (1, 1), session="required", f32=True, float_weights=True),
     "OpenSession": OpSpec(
         {"batch": (int, True), "max_tokens": (int, True)}, f32=True, reply="as_is", compute=False
     ),
     "CloseSession": OpSpec(session="required", reply="as_is", compute=False),
-    "EmbedQKV": OpSpec(_DTYPE, (1, 2), session="optional", reply="dtype"),
-    "DownQKV": OpSpec(_LAYER, (2, 3), session="optional"),
-    "DownLMHead": OpSpec(_TOP_K, (2, 3)),
-    "OGateUp": OpSpec(_LAYER, (2, 2)),
-    "AttnOutGateUp": OpSpec(_LAYER, (2, 2), session="required"),
-    "RingLinear": OpSpec({"layer": (int, True), "site": (str, True)}, (1, 1), reply="as_is"),
+    "EmbedQKV": OpSpec(_DTYPE, (1, 2), session="optional", reply="dtype", float_weights=True),
+    "DownQKV": OpSpec(_LAYER, (2, 3), session="optional", float_weights=True),
+    "DownLMHead": OpSpec(_TOP_K, (2, 3), float_weights=True),
+    "OGateUp": OpSpec(_LAYER, (2, 2), float_weights=True),
+    "AttnOutGateUp": OpSpec(_LAYER, (2, 2), session="required", float_weights=True),
+    # The private plans' products: int64 ring elements in and out (RING_OPS).
+    "RingSetup": OpSpec(_BITS, reply="as_is"),
+    "RingEmbedQKV": OpSpec(_BITS, (1, 1), reply="as_is"),
+    "RingOGateUp": OpSpec({**_LAYER, **_BITS}, (2, 2), reply="as_is"),
+    "RingDownQKV": OpSpec({**_LAYER, **_BITS}, (2, 2), reply="as_is"),
+    "RingDownLMHead": OpSpec(_BITS, (2, 2), reply="as_is"),
 }
 F32_OPS = tuple(op for op, spec in OPS.items() if spec.f32)  # the runner adds f32 to these
 

@@ -44,6 +44,7 @@ class Runner:
         weights_sha256: str | None = None,
         weights_manifest: str | None = None,
         pad_pool: int = 32,
+        private_weights: str = "int16",
         cache_dir: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
@@ -65,6 +66,7 @@ class Runner:
             weights_sha256=weights_sha256,
             weights_manifest=weights_manifest,
             pad_pool=pad_pool,
+            private_weights=private_weights,
             device=device,
             dtype=dtype,
         )

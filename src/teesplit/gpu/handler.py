@@ -224,15 +224,17 @@ Handler = Callable[["RequestHandler", Call], Any]
 OPERATIONS: dict[str, Handler] = {}  # operation name -> its handler method, filled by @operation
 
 
-def operation(name: str) -> Callable[[Handler], Handler]:
-    """Register the decorated RequestHandler method as the handler of operation `name`."""
-    if name not in OPS:
-        raise ValueError(f"operation {name!r} is not declared in protocol.OPS")
+def operation(*names: str) -> Callable[[Handler], Handler]:
+    """Register the decorated RequestHandler method as the handler of the operations `names`."""
+    for name in names:
+        if name not in OPS:
+            raise ValueError(f"operation {name!r} is not declared in protocol.OPS")
 
     def register(fn: Handler) -> Handler:
-        if name in OPERATIONS:
-            raise ValueError(f"operation {name!r} has two handlers")
-        OPERATIONS[name] = fn
+        for name in names:
+            if name in OPERATIONS:
+                raise ValueError(f"operation {name!r} has two handlers")
+            OPERATIONS[name] = fn
         return fn
 
     return register
@@ -308,6 +310,12 @@ class RequestHandler:
     ) -> tuple[dict, list, float]:
         """One validated request -> (result map, reply tensors, compute seconds), by its OpSpec."""
         spec = OPS[op]
+        if spec.float_weights and self.service.private_only:
+            raise ProtocolError(
+                f"{op}: this server keeps only the private plans' integer weights (serve "
+                "--private-weights); run a private plan, or a server without --private-weights",
+                "bad_args",
+            )
         wire = self._reply_wire(op, spec, args, header)
         call = Call(op, args, tensors, sid=header.get("sid"), peer=peer, owner=owner)
         if spec.session != "none" and call.sid is not None:
@@ -450,10 +458,16 @@ class RequestHandler:
     def attn_out_gate_up(self, c: Call) -> Any:
         return self.service.attn_out_gate_up(c.session, c.args["layer"], c.tensors[0], c.tensors[1])
 
-    @operation("RingLinear")
-    def ring_linear(self, c: Call) -> Any:
-        # Ring elements in, ring elements out (OpSpec reply "as_is": no wire dtype applies).
-        return [self.service.ring_linear(c.args["layer"], c.args["site"], c.tensors[0])]
+    # The private plans' products (gpu/ring.py): ring elements in, ring elements out (OpSpec
+    # reply "as_is": no wire dtype applies).
+    @operation("RingSetup")
+    def ring_setup(self, c: Call) -> Reply:  # quantizes once (seconds for a large model)
+        return Reply(self.service.ring_setup(c.args["bits"]))
+
+    @operation("RingEmbedQKV", "RingOGateUp", "RingDownQKV", "RingDownLMHead")
+    def ring_step(self, c: Call) -> Any:
+        out = self.service.ring_step(c.op, c.args, c.tensors)
+        return list(out) if isinstance(out, tuple) else [out]
 
     # ---- errors and sessions: the loops' housekeeping -------------------------------------------
     def log_error(

@@ -165,7 +165,11 @@ class GPUComputeService:
         dtype: torch.dtype,
         max_elements: int = 1 << 28,
         limits: SessionLimits = SessionLimits(),
+        private_weights: int | None = None,
     ):
+        """`private_weights` (8 or 16, `serve --private-weights`): quantize every private site
+        now and keep only those integers: the float matrices are freed, and the operations that
+        need them are refused (`private_only`)."""
         self.w = weights
         self.config = weights.config
         self.device = device
@@ -173,7 +177,8 @@ class GPUComputeService:
         self.max_elements = max_elements  # cap on any result the peer can make us allocate
         self.limits = limits
         self.sessions: dict[int, Session] = {}
-        self._ring: dict[tuple[int, str], Any] = {}  # private plans' fixed-point weights, built on use
+        self._ring: dict[int, Any] = {}  # bits -> gpu.ring.RingModel, the private plans' integers
+        self.private_only = False
         # A float32 CPU server multiplies the seed's operations in numpy (see `_rows`).
         self.numpy_products = device.type == "cpu" and dtype == torch.float32
         self._wt: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # id(weight) -> (weight, Wᵀ in numpy)
@@ -184,7 +189,11 @@ class GPUComputeService:
         # tensor-parallel rank holds 1/N of every session's cache (gpu/tp.py), and the limits
         # are the whole server's.
         self.kv_scale = 1
-        if device.type == "cpu" and weights.lm_head.is_contiguous():
+        if private_weights is not None:
+            self._ring_model(private_weights)
+            self._drop_float_matrices()
+            self.private_only = True
+        elif device.type == "cpu" and weights.lm_head.is_contiguous():
             self._column_major_weights()
 
     def _column_major_weights(self) -> None:
@@ -389,37 +398,78 @@ class GPUComputeService:
         if top_k is not None and not 1 <= top_k <= limit:
             raise _bad(f"{what}: top_k must lie in [1, {limit}]", "bad_args")
 
-    # ---- the private plans: exact products over Z_2^64 (gpu/ring.py) -------------------------
-    def ring_linear(self, layer: int, site: str, x: np.ndarray) -> np.ndarray:
-        """x (B, T, in) int64 masked fixed-point -> x W_qᵀ mod 2^64 (B, T, N) int64, no bias."""
-        from teesplit.gpu.ring import RingWeights
-        from teesplit.protocol import RING_SITES
+    # ---- the private plans: integer products over Z_2^64 (gpu/ring.py, quant.py) -------------
+    def _ring_model(self, bits: int):
+        from teesplit.gpu.ring import RingModel
 
-        if site not in RING_SITES:
-            raise _bad(f"RingLinear: unknown site {site!r}; known: {', '.join(RING_SITES)}", "bad_args")
-        if site == "lm_head":
-            if layer != -1:
-                raise _bad("RingLinear: the lm_head site takes layer -1", "bad_args")
-            w = self.w.lm_head
-        else:
-            lw = self._layer(layer, "RingLinear")
-            w = {"qkv": lw.qkv_weight, "o": lw.weight["o_proj"], "gate_up": lw.gate_up_weight}.get(site)
-            w = lw.weight["down_proj"] if w is None else w
-        if self.dtype != torch.float32:
-            raise _bad(
-                f"RingLinear: this server keeps {str(self.dtype).removeprefix('torch.')} weights; the "
-                "private plans need a server started with --dtype float32",
-                "bad_args",
-            )
-        n_out, n_in = w.shape
-        if x.dtype != DTYPES["int64"] or x.ndim != 3 or x.shape[-1] != n_in or x.shape[0] * x.shape[1] == 0:
-            raise _bad(f"RingLinear {site}: expected int64 (B, T, {n_in}), got {x.dtype}{x.shape}")
-        self._check_result_size((*x.shape[:2], n_out), "RingLinear")
+        if bits not in (8, 16):
+            raise _bad(f"ring operations: bits must be 8 or 16, got {bits}", "bad_args")
+        model = self._ring.get(bits)
+        if model is None:
+            if self.private_only:
+                have = ", ".join(f"int{b}" for b in self._ring)
+                raise _bad(
+                    f"this server keeps only {have} integer weights (serve --private-weights); "
+                    f"run the private plan with --private-weights {have} or restart the server",
+                    "bad_args",
+                )
+            source = str(self.dtype).removeprefix("torch.")
+            model = self._ring[bits] = RingModel.build(self.w, bits, source, self.device)
+        return model
+
+    def _drop_float_matrices(self) -> None:
+        """Free every float matrix (the private plans need none of them); norms and biases stay
+        (Init returns them)."""
+        for lw in self.w.layers:
+            lw.weight = {}
+            lw.qkv_weight = lw.gate_up_weight = None
+        self.w.embed = self.w.lm_head = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        release_freed_memory()
+
+    def ring_setup(self, bits: int) -> dict[str, Any]:
+        """Quantize for `bits` (once) and describe the layout: res of RingSetup."""
+        model = self._ring_model(bits)
+        return {
+            "bits": bits,
+            "source": model.source,
+            "bytes_per_weight": model.bytes_per_weight,
+            "layout": model.layout,
+        }
+
+    def ring_step(self, op: str, args: dict[str, Any], t: list[np.ndarray]) -> tuple | np.ndarray:
+        """One merged ring step (protocol.RING_OPS) on int64 ring elements (B, T, ·): first
+        product, residual add with the row multipliers, second product (see gpu/ring.py)."""
+        from teesplit import quant
+
+        c = self.config
+        try:
+            first, second = quant.step_sites(op, args.get("layer", 0), c.num_layers)
+        except ValueError as e:
+            raise _bad(str(e), "bad_args") from None
+        model = self._ring_model(args["bits"])
+        E = c.hidden_size
+        widths, names = [E], ["x"]
+        if first is not None:  # o_proj's input a (B, T, H D), or down_proj's m (B, T, F)
+            widths, names = [quant.site_shape(c, first.site)[1], E], ["a" if first.site == "o" else "m", "x"]
+        lead = t[0].shape[:2] if t[0].ndim == 3 else None
+        for x, k, name in zip(t, widths, names, strict=True):
+            if x.dtype != DTYPES["int64"] or x.ndim != 3 or x.shape[-1] != k or x.shape[:2] != lead:
+                raise _bad(
+                    f"{op} {name}: expected int64 (B, T, {k}) for every tensor, got {x.dtype}{x.shape}"
+                )
+        if lead[0] * lead[1] == 0:
+            raise _bad(f"{op}: empty batch")
+        n_out = quant.site_shape(c, second.site)[0]
+        self._check_result_size((*lead, n_out + (E if first is not None else 0)), op)
         self._checked()
-        rw = self._ring.get((layer, site))
-        if rw is None:  # rows contiguous, whatever the layout kept for the float products
-            rw = self._ring[(layer, site)] = RingWeights(w.contiguous())
-        return rw.matmul(x.reshape(-1, n_in)).reshape(*x.shape[:2], n_out)
+        rows = [x.reshape(-1, x.shape[-1]) for x in t]
+        out = model.step(first, second, rows[0] if first is not None else None, rows[-1])
+        if first is None:
+            return out.reshape(*lead, n_out)
+        o, z = out
+        return o.reshape(*lead, E), z.reshape(*lead, n_out)
 
     # ---- fused projections -----------------------------------------------------------------
     def qkv(

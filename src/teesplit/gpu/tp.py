@@ -27,8 +27,9 @@ same code. This module adds what differs:
 
 The process group, the request hand-over and the failure handling are in `tp_runtime.py`.
 
-Integer ring products (the private plans' RingLinear) shard the same way; their row-parallel
-partial sums are added modulo 2^64 on rank 0, exact in any order.
+The private plans' ring operations are not sharded: their integer weights are quantized per
+output channel over whole rows (quant.py), which a rank holding a slice of o_proj's or
+down_proj's inputs cannot reproduce. A tensor-parallel server refuses them.
 
 Shape letters: B batch, T new tokens, S cached + new, H heads, Hkv KV heads, D head dim,
 E hidden, F MLP width, V vocabulary; lower case h, hk, f: one rank's share.
@@ -53,7 +54,7 @@ from teesplit.errors import UsageError
 from teesplit.gpu.handler import Call
 from teesplit.gpu.service import ROW_PARALLEL, GPUComputeService, SessionLimits, TopK, _float_dtype, to_torch
 from teesplit.gpu.weights import Weights, _assemble, safetensor_files
-from teesplit.protocol import RING_SITES, ProtocolError
+from teesplit.protocol import ProtocolError
 
 
 class TPConfigError(UsageError):
@@ -436,7 +437,7 @@ def _feature_slice(plan: ShardPlan, module: str, x: np.ndarray) -> np.ndarray:
     return x[..., slice(*plan.cols(module))]
 
 
-# Linear and RingLinear ------------------------------------------------------------------------------
+# Linear ---------------------------------------------------------------------------------------------
 def _split_linear(s: ShardedService, c: Call) -> Call:
     layer, module, x = c.args["layer"], c.args["module"], c.tensors[0]
     full = s.plan.config.linear_shapes
@@ -454,49 +455,6 @@ def _combine_linear(group: Gatherer, plan: ShardPlan, c: Call, out: Any) -> Any:
         return _own(group, out)
     width = plan.rows(module)[1] - plan.rows(module)[0]
     return _gather_blocks(group, out, [[width]] * plan.world)
-
-
-_RING_MODULE = {"o": "o_proj", "down": "down_proj"}
-
-
-def _split_ring(s: ShardedService, c: Call) -> Call:
-    """Checks as the single-GPU service makes them, with the whole model's input width."""
-    site, layer, x, cfg = c.args["site"], c.args["layer"], c.tensors[0], s.plan.config
-    if site not in RING_SITES or (layer != -1 if site == "lm_head" else not 0 <= layer < cfg.num_layers):
-        return c  # refused by the rank's service, with its message
-    if s.dtype != torch.float32:
-        return c
-    n_out, n_in = {
-        "qkv": (cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden_size),
-        "o": cfg.linear_shapes["o_proj"],
-        "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size),
-        "down": cfg.linear_shapes["down_proj"],
-        "lm_head": (cfg.vocab_size, cfg.hidden_size),
-    }[site]
-    if x.dtype != np.int64 or x.ndim != 3 or x.shape[-1] != n_in or x.shape[0] * x.shape[1] == 0:
-        raise ProtocolError(
-            f"RingLinear {site}: expected int64 (B, T, {n_in}), got {x.dtype}{x.shape}", "bad_tensor"
-        )
-    s._check_result_size((*x.shape[:2], n_out), "RingLinear")
-    module = _RING_MODULE.get(site)
-    return c if module is None else _sliced(c, 0, _feature_slice(s.plan, module, x))
-
-
-def _combine_ring(group: Gatherer, plan: ShardPlan, c: Call, out: list) -> Any:
-    site, (y,) = c.args["site"], out
-    if site in _RING_MODULE:  # partial sums over Z_2^64: added in numpy, which wraps modulo 2^64
-        parts = group.gather(torch.from_numpy(np.ascontiguousarray(y)))
-        if parts is None:
-            return None
-        total = parts[0].numpy().copy()
-        for p in parts[1:]:
-            total += p.numpy()
-        return [total]
-    blocks = {"qkv": _qkv_blocks(plan, True), "gate_up": _gate_up_blocks(plan)}.get(site) or _vocab_blocks(
-        plan
-    )
-    full = _gather_blocks(group, y, blocks)
-    return None if full is None else [full.numpy()]
 
 
 # The LM head ----------------------------------------------------------------------------------------
@@ -653,7 +611,6 @@ SHARDING: dict[str, Sharding | None] = {
     "DownLMHead": Sharding(_split_down_lm_head, _combine_down_lm_head),
     "OGateUp": Sharding(_split_o_gate_up, _combine_with_gate_up),
     "AttnOutGateUp": Sharding(_split_p, _combine_with_gate_up),
-    "RingLinear": Sharding(_split_ring, _combine_ring),
 }
 
 

@@ -227,6 +227,12 @@ class Rank0Handler(RequestHandler):
         if self.failure is not None:
             raise self.failure
         if call.op not in SHARDING:
+            if call.op.startswith("Ring"):
+                raise ProtocolError(
+                    f"{call.op}: the private plans are not served by a tensor-parallel server "
+                    "(start `teesplit serve` without --tp for them)",
+                    "bad_args",
+                )
             raise ProtocolError(f"{call.op} is not served by a tensor-parallel server", "unknown_op")
         sharding = SHARDING[call.op]
         if sharding is LOCAL:

@@ -65,7 +65,8 @@ class RunnerSettings:
     verify: bool = False
     weights_sha256: str | None = None
     weights_manifest: str | None = None
-    pad_pool: int = 32  # private-otp: pads made ahead, in tokens
+    pad_pool: int = 32  # private plans: pads (otp) or server b's shares (2party) made ahead, in tokens
+    private_weights: str = "int16"  # private plans: the integer weights the GPU multiplies by
     connections: int = 1  # models over their own connections (--pipeline: 2)
     device: str = "auto"  # --server local: the GPU service's device and dtype
     dtype: str = "auto"
@@ -117,6 +118,8 @@ class RunnerSettings:
             raise UsageError("timeout must be > 0, retries and pad pool >= 0, connections >= 1")
         if not self.connect_timeout_s > 0:
             raise UsageError("the connect timeout must be > 0")
+        if self.private_weights not in ("int16", "int8"):
+            raise UsageError(f"--private-weights must be int16 or int8, got {self.private_weights!r}")
 
 
 class Assembly:
@@ -218,7 +221,7 @@ class Assembly:
             try:
                 from teesplit.tee.private import private_gpu
 
-                gpu = private_gpu(self.plan.name, self.local_weights, ports, s.pad_pool)
+                gpu = private_gpu(self.plan.name, self.local_weights, ports, s.pad_pool, s.private_weights)
             except BaseException:
                 for p in ports:
                     p.close()
@@ -290,9 +293,20 @@ def choose_plan(
 def port_stats(port) -> dict[str, Any]:
     """What a port adds to the stats JSON: the private plans' pads, --verify's checks."""
     out: dict[str, Any] = {}
+    if getattr(port, "private", False):  # the servers' integer weights
+        out["private_weights"] = f"int{port.bits}"
+        out["server_private_bytes_per_weight"] = port.server_private_bytes_per_weight
+        out["private_servers"] = port.server_setup
     pool = getattr(port, "pool", None)
     if pool is not None:
         out["pads"] = pool.stats()  # the trusted side's offline cost
+    shares = getattr(port, "share_metrics", None)
+    if shares is not None:  # private-2party: server b's work made ahead, off the critical path
+        out["shares_ahead"] = {
+            "rpc": sum(shares.rpc.values()),
+            "bytes": {"to_gpu": shares.bytes_to_gpu, "from_gpu": shares.bytes_from_gpu},
+            "gpu_s": shares.gpu_s,
+        }
     verifier = getattr(port, "verifier", None)
     if verifier is not None:
         v = verifier.stats

@@ -429,16 +429,34 @@ class GPUClient:
         return o, z
 
     # ---- the private plans (tee/private.py): ring elements, no wire dtype ------------------
-    def ring_linear(self, layer: int, site: str, x: np.ndarray, out_features: int) -> np.ndarray:
-        """x W_qᵀ mod 2^64 for a masked fixed-point x (B, T, in) int64 -> (B, T, N) int64."""
-        x = np.ascontiguousarray(x, dtype=np.int64)
-        shape = (*x.shape[:-1], out_features)
-        args = {"layer": layer, "site": site}
-        _, out = self.call("RingLinear", args, (x,), reply_bytes=8 * math.prod(shape))
-        if len(out) != 1 or out[0].shape != shape or out[0].dtype != np.int64:
+    def ring_setup(self, bits: int) -> dict[str, Any]:
+        """Have the server quantize its weights for `bits` (once); its layout and resident bytes
+        per weight of the private sites."""
+        res, _ = self.call("RingSetup", {"bits": bits})
+        ok = (
+            res.get("bits") == bits
+            and isinstance(res.get("source"), str)
+            and isinstance(res.get("layout"), str)
+            and type(res.get("bytes_per_weight")) in (int, float)
+            and 0 < res["bytes_per_weight"] < 64
+        )
+        if not ok:
+            raise ProtocolError(f"RingSetup: malformed reply {str(res)[:200]}")
+        return {k: res[k] for k in ("bits", "source", "layout", "bytes_per_weight")}
+
+    def ring_step(
+        self, op: str, args: dict[str, Any], tensors: list[np.ndarray], widths: list[int]
+    ) -> list[np.ndarray]:
+        """One ring operation (protocol.RING_OPS) on masked int64 ring elements (B, T, ·); its
+        replies (B, T, width) int64, one per entry of `widths`."""
+        tensors = [np.ascontiguousarray(t, dtype=np.int64) for t in tensors]
+        _, out = self.call(op, args, tuple(tensors))
+        lead = tensors[0].shape[:-1]
+        shapes = [(*lead, w) for w in widths]
+        if [o.shape for o in out] != shapes or any(o.dtype != _I64 for o in out):
             got = [f"{o.dtype}{o.shape}" for o in out]
-            raise ProtocolError(f"RingLinear: expected one int64 tensor of shape {shape}, got {got}")
-        return out[0]
+            raise ProtocolError(f"{op}: expected int64 tensors of shapes {shapes}, got {got}")
+        return out
 
     def open_session(self, batch: int, max_tokens: int) -> int:
         res, _ = self.call("OpenSession", {"batch": batch, "max_tokens": max_tokens})

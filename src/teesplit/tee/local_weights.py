@@ -24,7 +24,6 @@ from teesplit.config import (
     norm_tensor,
 )
 from teesplit.errors import UsageError
-from teesplit.protocol import RING_WEIGHT_FRAC_BITS
 from teesplit.tee.checkpoint import SafetensorsReader, weight_files
 
 # The Linear sites a forward pass of the fused v2 placement crosses, per layer, in order, and
@@ -36,12 +35,6 @@ SITE_MODULES = {
     "down": ("down_proj",),
 }
 LM_HEAD = "lm_head"  # the one site outside the layers (layer index -1)
-
-
-def ring_weights(w: np.ndarray) -> np.ndarray:
-    """The private plans' fixed-point weights W_q = rint(W 2^RING_WEIGHT_FRAC_BITS), exactly as
-    the GPU server makes them (gpu/ring.py): float64 products, round half to even."""
-    return np.rint(w.astype(np.float64) * 2.0**RING_WEIGHT_FRAC_BITS)
 
 
 class LocalCheckpointError(UsageError):

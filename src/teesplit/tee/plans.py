@@ -29,10 +29,13 @@ normalized input it always received, times 1/r).
 | v3-merged | as v3 | QKᵀ (+ v from pending), PV + o_proj + gate|up, down + next q|k|v | 3 (3L + 1) |
 | v2-merged | as v2 | o_proj + gate|up, down + next q|k|v                              | 2 (2L + 1) |
 
-The private plans keep v2-fused's placement and round trips but the GPU sees only masked
-data (tee/private.py): the embedding is looked up in the trusted side and every Linear and
-the LM head get a one-time-padded (private-otp) or secret-shared (private-2party, two
-servers in parallel) fixed-point input, 4L + 1 round trips per token.
+The private plans keep v2-merged's placement and round trips, 2L + 1 per token, but the GPU
+sees only masked data (tee/private.py): the embedding is looked up in the trusted side, and
+every merged call gets one-time-padded (private-otp) or secret-shared (private-2party, two
+servers; the second one's shares multiplied ahead) fixed-point inputs, multiplied by integer
+weights (teesplit/quant.py).
+Every GPU operation of a merged call is linear (products, the norm gain as a diagonal, the
+residual add), so it computes on masked values and on shares alike.
 """
 
 from __future__ import annotations
@@ -143,15 +146,15 @@ PRIVATE_PLANS: dict[str, Plan] = {
         Plan(
             "private-otp",
             "trusted",
-            "fused",
-            "v2-fused placement, one server: one-time-padded ring inputs, unblinding precomputed",
+            "merged",
+            "v2-merged crossings, one server: one-time-padded ring inputs, unblinding precomputed",
             private="otp",
         ),
         Plan(
             "private-2party",
             "trusted",
-            "fused",
-            "v2-fused placement, two non-colluding servers: additive shares of every Linear input",
+            "merged",
+            "v2-merged crossings, two non-colluding servers: additive shares of every input",
             private="2party",
         ),
     )

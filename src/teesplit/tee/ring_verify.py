@@ -1,23 +1,27 @@
 """Freivalds checks of the private plans' masked products over Z_2^64 (TRUSTED side).
 
-`teesplit generate --verify --plan private-otp|private-2party`. A RingLinear reply is
-y = x_m W_qᵀ mod 2^64 for the masked input x_m the runner sent (a one-time-padded input, or one
-additive share) and the fixed-point weights W_q = rint(W 2^RING_WEIGHT_FRAC_BITS) (tee/private.py,
-RingSite). Per site the runner draws K secret vectors s (K, N) and keeps F = s W_q (K, in)
-mod 2^64, both from its own weights; a reply is accepted when, for every row and vector,
+`teesplit generate --verify --plan private-otp|private-2party`. A ring step's reply holds, per
+product, y = x_m Qᵀ mod 2^64 for the masked input x_m the runner sent (a one-time-padded input,
+or one additive share) and the integer weights Q of teesplit/quant.py, which the runner derives
+from its own checkpoint by the same rule as the server. Per site the runner draws K secret
+vectors s (K, N) and keeps F = s Q mod 2^64 (K, in); a product is accepted when, for every row
+and vector,
 
     y sᵀ  ==  x_m Fᵀ   (mod 2^64),
 
 exactly: the ring arithmetic has no rounding, so there is no tolerance and no false alarm.
+A step with two products (o_proj then gate|up, down_proj then the next q|k|v or the LM head)
+is checked product by product: the first reply o against the input a sent, the second reply z
+against s = x + mult ⊙ o, computed here from the x sent and the o received (which passed).
 
-Why K vectors: an error e = y - x_m W_qᵀ ≠ 0 passes one vector when e · s ≡ 0 (mod 2^64).
+Why K vectors: an error e = y - x_m Qᵀ ≠ 0 passes one vector when e · s ≡ 0 (mod 2^64).
 Take an entry e_j of the smallest 2-adic valuation v (e_j = 2^v u, u odd) and fix the other
 entries of s: every other term is a multiple of 2^v, so passing needs s_j ≡ c (mod 2^(64-v))
 for one residue c. With s_j uniform on [0, 2^b) that happens with probability at most
 2^-min(b, 64-v) <= 1/2 (the worst case, v = 63: e a multiple of 2^63, e.g. bit 63 flipped).
 The K vectors are independent, so a lie passes all with probability at most 2^-K (VECTORS = 32:
 2^-32), and at most 2^-(bK) when v <= 64 - b. The entries are b = S_BITS = 8 bits wide, from
-the operating system's CSPRNG: this keeps F = s W_q an exact float64 product (one BLAS call
+the operating system's CSPRNG: this keeps F = s Q an exact float64 product (one BLAS call
 per site instead of a wrapping integer loop), and costs nothing in the worst-case bound.
 
 The same bound holds for every error the server can choose, whatever it knows about the
@@ -34,8 +38,10 @@ import time
 
 import numpy as np
 
+from teesplit import quant
+from teesplit.config import ModelConfig
+from teesplit.quant import LM_HEAD, SiteSpec
 from teesplit.tee.checkpoint import IntegrityError
-from teesplit.tee.local_weights import LM_HEAD, LocalWeights, ring_weights
 from teesplit.tee.verify import VerifyStats
 
 __all__ = ["RingVerifier", "RingPrint", "VECTORS", "S_BITS", "IntegrityError"]
@@ -110,54 +116,73 @@ class RingPrint:
         return ring_times_secret(y, self.sT) != x @ self.F.T  # integer products wrap modulo 2^64
 
 
-def _where(layer: int, site: str) -> str:
-    return f"RingLinear {site}" if site == LM_HEAD else f"RingLinear {site} of layer {layer}"
+def _where(op: str, spec: SiteSpec) -> str:
+    site = "lm_head" if spec.site == LM_HEAD else f"{spec.site} of layer {spec.layer}"
+    return f"{op} {site}"
 
 
 class RingVerifier:
     """The private plans' fingerprints (one RingPrint per masked site) and their check. Shared
-    by the clients of one run (both servers of private-2party); thread-safe."""
+    by the clients of one run (both servers of private-2party); thread-safe. Built while the
+    private plan quantizes (`add` sees each site's integers once), then `finish`ed with the
+    sites' row multipliers."""
 
-    def __init__(self, weights: LocalWeights, vectors: int = VECTORS, progress=None):
+    def __init__(self, config: ModelConfig, vectors: int = VECTORS):
         if vectors < 1:
             raise ValueError("the ring check needs at least one secret vector")
-        t0 = time.perf_counter()
+        self.config = config
         self.n = vectors
         self.prints: dict[tuple[int, str], RingPrint] = {}
-        sites = weights.sites()
-        for i, (layer, site) in enumerate(sites):
-            if progress is not None:
-                progress(i, len(sites))
-            wq = ring_weights(weights.weight(layer, site)).astype(np.int64)  # the GPU's exact W_q
-            self.prints[(layer, site)] = RingPrint.of(wq, vectors)
-            del wq
+        self.mult: dict[tuple[int, str], np.ndarray] = {}  # residual sites' row multipliers
         self._lock = threading.Lock()
         self.stats = VerifyStats()
-        self.stats.setup_s = time.perf_counter() - t0
+        self._t0 = time.perf_counter()
+
+    def add(self, spec: SiteSpec, iw: quant.IntWeights) -> None:
+        """Fingerprint one site from its integers (RingSites' on_site)."""
+        key = (spec.layer, spec.site)
+        self.prints[key] = RingPrint.of(iw.q.astype(np.int64), self.n)
+        if iw.mult is not None:
+            self.mult[key] = iw.mult
+
+    def finish(self) -> None:
+        self.stats.setup_s = time.perf_counter() - self._t0
         self.stats.fingerprint_bytes = sum(p.nbytes for p in self.prints.values())
 
-    def check(self, layer: int, site: str, x: np.ndarray, y: np.ndarray, server: str | None = None) -> None:
-        """y = x W_qᵀ mod 2^64 for the masked x (..., in) sent and the reply y (..., N), or
-        IntegrityError naming the site and layer."""
-        t0 = time.perf_counter()
-        fp = self.prints.get((layer, site))
+    def _check(self, op: str, spec: SiteSpec, x: np.ndarray, y: np.ndarray, server: str | None) -> None:
+        fp = self.prints.get((spec.layer, spec.site))
         if fp is None:
-            raise ValueError(f"--verify: no fingerprint for layer {layer} site {site!r}")
+            raise ValueError(f"--verify: no fingerprint for {_where(op, spec)}")
         x2 = np.asarray(x, np.int64).reshape(-1, fp.F.shape[1])
         y2 = np.asarray(y, np.int64).reshape(-1, fp.sT.shape[0])
         if len(x2) != len(y2):
-            raise IntegrityError(f"{_where(layer, site)}: {len(y2)} result rows for {len(x2)} input rows")
+            raise IntegrityError(f"{_where(op, spec)}: {len(y2)} result rows for {len(x2)} input rows")
         bad = fp.failures(x2, y2)
         if bad.any():
             rows = np.flatnonzero(bad.any(axis=1))
             by = f"server {server}: " if server else ""
             raise IntegrityError(
-                f"{_where(layer, site)}: the GPU server's result fails its Freivalds check over Z_2^64 "
+                f"{_where(op, spec)}: the GPU server's result fails its Freivalds check over Z_2^64 "
                 f"({by}y sᵀ ≠ x Fᵀ in {len(rows)} of {len(y2)} rows, first row {int(rows[0])}, "
                 f"{int(bad[rows[0]].sum())} of {self.n} vectors); generation stopped"
             )
+
+    def check_step(
+        self, op: str, layer: int, sent: list[np.ndarray], got: list[np.ndarray], server: str | None = None
+    ) -> None:
+        """A ring step's replies `got` for the tensors `sent` (protocol.RING_OPS), or
+        IntegrityError naming the operation, site and layer."""
+        t0 = time.perf_counter()
+        first, second = quant.step_sites(op, layer, self.config.num_layers)
+        if first is None:
+            self._check(op, second, sent[0], got[0], server)
+        else:
+            self._check(op, first, sent[0], got[0], server)
+            mult = self.mult[(first.layer, first.site)]
+            s = np.asarray(sent[1], np.int64) + np.asarray(got[0], np.int64) * mult  # wraps mod 2^64
+            self._check(op, second, s, got[1], server)
         with self._lock:
-            s = self.stats
-            s.checks += 1
-            s.check_s += time.perf_counter() - t0
-            s.by_op["RingLinear"] = s.by_op.get("RingLinear", 0) + 1
+            st = self.stats
+            st.checks += 1
+            st.check_s += time.perf_counter() - t0
+            st.by_op[op] = st.by_op.get(op, 0) + 1

@@ -753,6 +753,7 @@ class VerifiedPort:
         self._pending: list[Pending] = []  # results of the current forward pass, not yet checked
         self._pending_bytes = 0
         self.ring_verifier = None  # the private plans' exact check (tee/ring_verify.py), set by them
+        self.ring_only = False  # set by the private plans: their ring check replaces the float one
 
     # ---- what the port is, taken from the client it wraps ---------------------------------
     @property
@@ -792,7 +793,7 @@ class VerifiedPort:
         res = self._rpc(self.inner.init)
         ck = self.checkpoint
         ck.check_init(res.config, res.norms, res.biases, res.dtype)
-        floats = self.ring_verifier is None  # a private plan's port checks ring products instead
+        floats = not self.ring_only  # a private plan's port checks ring products instead
         if (
             self.verify
             and floats
@@ -842,14 +843,19 @@ class VerifiedPort:
         self._check("Matmul", layer, a, b, c, what)
         return c
 
-    def ring_linear(self, layer: int, site: str, x: np.ndarray, out_features: int) -> np.ndarray:
-        """The private plans' masked product, checked over Z_2^64 against the input sent."""
+    def ring_setup(self, bits: int) -> dict:
+        """The server's layout of the private plans' integers: nothing in it to check (the
+        ring products are checked exactly, against the runner's own integers)."""
+        return self.inner.ring_setup(bits)
+
+    def ring_step(self, op, args, tensors, widths):
+        """The private plans' masked products, checked over Z_2^64 against the inputs sent."""
         if self.verify and self.ring_verifier is None:
             raise ValueError("--verify: a ring product needs the private plan's verifier (tee/private.py)")
-        y = self.inner.ring_linear(layer, site, x, out_features)
+        out = self.inner.ring_step(op, args, tensors, widths)
         if self.ring_verifier is not None:
-            self.ring_verifier.check(layer, site, x, y, self.address)
-        return y
+            self.ring_verifier.check_step(op, args.get("layer", 0), tensors, out, self.address)
+        return out
 
     def lm_head(self, x: np.ndarray, after_send=None) -> np.ndarray:
         if not self.verify:
