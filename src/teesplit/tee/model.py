@@ -17,26 +17,43 @@ import numpy as np
 
 from teesplit.tee.client import GPUClient
 from teesplit.tee.ops import (
+    QueryBlock,
     RotaryEmbedding,
+    attention_layout,
+    grouped_attention,
+    masked_scaled_softmax,
     repeat_kv,
     rms_norm,
     rms_scale,
     rope_rotate,
     rope_signed_sin,
-    scaled_softmax,
     silu_mul,
 )
 from teesplit.tee.plans import Plan
 
 
 class KVCache:
-    """Trusted-side rotated keys and values per layer, preallocated and grown by doubling."""
+    """Trusted-side rotated keys and values per layer, preallocated and grown on demand.
 
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, capacity: int = 256):
+    Growth doubles the capacity, but never past `max_tokens` (the generation's own need, when
+    the caller knows it): an 8k-token prompt must not leave a 16k-token cache behind."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int = 256,
+        max_tokens: int | None = None,
+    ):
+        if max_tokens is not None:
+            capacity = min(capacity, max_tokens)
         shape = (batch, num_kv_heads, capacity, head_dim)  # (B, Hkv, S_max, D)
         self.k = [np.zeros(shape, np.float32) for _ in range(num_layers)]
         self.v = [np.zeros(shape, np.float32) for _ in range(num_layers)]
         self.lengths = np.zeros(batch, np.int64)  # cached tokens per row, between forward passes
+        self.max_tokens = max_tokens
 
     def update_and_fetch(
         self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray
@@ -44,10 +61,7 @@ class KVCache:
         T = k.shape[2]
         end = int(pos.max()) + T
         if end > self.k[layer].shape[2]:
-            grow = max(end, 2 * self.k[layer].shape[2])
-            pad = ((0, 0), (0, 0), (0, grow - self.k[layer].shape[2]), (0, 0))
-            self.k[layer] = np.pad(self.k[layer], pad)
-            self.v[layer] = np.pad(self.v[layer], pad)
+            self._grow(layer, end, int(self.lengths.max()))
         if (pos == pos[0]).all():
             self.k[layer][:, :, pos[0] : pos[0] + T] = k
             self.v[layer][:, :, pos[0] : pos[0] + T] = v
@@ -56,6 +70,18 @@ class KVCache:
                 self.k[layer][b, :, p : p + T] = k[b]
                 self.v[layer][b, :, p : p + T] = v[b]
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def _grow(self, layer: int, end: int, used: int) -> None:
+        """Room for `end` positions in `layer`; only the `used` ones are copied. Zeros beyond: a
+        slot no query may see still meets a probability of 0, and 0 * NaN would poison it."""
+        old = self.k[layer].shape[2]
+        cap = max(end, 2 * old)
+        if self.max_tokens is not None:
+            cap = max(min(cap, self.max_tokens), end)
+        for store in (self.k, self.v):
+            grown = np.zeros((*store[layer].shape[:2], cap, store[layer].shape[3]), np.float32)
+            grown[:, :, :used] = store[layer][:, :, :used]
+            store[layer] = grown
 
     def advance(self, n_new: np.ndarray) -> None:
         self.lengths = self.lengths + n_new
@@ -69,6 +95,9 @@ class KVCache:
             out.k.append(np.concatenate([_pad_capacity(ka, cap), _pad_capacity(kb, cap)]))
             out.v.append(np.concatenate([_pad_capacity(va, cap), _pad_capacity(vb, cap)]))
         out.lengths = np.concatenate([self.lengths, other.lengths])
+        out.max_tokens = (
+            None if None in (self.max_tokens, other.max_tokens) else max(self.max_tokens, other.max_tokens)
+        )
         return out
 
     def select_rows(self, rows: np.ndarray) -> KVCache:
@@ -77,6 +106,7 @@ class KVCache:
         out.k = [k[rows] for k in self.k]
         out.v = [v[rows] for v in self.v]
         out.lengths = self.lengths[rows]
+        out.max_tokens = self.max_tokens
         return out
 
 
@@ -118,7 +148,7 @@ class TEELlamaModel:
         c = self.config
         if self.plan.gpu_kv_cache:  # the GPU grows it on demand: max_tokens is a cap, not an allocation
             return GPUKVCache(self.gpu.open_session(batch, max_tokens), batch)
-        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim)
+        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_tokens=max_tokens)
 
     def close_cache(self, cache: KVCache | GPUKVCache) -> None:
         if isinstance(cache, GPUKVCache):
@@ -142,13 +172,13 @@ class TEELlamaModel:
         # Once per pass, in the (B, T, heads, D) layout the projections come back in: cos
         # (B, T, 1, D) and the signed sin (B, T, 1, 2, D/2) that rope_rotate takes.
         rope = cos[:, :, None], rope_signed_sin(sin[:, :, None])
-        mask = self._mask(positions, int(pos.max()) + T)
+        layout = self._layout(pos, T)
         if self.plan.merged:
-            return self._forward_merged(ids, cache, n_new, all_logits, top_k, pos, rope, mask)
+            return self._forward_merged(ids, cache, n_new, all_logits, top_k, pos, rope, layout)
         x = self.gpu.embedding(ids)  # (B, T, E)
         for i in range(self.config.num_layers):
             h = rms_norm(x, self.input_norms[i], self.config.rms_norm_eps)
-            x = x + self.attention(i, h, rope, mask, cache, pos)
+            x = x + self.attention(i, h, rope, layout, cache, pos)
             h = rms_norm(x, self.post_attention_norms[i], self.config.rms_norm_eps)
             x = x + self.mlp(i, h)
         cache.advance(n_new)
@@ -164,7 +194,7 @@ class TEELlamaModel:
         i: int,
         x: np.ndarray,
         rope: tuple[np.ndarray, np.ndarray],
-        mask: np.ndarray | None,
+        layout: tuple[QueryBlock, ...],
         cache: KVCache | GPUKVCache,
         pos: np.ndarray,
     ) -> np.ndarray:
@@ -175,7 +205,7 @@ class TEELlamaModel:
             qk = self.gpu.qkv(i, x, cache.sid, pos)  # (B, T, (H + Hkv) D)
             q, k = self._rotate_qk(qk, rope)
             scores = self.gpu.attn_scores(cache.sid, i, q, k, pos)  # (B, H, T, S)
-            p = self._probs(scores, mask)
+            p = self._probs(scores, layout)
             return self.gpu.attn_out(cache.sid, i, p)  # o_proj(P V): (B, T, E)
         if self.plan.fused:
             qkv = self.gpu.qkv(i, x)  # (B, T, (H + 2 Hkv) D)
@@ -189,15 +219,13 @@ class TEELlamaModel:
             k = rope_rotate(k.reshape(B, T, Hkv, D), *rope).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
 
         v = v.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-        if self.plan.fused:  # grouped attention here: no repeat_kv copies
-            return self.gpu.linear(i, "o_proj", self._local_attention(i, q, k, v, mask, cache, pos))
-        # The seed's plans: repeat_kv, then both matmuls on the GPU (v3) or here (v2).
+        if not self.plan.attention_on_gpu:  # grouped attention here: no repeat_kv copies
+            return self.gpu.linear(i, "o_proj", self._local_attention(i, q, k, v, layout, cache, pos))
+        # The seed's V3.0: repeat_kv, then both matmuls on the GPU, operands sent each call.
         k, v = cache.update_and_fetch(i, k, v, pos)  # (B, Hkv, S, D)
         k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # (B, H, S, D)
-        kt = k.transpose(0, 1, 3, 2)  # (B, H, D, S)
-        scores = self.gpu.matmul(q, kt) if self.plan.attention_on_gpu else q @ kt
-        p = self._probs(scores, mask)
-        out = self.gpu.matmul(p, v) if self.plan.attention_on_gpu else p @ v  # (B, H, T, D)
+        scores = self.gpu.matmul(q, k.transpose(0, 1, 3, 2))  # (B, H, T, S)
+        out = self.gpu.matmul(self._probs(scores, layout), v)  # (B, H, T, D)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)  # (B, T, H*D)
         return self.gpu.linear(i, "o_proj", out)
 
@@ -209,7 +237,7 @@ class TEELlamaModel:
         y = rope_rotate(qk.reshape(B, T, c.num_heads + c.num_kv_heads, c.head_dim), *rope)
         return y[:, :, : c.num_heads].transpose(0, 2, 1, 3), y[:, :, c.num_heads :].transpose(0, 2, 1, 3)
 
-    def _forward_merged(self, ids, cache, n_new, all_logits, top_k, pos, rope, mask):
+    def _forward_merged(self, ids, cache, n_new, all_logits, top_k, pos, rope, layout):
         """The merged plans: each call returns a Linear's output and the next Linear's unscaled
         product z = W (w ⊙ residual); the trusted side applies the row scale r and the bias."""
         c, eps = self.config, self.config.rms_norm_eps
@@ -219,16 +247,16 @@ class TEELlamaModel:
         x, z = self.gpu.embed_qkv(ids, sid, pos)  # (B, T, E), (B, T, (H + Hkv [+ Hkv]) D)
         for i in range(c.num_layers):
             r = rms_scale(x, eps)  # (B, T, 1)
-            qkv = r * z + self._bias("qkv", i, z.shape[-1])
+            qkv = self._scale_bias(r, z, "qkv", i)
             q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)  # (B, H, T, D), (B, Hkv, T, D)
             if self.plan.gpu_kv_cache:
                 scores = self.gpu.attn_scores(sid, i, q, k, pos, r)  # r turns the pending v into V
-                o, z = self.gpu.attn_out_gate_up(sid, i, self._probs(scores, mask), x)
+                o, z = self.gpu.attn_out_gate_up(sid, i, self._probs(scores, layout), x)
             else:
                 v = qkv[..., c.q_dim + c.kv_dim :].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-                o, z = self.gpu.o_gate_up(i, self._local_attention(i, q, k, v, mask, cache, pos), x)
+                o, z = self.gpu.o_gate_up(i, self._local_attention(i, q, k, v, layout, cache, pos), x)
             x = x + o
-            gate_up = rms_scale(x, eps) * z + self._bias("gate_up", i, 2 * F)
+            gate_up = self._scale_bias(rms_scale(x, eps), z, "gate_up", i)
             m = silu_mul(gate_up[..., :F], gate_up[..., F:])  # (B, T, F)
             if i < c.num_layers - 1:
                 y, z = self.gpu.down_qkv(i, m, x, sid, pos)
@@ -242,20 +270,19 @@ class TEELlamaModel:
             return r * out[1]
         return r * out[1], out[2]  # r > 0 keeps the top-k order
 
-    def _bias(self, name: str, i: int, width: int) -> np.ndarray | float:
+    def _scale_bias(self, r: np.ndarray, z: np.ndarray, name: str, i: int) -> np.ndarray:
+        """r z + b, the bias added in place: for families without biases no second pass over
+        z (at a 2,048-token prefill, gate|up's is 25 MB a layer)."""
+        y = r * z
         b = self.biases.get(name)
-        return 0.0 if b is None else b[i, :width]
+        if b is not None:
+            y += b[i, : z.shape[-1]]
+        return y
 
-    def _local_attention(self, i, q, k, v, mask, cache, pos) -> np.ndarray:
+    def _local_attention(self, i, q, k, v, layout, cache, pos) -> np.ndarray:
         """Grouped attention in the trusted side over its KV cache: (B, T, H*D)."""
-        c = self.config
-        B, H, T, D = q.shape
         k, v = cache.update_and_fetch(i, k, v, pos)  # (B, Hkv, S, D)
-        S, G = k.shape[2], H // c.num_kv_heads
-        scores = (q.reshape(B, c.num_kv_heads, G * T, D) @ k.transpose(0, 1, 3, 2)).reshape(B, H, T, S)
-        p = self._probs(scores, mask)
-        out = (p.reshape(B, c.num_kv_heads, G * T, S) @ v).reshape(B, H, T, D)
-        return out.transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)
+        return grouped_attention(q, k, v, layout, self.scale)
 
     def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
         F = self.config.intermediate_size
@@ -267,17 +294,12 @@ class TEELlamaModel:
             up = self.gpu.linear(i, "up_proj", x)  # (B, T, F)
         return self.gpu.linear(i, "down_proj", silu_mul(gate, up))  # (B, T, E)
 
-    def _probs(self, scores: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        return scaled_softmax(scores, self.scale, mask)  # softmax(scores * scale + mask)
+    def _probs(self, scores: np.ndarray, layout: tuple[QueryBlock, ...]) -> np.ndarray:
+        return masked_scaled_softmax(scores, self.scale, layout)  # softmax(scores * scale), masked
 
-    def _mask(self, positions: np.ndarray, S: int) -> np.ndarray | None:
-        """Additive (B, 1, T, S) mask: key s is visible to the query at position p when s <= p
-        (and p - s < window for Mistral's sliding window). None when nothing is hidden."""
-        window = self.config.sliding_window
-        k_pos = np.arange(S)
-        hidden = k_pos[None, None, :] > positions[:, :, None]  # (B, T, S)
-        if window is not None:
-            hidden |= positions[:, :, None] - k_pos[None, None, :] >= window
-        if not hidden.any():
-            return None
-        return np.where(hidden, np.float32(-np.inf), np.float32(0.0))[:, None]
+    def _layout(self, pos: np.ndarray, T: int) -> tuple[QueryBlock, ...]:
+        """The pass's causal structure, per block: row b's T new tokens start at pos[b]; key s is
+        visible to the query at position p when s <= p (and p - s < window for Mistral's sliding
+        window). Made once per forward pass, read by every layer."""
+        c = self.config
+        return attention_layout(pos, T, c.sliding_window, c.num_heads // c.num_kv_heads)
