@@ -342,3 +342,21 @@ def test_grouped_attention_sees_nothing_gives_zeros():
     with np.errstate(all="raise", under="ignore"):
         got = ops.grouped_attention(q, k, k, layout, np.float32(0.5))
     assert got.shape == (1, 1, 8) and np.all(got == 0)
+
+
+def test_silu_mul_by_row_blocks_is_bit_for_bit_the_whole_array_product():
+    # A prefill-sized gate|up (more elements than one block), as views of one (B, T, 2F) array.
+    F = 96
+    z = (rng(12).standard_normal((2, 1500, 2 * F)) * 8).astype(np.float32)
+    r = rng(13).random((2, 1500, 1)).astype(np.float32)
+    b = rng(14).standard_normal(2 * F).astype(np.float32)
+    whole = ops.silu(z[..., :F]) * z[..., F:]
+    assert np.array_equal(ops.silu_mul(z[..., :F], z[..., F:]), whole)
+    y = r * z + b
+    assert np.array_equal(ops.scaled_silu_mul(r, z, b), ops.silu(y[..., :F]) * y[..., F:])
+    y = r * z
+    assert np.array_equal(ops.scaled_silu_mul(r, z), ops.silu(y[..., :F]) * y[..., F:])
+    one = ops.scaled_silu_mul(r[:1, :1], z[:1, :1], b)  # a decode step: one row, no blocks
+    assert np.array_equal(
+        one, ops.silu((r[:1, :1] * z[:1, :1] + b)[..., :F]) * (r[:1, :1] * z[:1, :1] + b)[..., F:]
+    )

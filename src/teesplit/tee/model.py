@@ -27,6 +27,7 @@ from teesplit.tee.ops import (
     rms_scale,
     rope_rotate,
     rope_signed_sin,
+    scaled_silu_mul,
     silu_mul,
 )
 from teesplit.tee.plans import Plan
@@ -242,7 +243,7 @@ class TEELlamaModel:
         product z = W (w ⊙ residual); the trusted side applies the row scale r and the bias."""
         c, eps = self.config, self.config.rms_norm_eps
         B, T = ids.shape
-        Hkv, D, F = c.num_kv_heads, c.head_dim, c.intermediate_size
+        Hkv, D = c.num_kv_heads, c.head_dim
         sid = cache.sid if self.plan.gpu_kv_cache else None
         x, z = self.gpu.embed_qkv(ids, sid, pos)  # (B, T, E), (B, T, (H + Hkv [+ Hkv]) D)
         for i in range(c.num_layers):
@@ -256,8 +257,7 @@ class TEELlamaModel:
                 v = qkv[..., c.q_dim + c.kv_dim :].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
                 o, z = self.gpu.o_gate_up(i, self._local_attention(i, q, k, v, layout, cache, pos), x)
             x = x + o
-            gate_up = self._scale_bias(rms_scale(x, eps), z, "gate_up", i)
-            m = silu_mul(gate_up[..., :F], gate_up[..., F:])  # (B, T, F)
+            m = scaled_silu_mul(rms_scale(x, eps), z, self._bias("gate_up", i))  # (B, T, F)
             if i < c.num_layers - 1:
                 y, z = self.gpu.down_qkv(i, m, x, sid, pos)
                 x = x + y
@@ -271,13 +271,16 @@ class TEELlamaModel:
         return r * out[1], out[2]  # r > 0 keeps the top-k order
 
     def _scale_bias(self, r: np.ndarray, z: np.ndarray, name: str, i: int) -> np.ndarray:
-        """r z + b, the bias added in place: for families without biases no second pass over
-        z (at a 2,048-token prefill, gate|up's is 25 MB a layer)."""
+        """r z + b, the bias added in place: for families without biases no second pass."""
         y = r * z
-        b = self.biases.get(name)
+        b = self._bias(name, i)
         if b is not None:
-            y += b[i, : z.shape[-1]]
+            y += b[: z.shape[-1]]
         return y
+
+    def _bias(self, name: str, i: int) -> np.ndarray | None:
+        b = self.biases.get(name)
+        return None if b is None else b[i]
 
     def _local_attention(self, i, q, k, v, layout, cache, pos) -> np.ndarray:
         """Grouped attention in the trusted side over its KV cache: (B, T, H*D)."""
