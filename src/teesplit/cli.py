@@ -21,6 +21,7 @@ from teesplit.tee.checkpoint import IntegrityError
 from teesplit.transport import GPUServerUnavailable, LinkRefused
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per forward pass (BENCHMARKS.md, section long)
 
 
 # ---- building the two sides ----------------------------------------------------------------
@@ -275,7 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check_same_model(models[0].config, model_dir)
         if plan is None:
             _choose_plan(models, prompts, params, args.wire_dtype)
-        gens = [Generator(m, tokenizer) for m in models]
+        gens = [Generator(m, tokenizer, prefill_chunk=args.prefill_chunk or None) for m in models]
         if len(prompts) == 1:
             results = [gens[0].generate(prompts[0], params, on_text=_print_stream)]
             print(flush=True)
@@ -899,6 +900,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="v3 (seed V3.0), v2 (seed V2.1), v3-fused, v2-fused, v3-merged, v2-merged, "
         "auto (measure the link and choose), or the private plans private-otp and private-2party "
         "(the GPU sees only masked data; they need the checkpoint locally in --model)",
+    )
+    g.add_argument(
+        "--prefill-chunk",
+        type=_non_negative_int,
+        default=DEFAULT_PREFILL_CHUNK,
+        metavar="N",
+        help="prefill a prompt N tokens per forward pass, so both sides' memory for it is bounded by "
+        "N x context (0: the whole prompt in one pass; default %(default)s)",
     )
     g.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for each reply")
     g.add_argument(

@@ -106,6 +106,7 @@ class Generator:
         eos_token_ids: set[int] | None = None,
         compact_logits: bool = True,
         max_recoveries: int = 3,
+        prefill_chunk: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -116,6 +117,7 @@ class Generator:
         # Ask the GPU for only the top-k logits when sampling cannot use more (greedy, top-k).
         self.compact_logits = compact_logits
         self.max_recoveries = max_recoveries  # lost GPU sessions rebuilt per generation
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (None: the whole prompt)
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None
@@ -221,7 +223,7 @@ class _Run:
         prompts: list[list[int]],
         tokens: list[list[int]],
     ):
-        self.model, self.max_recoveries = gen.model, gen.max_recoveries
+        self.model, self.max_recoveries, self.chunk = gen.model, gen.max_recoveries, gen.prefill_chunk
         self.max_tokens, self.top_k = max_tokens, top_k
         self.prompts, self.tokens = prompts, tokens  # tokens: the generated ids, appended by the loop
         self.cache = self.model.new_cache(len(prompts), max_tokens=max_tokens)
@@ -229,12 +231,13 @@ class _Run:
         self.reachable = True
 
     def forward(self, ids: np.ndarray, n_new: np.ndarray):
-        """model.forward; if the server lost the session (it restarted or expired it), open a new
-        one, replay every row's tokens fed so far plus these new ones, and return that result."""
+        """model.prefill (in chunks of prefill_chunk tokens; a decode step is one token); if the
+        server lost the session (it restarted or expired it), open a new one, replay every row's
+        tokens fed so far plus these new ones, and return that result."""
         while True:
             fed = self.cache.lengths + n_new  # each row's tokens once this step is done
             try:
-                return self.model.forward(ids, self.cache, n_new=n_new, top_k=self.top_k)
+                return self.model.prefill(ids, self.cache, n_new, self.chunk, self.top_k)
             except RemoteError as e:
                 if e.code != "no_session" or self.recoveries >= self.max_recoveries:
                     raise

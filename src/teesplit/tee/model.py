@@ -190,6 +190,49 @@ class TEELlamaModel:
             return self.gpu.lm_head_top_k(x, top_k)
         return self.gpu.lm_head(x)
 
+    def prefill(
+        self,
+        ids: np.ndarray,
+        cache: KVCache | GPUKVCache,
+        n_new: np.ndarray | None = None,
+        chunk: int | None = None,
+        top_k: int | None = None,
+    ):
+        """forward over a prompt in chunks of `chunk` tokens: what forward(ids, cache, n_new,
+        top_k=top_k) returns, (B, 1, V) or (values, ids) at each row's last real token, while
+        both sides hold at most `chunk` new tokens' activations and scores (chunk x S) at once.
+
+        Rows are right-padded (row b has n_new[b] real tokens). A row whose prompt ends before
+        a chunk starts rides along with n_new 0, as finished rows do in decode: its cache does
+        not advance and the chunk's padding lands where its next token will overwrite it.
+        Chunks are as exact as one pass (the keys a query sees and the products are the same;
+        blocks of the softmax add up in another order), except for "dynamic" RoPE over a
+        prompt past max_position_embeddings: transformers rescales a prefill's frequencies
+        from its longest position, so such a prompt is prefilled in one pass."""
+        B, T = ids.shape
+        n_new = np.full(B, T, np.int64) if n_new is None else np.asarray(n_new, np.int64)
+        rope_grows = (
+            self.rope.rope_type == "dynamic" and int(cache.lengths.max()) + T > self.rope.max_seq_len_cached
+        )
+        if chunk is None or T <= chunk or rope_grows:
+            return self.forward(ids, cache, n_new, top_k=top_k)
+        if chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1 token, got {chunk}")
+        out = None
+        last = n_new - 1  # (B,) the column of each row's last real token (-1: none)
+        for c0 in range(0, T, chunk):
+            if out is not None and not (n_new > c0).any():
+                break  # padding columns only
+            c1 = min(c0 + chunk, T)
+            part = self.forward(ids[:, c0:c1], cache, np.clip(n_new - c0, 0, c1 - c0), top_k=top_k)
+            rows = (c0 <= last) & (last < c1)  # rows whose last real token is in this chunk
+            if out is None:  # the first chunk's slot 0 stands for rows without a real token
+                out = [np.array(a) for a in (part if isinstance(part, tuple) else (part,))]
+            else:
+                for o, a in zip(out, part if isinstance(part, tuple) else (part,), strict=True):
+                    o[rows] = a[rows]
+        return tuple(out) if isinstance(part, tuple) else out[0]
+
     def attention(
         self,
         i: int,
