@@ -97,6 +97,60 @@ def test_prefill_chunk_must_be_positive(ckpt):
         last_logits(model, 0)
 
 
+# ---- a plan per phase: prefill in v2 placement, decode in v3 placement ----------------------
+
+
+def greedy(model, prompts=PROMPTS, n=8, chunk=None):
+    gen = Generator(model, None, eos_token_ids=set(), prefill_chunk=chunk)
+    return [r.tokens for r in gen.generate_batch(prompts, SamplingParams(max_new_tokens=n))]
+
+
+@pytest.mark.parametrize(
+    "prefill, decode",
+    [("v2-merged", "v3-merged"), ("v2-fused", "v3-fused"), ("v2", "v3-merged"), ("v3", "v3-fused")],
+)
+def test_prefill_in_one_placement_decode_in_another_gives_the_same_tokens(ckpt, prefill, decode):
+    from teesplit.tee.plans import get_plan
+
+    alone = greedy(local_model(ckpt, decode))
+    model = local_model(ckpt, prefill)
+    model.decode_plan = get_plan(decode)
+    before = model.gpu.metrics.copy()
+    assert greedy(model, chunk=8) == alone
+    used = model.gpu.metrics - before
+    # The K/V go up once, one WriteKV per layer; then only the decode plan's own calls.
+    assert used.rpc["WriteKV"] == model.config.num_layers
+    assert used.rpc["OpenSession"] == used.rpc["CloseSession"] == 1
+    per_token = get_plan(decode).rpcs_per_forward(model.config.num_layers)
+    chunks = -(-max(len(p) for p in PROMPTS) // 8)
+    prefill_rpcs = chunks * get_plan(prefill).rpcs_per_forward(model.config.num_layers)
+    assert sum(used.rpc.values()) == prefill_rpcs + model.config.num_layers + 2 + 7 * per_token
+
+
+def test_for_decode_switches_plans_without_moving_a_cache_that_stays(ckpt):
+    from teesplit.tee.plans import get_plan
+
+    model = local_model(ckpt, "v2-merged")
+    model.decode_plan = get_plan("v2-fused")
+    cache = model.new_cache(1, 16)
+    assert model.for_decode(cache) is cache and cache.plan.name == "v2-fused"
+    back = local_model(ckpt, "v3-merged")
+    back.decode_plan = get_plan("v2-merged")
+    gpu_cache = back.new_cache(1, 16)
+    with pytest.raises(ValueError, match="live on the GPU"):
+        back.for_decode(gpu_cache)
+    back.close_cache(gpu_cache)
+
+
+def test_a_private_plan_keeps_both_phases(ckpt):
+    from teesplit.tee.plans import get_plan
+
+    model = local_model(ckpt, "v2-fused")
+    model.plan = get_plan("private-otp")  # as if built with its masking client
+    with pytest.raises(ValueError, match="private"):
+        model.decode_plan = get_plan("v3-merged")
+
+
 # ---- bounded memory: an 8k-token prompt in chunks, two real processes -----------------------
 
 LONG = 8000

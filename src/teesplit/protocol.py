@@ -46,6 +46,10 @@ T tokens, S cached + new tokens, E hidden, N output features, V vocabulary, K to
                  writes the rotated k at pos, returns q Kᵀ -> t [scores (B, H, T, S)],
                  S = max(pos) + T
     AttnOut      sid, args {layer} t [p (B, H, T, S)]    -> t [o_proj(p V) (B, T, E)]
+    WriteKV      sid, args {layer} t [k (B, Hkv, T, D), v (B, Hkv, T, D), pos (B,) i64] -> res {}
+                 writes rotated keys and values the runner computed itself (a prefill in v2
+                 placement) at pos, so decode can go on in v3 placement; pos as for
+                 AttnScores (no gaps), k and v finite and of one float wire dtype
     OpenSession  args {batch, max_tokens}                -> res {sid, kv_bytes_per_token}
     CloseSession sid                                     -> res {}
 
@@ -124,6 +128,7 @@ OPS: dict[str, tuple[dict[str, tuple[type, bool]], tuple[int, int]]] = {
     "GateUp": (_LAYER, (1, 1)),
     "AttnScores": (_LAYER, (3, 4)),
     "AttnOut": (_LAYER, (1, 1)),
+    "WriteKV": (_LAYER, (3, 3)),
     "OpenSession": ({"batch": (int, True), "max_tokens": (int, True)}, (0, 0)),
     "CloseSession": ({}, (0, 0)),
     "EmbedQKV": ({"dtype": (str, False)}, (1, 2)),

@@ -57,7 +57,7 @@ MAX_PING_REPLY_BYTES = 64 << 20
 ERROR_LOGS_PER_S = 20
 UNCACHED_OPS = ("Ping", "Init")  # cheap, stateless and possibly large: recomputed on a resend
 # Operations that read or write a session's cache when given a session id; others ignore it.
-SESSION_USERS = ("QKV", "AttnScores", "AttnOut", "EmbedQKV", "DownQKV", "AttnOutGateUp")
+SESSION_USERS = ("QKV", "AttnScores", "AttnOut", "EmbedQKV", "DownQKV", "AttnOutGateUp", "WriteKV")
 
 
 # ---- structured logs -----------------------------------------------------------------------------
@@ -328,6 +328,8 @@ class RequestHandler:
             out = s.attn_scores(session, args["layer"], t[0], t[1], t[2], t[3] if len(t) == 4 else None)
         elif op == "AttnOut":
             out = s.attn_out(session, args["layer"], t[0])
+        elif op == "WriteKV":
+            out = s.write_kv(session, args["layer"], t[0], t[1], t[2])
         elif op == "EmbedQKV":
             out = s.embed_qkv(t[0], session, t[1] if len(t) == 2 else None)
         elif op == "DownQKV":

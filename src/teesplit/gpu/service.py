@@ -471,6 +471,36 @@ class GPUComputeService:
         w = self._w(lw.weight["o_proj"])
         return F.linear(o if o.dtype == w.dtype else o.to(w.dtype), w, self._w(lw.bias.get("o_proj")))
 
+    def write_kv(
+        self, session: Session | None, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray
+    ) -> tuple:
+        """Write rotated keys and values (B, Hkv, T, D) the runner computed at pos (B,) into the
+        session's cache of `layer`: a prefill done in v2 placement, handed to v3 decode. All
+        checks come before the first write, so a refused request changes nothing."""
+        if session is None:
+            raise _bad("WriteKV: needs a session (sid)", "bad_args")
+        self._layer(layer, "WriteKV")
+        c = self.config
+        B = session.batch
+        if _float_dtype(k, "WriteKV k") != _float_dtype(v, "WriteKV v"):
+            raise _bad(f"WriteKV: k and v differ in dtype ({k.dtype} vs {v.dtype})")
+        T = k.shape[2] if k.ndim == 4 else 0
+        if k.shape != (B, c.num_kv_heads, T, c.head_dim) or v.shape != k.shape or T < 1:
+            raise _bad(
+                f"WriteKV: expected k and v of shape (B={B}, {c.num_kv_heads}, T >= 1, {c.head_dim}), "
+                f"got {k.shape} and {v.shape}"
+            )
+        for lengths in (session.k_len, session.v_len):
+            self._check_positions(session, lengths, layer, pos, T, "WriteKV")
+        # As they will be stored (a float16 cache can overflow to Inf); _write checks each again,
+        # but only when its turn comes, after the other one was written.
+        kt, vt = (to_torch(x, self.device, session.dtype) for x in (k, v))
+        if not (bool(torch.isfinite(kt).all()) and bool(torch.isfinite(vt).all())):
+            raise _bad(f"WriteKV: NaN or Inf in the keys or values for session {session.sid}; refused")
+        self._write(session, 0, layer, kt, pos, "WriteKV")
+        self._write(session, 1, layer, vt, pos, "WriteKV")
+        return ()
+
     def _write(
         self,
         s: Session,

@@ -237,7 +237,9 @@ class _Run:
         while True:
             fed = self.cache.lengths + n_new  # each row's tokens once this step is done
             try:
-                return self.model.prefill(ids, self.cache, n_new, self.chunk, self.top_k)
+                out = self.model.prefill(ids, self.cache, n_new, self.chunk, self.top_k)
+                self.cache = self.model.for_decode(self.cache)  # a plan per phase: see TEELlamaModel
+                return out
             except RemoteError as e:
                 if e.code != "no_session" or self.recoveries >= self.max_recoveries:
                     raise

@@ -13,6 +13,8 @@ token of that row overwrites them.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from teesplit.tee.client import GPUClient
@@ -47,7 +49,9 @@ class KVCache:
         head_dim: int,
         capacity: int = 256,
         max_tokens: int | None = None,
+        plan: Plan | None = None,
     ):
+        self.plan = plan  # the plan whose forward passes run on this cache
         if max_tokens is not None:
             capacity = min(capacity, max_tokens)
         shape = (batch, num_kv_heads, capacity, head_dim)  # (B, Hkv, S_max, D)
@@ -96,6 +100,7 @@ class KVCache:
             out.k.append(np.concatenate([_pad_capacity(ka, cap), _pad_capacity(kb, cap)]))
             out.v.append(np.concatenate([_pad_capacity(va, cap), _pad_capacity(vb, cap)]))
         out.lengths = np.concatenate([self.lengths, other.lengths])
+        out.plan = self.plan
         out.max_tokens = (
             None if None in (self.max_tokens, other.max_tokens) else max(self.max_tokens, other.max_tokens)
         )
@@ -108,6 +113,7 @@ class KVCache:
         out.v = [v[rows] for v in self.v]
         out.lengths = self.lengths[rows]
         out.max_tokens = self.max_tokens
+        out.plan = self.plan
         return out
 
 
@@ -121,20 +127,29 @@ def _pad_capacity(x: np.ndarray, cap: int) -> np.ndarray:
 class GPUKVCache:
     """The KV cache of plan v3-fused: the data lives in a GPU-server session; only lengths here."""
 
-    def __init__(self, sid: int, batch: int):
+    def __init__(self, sid: int, batch: int, plan: Plan | None = None):
         self.sid = sid
         self.lengths = np.zeros(batch, np.int64)
+        self.plan = plan  # the plan whose forward passes run on this cache
 
     def advance(self, n_new: np.ndarray) -> None:
         self.lengths = self.lengths + n_new
 
 
+# Bytes of keys (and as many of values) per WriteKV message when a prefill's cache moves to a
+# GPU session: an 8k-token SmolLM2 layer (6.3 MB) goes in one, well under the server's frame cap.
+UPLOAD_BYTES = 16 << 20
+
+
 class TEELlamaModel:
-    def __init__(self, gpu: GPUClient, plan: Plan):
+    def __init__(self, gpu: GPUClient, plan: Plan, decode_plan: Plan | None = None):
+        """`plan` runs the prefill (and decode, unless `decode_plan` names another plan for it:
+        see for_decode). Each cache remembers the plan its forward passes run."""
         if plan.private and isinstance(gpu, GPUClient):  # it would send ids and activations in the clear
             raise ValueError(f"plan {plan.name} needs its masking client: tee.private.private_gpu(...)")
         self.gpu = gpu
         self.plan = plan
+        self.decode_plan = decode_plan  # None: the same as plan, whatever plan becomes
         init = gpu.init()  # config, RoPE parameters and norm weights come from the GPU server (seed V3.0)
         self.config = c = init.config
         self.input_norms = init.norms[0:-1:2]  # (L, E)
@@ -148,8 +163,54 @@ class TEELlamaModel:
         """A KV cache for `batch` sequences of up to `max_tokens` tokens each (prompt + generated)."""
         c = self.config
         if self.plan.gpu_kv_cache:  # the GPU grows it on demand: max_tokens is a cap, not an allocation
-            return GPUKVCache(self.gpu.open_session(batch, max_tokens), batch)
-        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_tokens=max_tokens)
+            return GPUKVCache(self.gpu.open_session(batch, max_tokens), batch, self.plan)
+        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_tokens=max_tokens, plan=self.plan)
+
+    @property
+    def decode_plan(self) -> Plan:
+        return self._decode_plan or self.plan
+
+    @decode_plan.setter
+    def decode_plan(self, plan: Plan | None) -> None:
+        if plan is not None and (plan.private or self.plan.private) and plan is not self.plan:
+            raise ValueError("a private plan cannot hand its prefill to another plan, nor take one")
+        self._decode_plan = plan
+
+    def for_decode(self, cache: KVCache | GPUKVCache) -> KVCache | GPUKVCache:
+        """The cache decode runs on after a prefill into `cache`: the same one, now run by the
+        decode plan, or, when the decode plan keeps K/V in a GPU session and the prefill kept
+        them here (v2 placement: nothing quadratic crossed the link), a new session holding
+        the rotated K and V, uploaded once (WriteKV, one round trip per layer and block of
+        tokens). The trusted cache is then the caller's to drop. A prefill in a GPU session
+        does not come back to the trusted side: decode stays in a session plan."""
+        plan = self.decode_plan
+        if cache.plan is plan or cache.plan.gpu_kv_cache == plan.gpu_kv_cache:
+            cache.plan = plan
+            return cache
+        if not plan.gpu_kv_cache:
+            raise ValueError(
+                f"plan {cache.plan.name}'s K/V live on the GPU; {plan.name} cannot decode from them"
+            )
+        B = len(cache.lengths)
+        S = int(cache.lengths.max())
+        max_tokens = cache.max_tokens or self.config.max_position_embeddings
+        out = GPUKVCache(self.gpu.open_session(B, max(max_tokens, S)), B, plan)
+        c = self.config
+        cap = getattr(self.gpu, "max_message_bytes", None)  # the server's, per frame
+        budget = UPLOAD_BYTES if cap is None else min(UPLOAD_BYTES, cap // 2)
+        step = max(budget // (B * c.num_kv_heads * c.head_dim * 4), 1)  # tokens per message
+        try:
+            for i in range(c.num_layers):
+                for s0 in range(0, S, step):
+                    s1 = min(s0 + step, S)
+                    start = np.full(B, s0, np.int64)  # every row from 0: padding past a row's length
+                    self.gpu.write_kv(out.sid, i, cache.k[i][:, :, s0:s1], cache.v[i][:, :, s0:s1], start)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the upload's own error is the one to report
+                self.close_cache(out)
+            raise
+        out.lengths = cache.lengths.copy()
+        return out
 
     def close_cache(self, cache: KVCache | GPUKVCache) -> None:
         if isinstance(cache, GPUKVCache):
@@ -174,14 +235,14 @@ class TEELlamaModel:
         # (B, T, 1, D) and the signed sin (B, T, 1, 2, D/2) that rope_rotate takes.
         rope = cos[:, :, None], rope_signed_sin(sin[:, :, None])
         layout = self._layout(pos, T)
-        if self.plan.merged:
+        if cache.plan.merged:
             return self._forward_merged(ids, cache, n_new, all_logits, top_k, pos, rope, layout)
         x = self.gpu.embedding(ids)  # (B, T, E)
         for i in range(self.config.num_layers):
             h = rms_norm(x, self.input_norms[i], self.config.rms_norm_eps)
             x = x + self.attention(i, h, rope, layout, cache, pos)
             h = rms_norm(x, self.post_attention_norms[i], self.config.rms_norm_eps)
-            x = x + self.mlp(i, h)
+            x = x + self.mlp(i, h, cache.plan)
         cache.advance(n_new)
         if not all_logits:
             x = x[np.arange(B), np.maximum(n_new - 1, 0)][:, None]  # (B, 1, E); a finished row reads slot 0
@@ -242,16 +303,16 @@ class TEELlamaModel:
         cache: KVCache | GPUKVCache,
         pos: np.ndarray,
     ) -> np.ndarray:
-        c = self.config
+        c, plan = self.config, cache.plan
         B, T, _ = x.shape
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        if self.plan.gpu_kv_cache:  # v stays on the GPU, in the session's cache
+        if plan.gpu_kv_cache:  # v stays on the GPU, in the session's cache
             qk = self.gpu.qkv(i, x, cache.sid, pos)  # (B, T, (H + Hkv) D)
             q, k = self._rotate_qk(qk, rope)
             scores = self.gpu.attn_scores(cache.sid, i, q, k, pos)  # (B, H, T, S)
             p = self._probs(scores, layout)
             return self.gpu.attn_out(cache.sid, i, p)  # o_proj(P V): (B, T, E)
-        if self.plan.fused:
+        if plan.fused:
             qkv = self.gpu.qkv(i, x)  # (B, T, (H + 2 Hkv) D)
             q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)
             v = qkv[..., c.q_dim + c.kv_dim :]
@@ -263,7 +324,7 @@ class TEELlamaModel:
             k = rope_rotate(k.reshape(B, T, Hkv, D), *rope).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
 
         v = v.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-        if not self.plan.attention_on_gpu:  # grouped attention here: no repeat_kv copies
+        if not plan.attention_on_gpu:  # grouped attention here: no repeat_kv copies
             return self.gpu.linear(i, "o_proj", self._local_attention(i, q, k, v, layout, cache, pos))
         # The seed's V3.0: repeat_kv, then both matmuls on the GPU, operands sent each call.
         k, v = cache.update_and_fetch(i, k, v, pos)  # (B, Hkv, S, D)
@@ -287,13 +348,13 @@ class TEELlamaModel:
         c, eps = self.config, self.config.rms_norm_eps
         B, T = ids.shape
         Hkv, D = c.num_kv_heads, c.head_dim
-        sid = cache.sid if self.plan.gpu_kv_cache else None
+        sid = cache.sid if cache.plan.gpu_kv_cache else None
         x, z = self.gpu.embed_qkv(ids, sid, pos)  # (B, T, E), (B, T, (H + Hkv [+ Hkv]) D)
         for i in range(c.num_layers):
             r = rms_scale(x, eps)  # (B, T, 1)
             qkv = self._scale_bias(r, z, "qkv", i)
             q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)  # (B, H, T, D), (B, Hkv, T, D)
-            if self.plan.gpu_kv_cache:
+            if sid is not None:
                 scores = self.gpu.attn_scores(sid, i, q, k, pos, r)  # r turns the pending v into V
                 o, z = self.gpu.attn_out_gate_up(sid, i, self._probs(scores, layout), x)
             else:
@@ -330,9 +391,9 @@ class TEELlamaModel:
         k, v = cache.update_and_fetch(i, k, v, pos)  # (B, Hkv, S, D)
         return grouped_attention(q, k, v, layout, self.scale)
 
-    def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
+    def mlp(self, i: int, x: np.ndarray, plan: Plan) -> np.ndarray:
         F = self.config.intermediate_size
-        if self.plan.fused:
+        if plan.fused:
             gate_up = self.gpu.gate_up(i, x)  # (B, T, 2F)
             gate, up = gate_up[..., :F], gate_up[..., F:]
         else:
