@@ -275,7 +275,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         models = [TEELlamaModel(c, plan or get_plan("v2-fused")) for c in clients]
         _check_same_model(models[0].config, model_dir)
         if plan is None:
-            _choose_plan(models, prompts, params, args.wire_dtype)
+            _choose_plan(models, prompts, params, args.wire_dtype, args.prefill_chunk or None)
         gens = [Generator(m, tokenizer, prefill_chunk=args.prefill_chunk or None) for m in models]
         if len(prompts) == 1:
             results = [gens[0].generate(prompts[0], params, on_text=_print_stream)]
@@ -369,21 +369,30 @@ def trusted_client_factory(args: argparse.Namespace, model_dir: Path, plan):
     return partial(CheckedClient, checkpoint=checkpoint, verify=args.verify, progress=progress)
 
 
-def _choose_plan(models, prompts, params, wire_dtype: str | None) -> None:
-    """--plan auto: measure the link once, pick plan and wire dtype, apply to every model."""
-    from teesplit.tee.adaptive import choose
+def _choose_plan(models, prompts, params, wire_dtype: str | None, chunk: int | None = None) -> None:
+    """--plan auto: measure the link once, pick a plan per phase (prefill, decode) and the wire
+    dtype, apply to every model."""
+    from teesplit.tee.adaptive import choose_phases
     from teesplit.tee.generate import candidates_needed
 
-    context = max(len(p) for p in prompts) + params.max_new_tokens // 2
     wires = (wire_dtype,) if wire_dtype else ("float32", "float16")
-    choice = choose(models[0].gpu, models[0].config, context, candidates_needed(params), wires)
+    prompt = max(len(p) for p in prompts)
+    c = models[0].config
+    choice = choose_phases(
+        models[0].gpu, c, prompt, params.max_new_tokens, chunk, candidates_needed(params), wires
+    )
     for m in models:
-        m.plan = choice.plan
+        m.plan, m.decode_plan = choice.prefill, choice.decode
         m.gpu.wire_dtype = choice.wire_dtype
     link = choice.link
+    plans = (
+        choice.prefill.name
+        if choice.prefill is choice.decode
+        else f"{choice.prefill.name} then {choice.decode.name}"
+    )
     print(
         f"plan auto: link rtt {link.rtt_s * 1e6:.0f} µs, up {link.up_bytes_per_s / 1e6:.0f} MB/s, "
-        f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {choice.plan.name}, wire {choice.wire_dtype}",
+        f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {plans}, wire {choice.wire_dtype}",
         file=sys.stderr,
     )
 
@@ -407,8 +416,11 @@ def _check_same_model(config, model_dir: Path) -> None:
 
 
 def format_stats(stats: dict[str, Any]) -> str:
+    plan = stats["plan"]
+    if stats.get("decode_plan", plan) != plan:
+        plan += f" then {stats['decode_plan']}"
     rows = [
-        f"plan {stats['plan']}: {len(stats['prompt_tokens'])} prompt tokens, "
+        f"plan {plan}: {len(stats['prompt_tokens'])} prompt tokens, "
         f"{len(stats['tokens'])} generated ({stats['finish_reason']})"
     ]
     rows.append(

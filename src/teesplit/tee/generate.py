@@ -187,6 +187,7 @@ class Generator:
             run.close()
         shared = {
             "plan": self.model.plan.name,
+            "decode_plan": self.model.decode_plan.name,  # another one: K/V handed over after prefill
             "batch": B,
             "recoveries": run.recoveries,
             "retries": getattr(gpu, "retried", 0) - retried0,
