@@ -286,6 +286,8 @@ ATTENTION_CASES = {
     "window-prefill": ([0], 29, 6, 4, 2 * 4 * 3),
     "window-ragged-decode": ([20, 4, 13], 1, 6, 64, 2 * 3),
     "window-ragged-chunk": ([12, 0], 11, 5, 3, 2 * 3 * 2),
+    # A decode step over a long cache: K qᵀ, and P V in blocks of keys (few query rows).
+    "decode-long": ([2600, 2400], 1, None, 64, 1 << 20),
 }
 
 

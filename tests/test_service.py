@@ -49,3 +49,17 @@ def test_write_kv_checks_values_as_a_float16_cache_stores_them(service):
         assert s.kv is None  # refused before the cache was even made
     finally:
         service.dtype = old
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_attention_products_of_few_rows_over_a_long_cache(rows):
+    from teesplit.gpu.service import _p_v, _q_kt
+
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((3, rows, 64)).astype(np.float32)
+    kv = rng.standard_normal((2, 3, 3000, 64)).astype(np.float32)
+    p = rng.random((3, rows, 3000)).astype(np.float32)
+    scores = _q_kt(q, kv[0])
+    assert scores.shape == (3, rows, 3000) and scores.flags.c_contiguous
+    np.testing.assert_allclose(scores, q @ kv[0].transpose(0, 2, 1), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(_p_v(p, kv[1]), p @ kv[1], rtol=1e-5, atol=1e-3)
