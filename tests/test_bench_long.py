@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import make_checkpoint
 
 from teesplit import bench
 
 
+@pytest.mark.slow
 def test_long_section_measures_every_plan_and_transformers(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m", "llama", num_hidden_layers=2, max_position_embeddings=2048)
     out = tmp_path / "out"
@@ -23,6 +25,7 @@ def test_long_section_measures_every_plan_and_transformers(tmp_path):
     for name, rows in data["rows"].items():
         for n, r in rows.items():
             assert r["prefill_tok_s"] > 0 and r["decode_ms"] > 0 and r["rss_tee"] >= 0, (name, n)
+            assert r["prefill_cpu_s"] > 0 and r["decode_cpu_ms"] >= 0, (name, n)
             if name != "transformers":
                 assert r["same_tokens_as_transformers"], (name, n)  # float32 on both sides
                 assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["rss_gpu"] >= 0
@@ -34,9 +37,13 @@ def test_long_section_measures_every_plan_and_transformers(tmp_path):
     md = (out / "long.md").read_text()
     assert "**1024 tokens**" in md and "![prefill" in md and "## Targets" in md
     names = [t["name"] for t in result["targets"]]
+    growth = [
+        f"long decode growth {p}" for p in ("v3", "v2", "v3-fused", "v2-fused", "v3-merged", "v2-merged")
+    ]
     assert names == [
         "long prefill 1024",
         "long decode 1024",
+        *growth,
         "long auto 128",
         "long auto 1024",
         "long bytes 1024",
