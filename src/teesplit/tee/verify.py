@@ -856,6 +856,13 @@ class CheckedClient(GPUClient):
             self._check("AttnOut", layer, self._sessions[sid], p, o)
         return o
 
+    def write_kv(self, sid: int, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
+        if self.verifier:  # the session's fingerprints would have to be built from K/V it never saw
+            raise ValueError(
+                "--verify does not support a plan per phase (a prefill's K/V uploaded to a session)"
+            )
+        super().write_kv(sid, layer, k, v, pos)
+
     def open_session(self, batch: int, max_tokens: int) -> int:
         if not self.verify:
             return super().open_session(batch, max_tokens)
