@@ -228,7 +228,8 @@ def _measure_length(runs, client, prompt, n_new, chunk, rows, quick, ctx) -> Non
             **p[-1],
             "prefill_s": float(np.median([x["prefill_s"] for x in p])),
             "prefill_cpu_s": float(np.median([x["prefill_cpu_s"] for x in p])),
-            "prefill_rounds": len(p),
+            "prefill_rounds_s": [x["prefill_s"] for x in p],
+            "prefill_rounds_cpu_s": [x["prefill_cpu_s"] for x in p],
             "decode_ms": 1000 * float(np.median([w for w, _ in run.steps])),
             # the mean: a child's CPU time comes in 10 ms clock ticks, which a median would keep
             "decode_cpu_ms": 1000 * float(np.mean([c for _, c in run.steps])),
