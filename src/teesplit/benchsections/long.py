@@ -228,6 +228,9 @@ def _measure_length(runs, client, prompt, n_new, chunk, rows, quick, ctx) -> Non
             **p[-1],
             "prefill_s": float(np.median([x["prefill_s"] for x in p])),
             "prefill_cpu_s": float(np.median([x["prefill_cpu_s"] for x in p])),
+            # the first round's growth: later rounds reuse what an earlier one freed
+            "rss_tee": max(x["rss_tee"] for x in p),
+            "rss_gpu": max(x.get("rss_gpu") or 0 for x in p) if "rss_gpu" in p[0] else None,
             "prefill_rounds_s": [x["prefill_s"] for x in p],
             "prefill_rounds_cpu_s": [x["prefill_cpu_s"] for x in p],
             "decode_ms": 1000 * float(np.median([w for w, _ in run.steps])),
