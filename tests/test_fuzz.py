@@ -116,6 +116,7 @@ def _warm_up(peer: Peer) -> None:
                 sid,
             ),
             ("AttnOut", {"layer": 0}, [np.full((1, H, 3, 3), 1 / 3, np.float32)], sid),
+            ("WriteKV", {"layer": 1}, [np.ones((1, HKV, 3, D), np.float32)] * 2 + [pos], sid),
             ("Ping", {"reply_bytes": 1 << 20}, [], None),
             ("CloseSession", {}, [], sid),
             # The private plans' integers are made on first use: before the memory baseline.
@@ -261,6 +262,12 @@ def cases(draw, live_sid: int):
                 "init_version",
                 "garbage_frames",
                 "ring",
+                "writekv_shape",
+                "writekv_nonfinite",
+                "writekv_positions",
+                "writekv_dtypes",
+                "writekv_session",
+                "writekv_layer",
             ]
         )
     )
@@ -425,10 +432,58 @@ def cases(draw, live_sid: int):
         return pack(header("Init", {"version": v}, [], rid)), {"bad_version"}, rid
     if kind == "ring":
         return draw(ring_case(rid))
+    if kind.startswith("writekv"):
+        return _write_kv_case(draw, kind, rid, live_sid)
     if kind == "garbage_frames":  # a plausible header, then random frames
         frames = draw(st.lists(st.binary(max_size=300), min_size=1, max_size=4))
         return pack(header("Linear", lin, [desc], rid), *frames), {"bad_tensor", "bad_message"}, rid
     raise AssertionError(kind)
+
+
+def _write_kv_case(draw, kind: str, rid: int, live_sid: int):
+    """WriteKV against the live session (batch 1, 64 tokens): every case is refused before
+    anything is written, so the session stays as it was for the next."""
+    T = draw(st.integers(1, 4))
+    k = v = np.ones((1, HKV, T, D), np.float32)
+    pos = np.zeros(1, np.int64)
+    args, sid, codes = {"layer": 0}, live_sid, {"bad_tensor"}
+    if kind == "writekv_shape":
+        shape = draw(
+            st.lists(st.integers(1, 5), min_size=1, max_size=5).filter(
+                lambda s: len(s) != 4 or s[0] != 1 or s[1] != HKV or s[3] != D
+            )
+        )
+        bad = np.ones(shape, np.float32)
+        k, v = (bad, v) if draw(st.booleans()) else (k, bad)
+    elif kind == "writekv_nonfinite":
+        bad = np.ones((1, HKV, T, D), np.float32)
+        bad.flat[draw(st.integers(0, bad.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        k, v = (bad, v) if draw(st.booleans()) else (k, bad)
+    elif kind == "writekv_positions":
+        choice = draw(st.sampled_from(["gap", "negative", "past_max", "dtype", "shape"]))
+        if choice == "gap":  # at most 2 positions cached (the raw loop's template): 3 leaves a gap
+            pos, codes = np.array([draw(st.integers(3, 2**62))], np.int64), {"bad_args"}
+        elif choice == "negative":
+            pos, codes = np.array([draw(st.integers(-(2**63), -1))], np.int64), {"bad_args"}
+        elif choice == "past_max":  # 64 tokens per sequence in the live session
+            k = v = np.ones((1, HKV, 65, D), np.float32)
+            codes = {"too_large"}
+        elif choice == "dtype":
+            pos = np.zeros(1, np.float32)
+        else:
+            pos = np.zeros(draw(st.integers(2, 4)), np.int64)
+    elif kind == "writekv_dtypes":
+        v = v.astype(np.float16)
+        if draw(st.booleans()):
+            k, v = v, k
+    elif kind == "writekv_session":
+        if draw(st.booleans()):
+            sid, codes = None, {"bad_args"}
+        else:
+            sid, codes = draw(bogus_sids.filter(lambda s: s != live_sid)), {"no_session"}
+    else:
+        args, codes = {"layer": draw(layers_bad)}, {"bad_args"}
+    return request(rid, "WriteKV", args, [k, v, pos], sid), codes, rid
 
 
 def _is_map(b: bytes) -> bool:
@@ -464,6 +519,7 @@ def test_structured_malformed_requests_get_the_right_error(server):
 
 def _templates(sid: int) -> list[list[bytes]]:
     x = np.ones((1, 2, E), np.float32)
+    pos = np.zeros(1, np.int64)
     return [
         [bytes(f) for f in frames]
         for frames in (
@@ -484,6 +540,7 @@ def _templates(sid: int) -> list[list[bytes]]:
             ),
             request(11, "RingDownLMHead", {"bits": 8}, [np.ones((1, 2, F), np.int64), x.astype(np.int64)]),
             request(12, "RingEmbedQKV", {"bits": 16}, [x.astype(np.int64)]),
+            request(13, "WriteKV", {"layer": 0}, [np.ones((1, HKV, 2, D), np.float32)] * 2 + [pos], sid),
         )
     ]
 

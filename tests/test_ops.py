@@ -247,3 +247,118 @@ def test_dynamic_rope_long_context_within_float32_angle_rounding():
     for positions in prompts:
         compare_rotary(ours, ref, positions, max_ulp=4, angle_ulps=4)
         assert ours.max_seq_len_cached == int(ref.max_seq_len_cached)
+
+
+# --- blockwise attention -------------------------------------------------------------------------
+
+
+def reference_attention(q, k, v, pos, window):
+    """softmax(q kᵀ / sqrt(D) + mask) v with repeat_kv and a full additive mask, in float64."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    S = k.shape[2]
+    k64, v64 = np.repeat(k, G, axis=1).astype(np.float64), np.repeat(v, G, axis=1).astype(np.float64)
+    scores = q.astype(np.float64) @ k64.transpose(0, 1, 3, 2) * D**-0.5
+    hidden = reference_hidden(pos, T, S, window)[:, None]  # (B, 1, T, S)
+    scores = np.where(hidden, -np.inf, scores)
+    m = scores.max(-1, keepdims=True)
+    e = np.exp(scores - np.where(np.isfinite(m), m, 0))
+    p = e / np.maximum(e.sum(-1, keepdims=True), 1e-300)
+    return (p @ v64).transpose(0, 2, 1, 3).reshape(B, T, H * D), p
+
+
+def reference_hidden(pos, T, S, window):
+    q_pos = np.asarray(pos)[:, None] + np.arange(T)  # (B, T)
+    k_pos = np.arange(S)
+    hidden = k_pos > q_pos[:, :, None]
+    if window is not None:
+        hidden |= q_pos[:, :, None] - k_pos >= window
+    return hidden
+
+
+ATTENTION_CASES = {
+    # name: (pos per row, T, window, query_block, key_block_scores)
+    "prefill-one-block": ([0], 7, None, 64, 1 << 20),
+    "prefill-many-blocks": ([0], 23, None, 4, 2 * 4 * 5),  # key blocks of 5 keys
+    "chunk-after-cache": ([9], 13, None, 4, 2 * 4 * 3),
+    "ragged-rows": ([0, 5, 11], 9, None, 4, 2 * 4 * 4),
+    "decode-ragged": ([3, 17, 9], 1, None, 64, 2 * 5),
+    "window-prefill": ([0], 29, 6, 4, 2 * 4 * 3),
+    "window-ragged-decode": ([20, 4, 13], 1, 6, 64, 2 * 3),
+    "window-ragged-chunk": ([12, 0], 11, 5, 3, 2 * 3 * 2),
+    # A decode step over a long cache: K qᵀ, and P V in blocks of keys (few query rows).
+    "decode-long": ([2600, 2400], 1, None, 64, 1 << 20),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_grouped_attention_blockwise_matches_full_softmax(case):
+    pos, T, window, qb, kbs = ATTENTION_CASES[case]
+    B, H, Hkv, D = len(pos), 4, 2, 8
+    S = max(pos) + T
+    r = rng(11)
+    q = (
+        (r.standard_normal((B, T, H, D)) * 3).astype(np.float32).transpose(0, 2, 1, 3)
+    )  # a view, as the model's
+    k = (r.standard_normal((B, Hkv, S, D)) * 3).astype(np.float32)
+    v = r.standard_normal((B, Hkv, S, D)).astype(np.float32)
+    layout = ops.attention_layout(np.array(pos), T, window, H // Hkv, query_block=qb, key_block_scores=kbs)
+    scale = np.float32(D**-0.5)
+    with warnings.catch_warnings(), np.errstate(all="raise", under="ignore"):
+        warnings.simplefilter("error")
+        got = ops.grouped_attention(q, k, v, layout, scale)
+    want, p = reference_attention(q, k, v, pos, window)
+    assert got.dtype == np.float32 and got.shape == (B, T, H * D)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+    # The v3 path: full scores from the GPU, masked block by block, the same probabilities.
+    scores = np.ascontiguousarray(q) @ np.repeat(k, H // Hkv, axis=1).transpose(0, 1, 3, 2)
+    probs = ops.masked_scaled_softmax(scores, scale, layout)
+    np.testing.assert_allclose(probs, p, atol=1e-6)
+    additive = np.where(reference_hidden(pos, T, S, window), np.float32(-np.inf), np.float32(0))[:, None]
+    np.testing.assert_array_equal(probs, ops.scaled_softmax(scores, scale, additive))
+
+
+def test_attention_layout_skips_hidden_blocks_and_masks_only_cut_ones():
+    layout = ops.attention_layout(
+        np.array([0]), 256, None, group=3, query_block=64, key_block_scores=3 * 64 * 32
+    )
+    assert [(b.start, b.stop) for b in layout] == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    last = layout[-1]  # keys [0, 193) are visible to all of its queries; the diagonal is cut
+    assert [(kb.start, kb.stop, kb.hidden is None) for kb in last.keys] == [
+        *((s, min(s + 32, 193), True) for s in range(0, 193, 32)),
+        (193, 225, False),
+        (225, 256, False),
+    ]
+    assert all(kb.stop <= b.stop for b in layout for kb in b.keys)  # nothing above the diagonal
+    window = ops.attention_layout(np.array([1000]), 1, 100, group=3)
+    assert [(kb.start, kb.stop, kb.hidden) for kb in window[0].keys] == [(901, 1001, None)]
+
+
+def test_grouped_attention_sees_nothing_gives_zeros():
+    # Keys of a ragged row beyond its own length are hidden; a query with no visible key
+    # (not reachable from the model, which always sees its own token) still gives zeros.
+    q = np.ones((1, 2, 1, 4), np.float32)
+    k = np.ones((1, 1, 3, 4), np.float32)
+    hidden = np.ones((1, 1, 1, 3), bool)
+    layout = (ops.QueryBlock(0, 1, (ops.KeyBlock(0, 3, hidden),), 0, 3),)
+    with np.errstate(all="raise", under="ignore"):
+        got = ops.grouped_attention(q, k, k, layout, np.float32(0.5))
+    assert got.shape == (1, 1, 8) and np.all(got == 0)
+
+
+def test_silu_mul_by_row_blocks_is_bit_for_bit_the_whole_array_product():
+    # A prefill-sized gate|up (more elements than one block), as views of one (B, T, 2F) array.
+    F = 96
+    z = (rng(12).standard_normal((2, 1500, 2 * F)) * 8).astype(np.float32)
+    r = rng(13).random((2, 1500, 1)).astype(np.float32)
+    b = rng(14).standard_normal(2 * F).astype(np.float32)
+    whole = ops.silu(z[..., :F]) * z[..., F:]
+    assert np.array_equal(ops.silu_mul(z[..., :F], z[..., F:]), whole)
+    y = r * z + b
+    assert np.array_equal(ops.scaled_silu_mul(r, z, b), ops.silu(y[..., :F]) * y[..., F:])
+    y = r * z
+    assert np.array_equal(ops.scaled_silu_mul(r, z), ops.silu(y[..., :F]) * y[..., F:])
+    one = ops.scaled_silu_mul(r[:1, :1], z[:1, :1], b)  # a decode step: one row, no blocks
+    assert np.array_equal(
+        one, ops.silu((r[:1, :1] * z[:1, :1] + b)[..., :F]) * (r[:1, :1] * z[:1, :1] + b)[..., F:]
+    )

@@ -116,6 +116,11 @@ def test_merged_plans_and_narrow_wire_are_refused(ckpt):
     model = TEELlamaModel(_client(ckpt), get_plan("v3-merged"))
     with pytest.raises(ValueError, match="--verify supports the plans"):
         model.forward(np.array([PROMPT]), model.new_cache())
+    model = TEELlamaModel(_client(ckpt), get_plan("v2-fused"), decode_plan=get_plan("v3-fused"))
+    cache = model.new_cache(1, 32)
+    model.forward(np.array([PROMPT]), cache)
+    with pytest.raises(ValueError, match="plan per phase"):  # a session whose K/V it never checked
+        model.for_decode(cache)
     handler, _ = build_service(ckpt, "cpu", "float32", progress=False)
     with pytest.raises(ValueError, match="float32 on the wire"):
         VerifiedPort(

@@ -24,7 +24,7 @@ from typing import Any
 import teesplit
 from teesplit.errors import UsageError
 from teesplit.protocol import WIRE_DTYPES, ProtocolError, RemoteError
-from teesplit.tee.assemble import DEFAULT_ADDRESS
+from teesplit.tee.assemble import DEFAULT_ADDRESS, DEFAULT_PREFILL_CHUNK
 
 EXIT_USAGE, EXIT_REMOTE, EXIT_INTEGRITY, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 3, 4, 70, 130
 
@@ -59,6 +59,7 @@ def runner_settings(args: argparse.Namespace, model_dir: Path, **extra):
         weights_manifest=args.weights_manifest,
         pad_pool=args.pad_pool,
         private_weights=args.private_weights,
+        prefill_chunk=args.prefill_chunk or None,
         device=args.device,
         dtype=args.dtype,
         log=say,
@@ -284,10 +285,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tokenizer.encode(t) for t in texts]
-    context = max(len(p) for p in prompts) + params.max_new_tokens // 2
-    models = build.connect(auto_context=context, auto_top_k=candidates_needed(params))
+    phases = (max(len(p) for p in prompts), params.max_new_tokens)
+    models = build.connect(auto_top_k=candidates_needed(params), auto_phases=phases)
     try:
-        gens = [Generator(m, tokenizer) for m in models]
+        gens = [Generator(m, tokenizer, prefill_chunk=build.settings.prefill_chunk) for m in models]
         if len(prompts) == 1:
             results = [gens[0].generate(prompts[0], params, on_text=_print_stream)]
             print(flush=True)
@@ -321,8 +322,11 @@ def _print_stream(text: str) -> None:
 
 
 def format_stats(stats: dict[str, Any]) -> str:
+    plan = stats["plan"]
+    if stats.get("decode_plan", plan) != plan:
+        plan += f" then {stats['decode_plan']}"
     rows = [
-        f"plan {stats['plan']}: {len(stats['prompt_tokens'])} prompt tokens, "
+        f"plan {plan}: {len(stats['prompt_tokens'])} prompt tokens, "
         f"{len(stats['tokens'])} generated ({stats['finish_reason']})"
     ]
     rows.append(
@@ -473,7 +477,11 @@ def cmd_api(args: argparse.Namespace) -> int:
     local = ModelConfig.from_dir(model_dir)
     build = assembly(args, model_dir)
     engine = Engine(
-        lambda: build.connect()[0], tokenizer, max_batch=args.max_batch, max_waiting=args.max_waiting
+        lambda: build.connect()[0],
+        tokenizer,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        prefill_chunk=build.settings.prefill_chunk,
     )
     try:  # connect now to fail early on a wrong model; an unreachable server is retried per request
         engine.connect()
@@ -610,11 +618,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model_dir = resolve(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     context = ModelConfig.from_dir(model_dir).max_position_embeddings
-    model = assembly(args, model_dir).connect()[0]
+    build = assembly(args, model_dir)
+    model = build.connect()[0]
     if sys.stdin.isatty():
         import readline  # noqa: F401 - line editing and history for input()
     try:
-        session = ChatSession(Generator(model, tokenizer), params, context, args.system)
+        generator = Generator(model, tokenizer, prefill_chunk=build.settings.prefill_chunk)
+        session = ChatSession(generator, params, context, args.system)
 
         def write(text: str) -> None:
             sys.stdout.write(text)
@@ -735,6 +745,14 @@ def add_runner_args(sp: argparse.ArgumentParser, default_plan: str) -> None:
         help="private plans: tokens made ahead, per crossing, of one-time pads (private-otp, by this "
         "runner) or of shares multiplied by the second server (private-2party); 0: none "
         "(default %(default)s)",
+    )
+    sp.add_argument(
+        "--prefill-chunk",
+        type=_non_negative_int,
+        default=DEFAULT_PREFILL_CHUNK,
+        metavar="N",
+        help="prefill a prompt N tokens per forward pass, so both sides' memory for it is bounded by "
+        "N x context (0: the whole prompt in one pass; default %(default)s)",
     )
     sp.add_argument(
         "--private-weights",

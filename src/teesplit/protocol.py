@@ -46,6 +46,10 @@ T tokens, S cached + new tokens, E hidden, N output features, V vocabulary, K to
                  writes the rotated k at pos, returns q Kᵀ -> t [scores (B, H, T, S)],
                  S = max(pos) + T
     AttnOut      sid, args {layer} t [p (B, H, T, S)]    -> t [o_proj(p V) (B, T, E)]
+    WriteKV      sid, args {layer} t [k (B, Hkv, T, D), v (B, Hkv, T, D), pos (B,) i64] -> res {}
+                 writes rotated keys and values the runner computed itself (a prefill in v2
+                 placement) at pos, so decode can go on in v3 placement; pos as for
+                 AttnScores (no gaps), k and v finite and of one float wire dtype
     OpenSession  args {batch, max_tokens}                -> res {sid, kv_bytes_per_token}
     CloseSession sid                                     -> res {}
 
@@ -180,6 +184,8 @@ OPS: dict[str, OpSpec] = {
     "GateUp": OpSpec(_LAYER, (1, 1), f32=True, float_weights=True),
     "AttnScores": OpSpec(_LAYER, (3, 4), session="required", f32=True, float_weights=True),
     "AttnOut": OpSpec(_LAYER, (1, 1), session="required", f32=True, float_weights=True),
+    # k, v, positions: K/V the runner computed (a prefill in v2 placement) for v3 decode
+    "WriteKV": OpSpec(_LAYER, (3, 3), session="required", reply="as_is"),
     "OpenSession": OpSpec(
         {"batch": (int, True), "max_tokens": (int, True)}, f32=True, reply="as_is", compute=False
     ),

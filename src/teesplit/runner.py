@@ -73,7 +73,7 @@ class Runner:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         assembly = Assembly(settings, local=lambda _i: local_service(model_dir, device, dtype))
         self.model = assembly.connect()[0]
-        self._generator = Generator(self.model, self.tokenizer)
+        self._generator = Generator(self.model, self.tokenizer, prefill_chunk=settings.prefill_chunk)
 
     def _ids(self, prompt: str | list[int], chat: bool) -> list[int]:
         if not isinstance(prompt, str):

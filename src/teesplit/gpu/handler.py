@@ -435,6 +435,12 @@ class RequestHandler:
     def attn_out(self, c: Call) -> Any:
         return self.service.attn_out(c.session, c.args["layer"], c.tensors[0])
 
+    @operation("WriteKV")
+    def write_kv(self, c: Call) -> Reply:
+        k, v, pos = c.tensors
+        self.service.write_kv(c.session, c.args["layer"], k, v, pos)
+        return Reply({})
+
     @operation("EmbedQKV")
     def embed_qkv(self, c: Call) -> Any:
         t = c.tensors

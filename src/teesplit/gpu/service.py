@@ -96,6 +96,33 @@ def _numpy_attention(session: Session, *operands: np.ndarray) -> bool:
     return kv is not None and kv.dtype == _F32 and all(o.dtype == _F32 for o in operands)
 
 
+# A decode step's attention products have G T (3 for SmolLM2) rows against thousands of cached
+# positions: a shape where OpenBLAS's q Kᵀ packs all of K first and runs at a third of the
+# speed of K qᵀ (2,048 positions, 30 layers in turn, caches cold: 496 against 169 µs a layer),
+# and its P V slows down past 4,096 positions (8,000: 1,221 µs a layer, 579 in blocks of 1,024).
+# Both stay one product at small sizes, where either way costs a few µs.
+_FEW_ROWS = 16
+_PV_BLOCK = 1024
+
+
+def _q_kt(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """q (N, R, D) @ keys (N, S, D)ᵀ -> (N, R, S) float32, a new contiguous array."""
+    if q.shape[1] > _FEW_ROWS:
+        return np.matmul(q, keys.transpose(0, 2, 1))
+    return np.ascontiguousarray(np.matmul(keys, q.transpose(0, 2, 1)).transpose(0, 2, 1))
+
+
+def _p_v(p: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """p (N, R, S) @ values (N, S, D) -> (N, R, D), in blocks of positions for few rows."""
+    S = p.shape[2]
+    if p.shape[1] > _FEW_ROWS or S <= _PV_BLOCK:
+        return np.matmul(p, values)
+    out = np.matmul(p[:, :, :_PV_BLOCK], values[:, :_PV_BLOCK])
+    for s0 in range(_PV_BLOCK, S, _PV_BLOCK):
+        out += np.matmul(p[:, :, s0 : s0 + _PV_BLOCK], values[:, s0 : s0 + _PV_BLOCK])
+    return out
+
+
 def _float_dtype(x: np.ndarray, what: str) -> str:
     name = _FLOAT_NAMES.get(x.dtype)
     if name is not None:
@@ -545,7 +572,7 @@ class GPUComputeService:
         if _numpy_attention(session, q, k):
             S = self._write(session, 0, layer, k, pk, "AttnScores")
             keys_np = session.kv_np[0, layer, :, :, :S].reshape(BH, S, D)  # a view: (B, Hkv) merge
-            return np.matmul(q.reshape(BH, GT, D), keys_np.transpose(0, 2, 1)).reshape(B, c.num_heads, T, S)
+            return _q_kt(q.reshape(BH, GT, D), keys_np).reshape(B, c.num_heads, T, S)
         S = self._write(session, 0, layer, to_torch(k, self.device, session.dtype), pk, "AttnScores")
         keys = session.kv[0, layer, :, :, :S].reshape(BH, S, D)  # a view: (B, Hkv) merge
         qt = to_torch(q, self.device, keys.dtype).reshape(BH, GT, D)  # query head h reads kv h // G
@@ -573,7 +600,7 @@ class GPUComputeService:
         BH, GT = B * c.num_kv_heads, c.num_heads // c.num_kv_heads * T
         if _numpy_attention(session, p):
             values_np = session.kv_np[1, layer, :, :, :S].reshape(BH, S, c.head_dim)
-            o_np = np.matmul(p.reshape(BH, GT, S), values_np)  # (B Hkv, G T, D), i.e. (B, H, T, D)
+            o_np = _p_v(p.reshape(BH, GT, S), values_np)  # (B Hkv, G T, D), i.e. (B, H, T, D)
             # (B, H, T, D) -> (B, T, H D); with T = 1 numpy returns a view of the same memory
             o_np = o_np.reshape(B, c.num_heads, T, c.head_dim).transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)
             if self.numpy_products:
@@ -592,6 +619,38 @@ class GPUComputeService:
         w = self._w(lw.weight["o_proj"])
         o = F.linear(o if o.dtype == w.dtype else o.to(w.dtype), w, self._w(lw.bias.get("o_proj")))
         return self._reduce(o)
+
+    def write_kv(
+        self, session: Session | None, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray
+    ) -> tuple:
+        """Write rotated keys and values (B, Hkv, T, D) the runner computed at pos (B,) into the
+        session's cache of `layer`: a prefill done in v2 placement, handed to v3 decode. All
+        checks come before the first write, so a refused request changes nothing."""
+        if session is None:
+            raise _bad("WriteKV: needs a session (sid)", "bad_args")
+        self._layer(layer, "WriteKV")
+        c = self.config
+        B = session.batch
+        if _float_dtype(k, "WriteKV k") != _float_dtype(v, "WriteKV v"):
+            raise _bad(f"WriteKV: k and v differ in dtype ({k.dtype} vs {v.dtype})")
+        T = k.shape[2] if k.ndim == 4 else 0
+        if k.shape != (B, c.num_kv_heads, T, c.head_dim) or v.shape != k.shape or T < 1:
+            raise _bad(
+                f"WriteKV: expected k and v of shape (B={B}, {c.num_kv_heads}, T >= 1, {c.head_dim}), "
+                f"got {k.shape} and {v.shape}"
+            )
+        p = self._check_positions(session, session.k_len, layer, pos, T, "WriteKV")
+        self._check_positions(session, session.v_len, layer, pos, T, "WriteKV")
+        self._checked()
+        # As they will be stored (a float16 cache can overflow to Inf); _write checks each again,
+        # but only when its turn comes, after the other one was written.
+        kt, vt = (to_torch(x, self.device, session.dtype) for x in (k, v))
+        finite = bool(torch.isfinite(kt).all()) and bool(torch.isfinite(vt).all())
+        if not self._agree(finite):  # every rank of a tensor-parallel group refuses, or none
+            raise _bad(f"WriteKV: NaN or Inf in the keys or values for session {session.sid}; refused")
+        self._write(session, 0, layer, kt, p, "WriteKV")
+        self._write(session, 1, layer, vt, p, "WriteKV")
+        return ()
 
     def _write(
         self,

@@ -521,6 +521,24 @@ def _split_attn_scores(s: ShardedService, c: Call) -> Call:
     return _sliced(c, 1, _head_slice(s.plan, k, kv=True))
 
 
+def _split_write_kv(s: ShardedService, c: Call) -> Call:
+    """WriteKV: k and v (B, Hkv, T, D) -> this rank's KV heads, checked against the whole model."""
+    k, v = c.tensors[:2]
+    cfg = s.plan.config
+    s._layer(c.args["layer"], "WriteKV")
+    if _float_dtype(k, "WriteKV k") != _float_dtype(v, "WriteKV v"):
+        raise ProtocolError(f"WriteKV: k and v differ in dtype ({k.dtype} vs {v.dtype})", "bad_tensor")
+    B, T = c.session.batch, (k.shape[2] if k.ndim == 4 else 0)
+    if k.shape != (B, cfg.num_kv_heads, T, cfg.head_dim) or v.shape != k.shape or T < 1:
+        raise ProtocolError(
+            f"WriteKV: expected k and v of shape (B={B}, {cfg.num_kv_heads}, T >= 1, {cfg.head_dim}), "
+            f"got {k.shape} and {v.shape}",
+            "bad_tensor",
+        )
+    c = _sliced(c, 0, _head_slice(s.plan, k, kv=True))
+    return _sliced(c, 1, _head_slice(s.plan, v, kv=True))
+
+
 def _split_p(s: ShardedService, c: Call) -> Call:
     """AttnOut and AttnOutGateUp: p (B, H, T, S) -> this rank's heads."""
     p, layer, cfg = c.tensors[0], c.args["layer"], s.plan.config
@@ -606,6 +624,7 @@ SHARDING: dict[str, Sharding | None] = {
     "GateUp": Sharding(_split_gate_up, _combine_gate_up),
     "AttnScores": Sharding(_split_attn_scores, _combine_heads),
     "AttnOut": Sharding(_split_p, _combine_own),
+    "WriteKV": Sharding(_split_write_kv, _combine_own),
     "EmbedQKV": Sharding(None, _combine_with_qkv),
     "DownQKV": Sharding(_split_down_qkv, _combine_with_qkv),
     "DownLMHead": Sharding(_split_down_lm_head, _combine_down_lm_head),

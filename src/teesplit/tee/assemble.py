@@ -34,6 +34,7 @@ from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import Plan, get_plan
 from teesplit.transport import open_transport
 
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per forward pass (BENCHMARKS.md, section long)
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 # What a model has to agree on with the server that serves it (the tokenizer is local).
 SAME_MODEL_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
@@ -67,6 +68,9 @@ class RunnerSettings:
     weights_manifest: str | None = None
     pad_pool: int = 32  # private plans: pads (otp) or server b's shares (2party) made ahead, in tokens
     private_weights: str = "int16"  # private plans: the integer weights the GPU multiplies by
+    # Prompt tokens per forward pass (None: a whole prompt in one): both sides' memory for a
+    # prefill is bounded by chunk x context.
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     connections: int = 1  # models over their own connections (--pipeline: 2)
     device: str = "auto"  # --server local: the GPU service's device and dtype
     dtype: str = "auto"
@@ -118,6 +122,8 @@ class RunnerSettings:
             raise UsageError("timeout must be > 0, retries and pad pool >= 0, connections >= 1")
         if not self.connect_timeout_s > 0:
             raise UsageError("the connect timeout must be > 0")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise UsageError(f"--prefill-chunk must be at least 1 token (0: none), got {self.prefill_chunk}")
         if self.private_weights not in ("int16", "int8"):
             raise UsageError(f"--private-weights must be int16 or int8, got {self.private_weights!r}")
 
@@ -211,10 +217,17 @@ class Assembly:
             verifier=self._verifiers.get(index),
         )
 
-    def connect(self, auto_context: int | None = None, auto_top_k: int | None = -1) -> list[TEELlamaModel]:
+    def connect(
+        self,
+        auto_context: int | None = None,
+        auto_top_k: int | None = -1,
+        auto_phases: tuple[int, int] | None = None,
+    ) -> list[TEELlamaModel]:
         """Fresh connection(s) and a model on each: one per `connections`, or one model over the
         two servers of private-2party. `auto_context`, `auto_top_k`: what `--plan auto` chooses
-        for, when the caller knows better than the settings (the prompts' lengths)."""
+        for, when the caller knows better than the settings (the prompts' lengths). With
+        `auto_phases` (prompt tokens, new tokens) it chooses a plan per phase (prefill, decode)
+        for such requests; without, one plan for both (the API's batches share one plan)."""
         s = self.settings
         if self.plan is not None and self.plan.private is not None:
             ports = [self._port(i, a) for i, a in enumerate(s.servers)]
@@ -238,7 +251,12 @@ class Assembly:
         if self.plan is None:
             context = s.auto_context if auto_context is None else auto_context
             top_k = s.auto_top_k if auto_top_k == -1 else auto_top_k
-            self.choice = choose_plan(models, context, top_k, s.wire_dtype, self._say)
+            if auto_phases is not None:
+                self.choice = choose_phases(
+                    models, *auto_phases, s.prefill_chunk, top_k, s.wire_dtype, self._say
+                )
+            else:
+                self.choice = choose_plan(models, context, top_k, s.wire_dtype, self._say)
         return models
 
     def _model(self, port, index: int) -> TEELlamaModel:
@@ -286,6 +304,35 @@ def choose_plan(
     say(
         f"plan auto: link rtt {link.rtt_s * 1e6:.0f} µs, up {link.up_bytes_per_s / 1e6:.0f} MB/s, "
         f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {choice.plan.name}, wire {choice.wire_dtype}"
+    )
+    return choice
+
+
+def choose_phases(
+    models: list[TEELlamaModel],
+    prompt_tokens: int,
+    new_tokens: int,
+    chunk: int | None,
+    top_k: int | None,
+    wire_dtype: str | None,
+    say: Callable[[str], None],
+):
+    """--plan auto for known requests: measure once, pick a plan per phase (prefill, decode) and
+    the wire dtype, apply to every model; returns the choice (tee.adaptive.PhaseChoice)."""
+    from teesplit.tee.adaptive import choose_phases as choose
+
+    wires = (wire_dtype,) if wire_dtype else ("float32", "float16")
+    choice = choose(models[0].gpu, models[0].config, prompt_tokens, new_tokens, chunk, top_k, wires)
+    for m in models:
+        m.plan, m.decode_plan = choice.prefill, choice.decode
+        m.gpu.wire_dtype = choice.wire_dtype
+    link = choice.link
+    plans = choice.prefill.name
+    if choice.decode is not choice.prefill:
+        plans += f" then {choice.decode.name}"
+    say(
+        f"plan auto: link rtt {link.rtt_s * 1e6:.0f} µs, up {link.up_bytes_per_s / 1e6:.0f} MB/s, "
+        f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {plans}, wire {choice.wire_dtype}"
     )
     return choice
 

@@ -360,6 +360,18 @@ class GPUClient:
             "AttnOut", {"layer": layer}, (self._wire(p),), (B, T, self.config.hidden_size), sid
         )
 
+    def write_kv(self, sid: int, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
+        """Store rotated keys and values (B, Hkv, T, D) computed here at pos (B,) in the session's
+        cache of `layer` (a prefill in v2 placement handed to v3 decode)."""
+        tensors = (
+            self._wire(np.ascontiguousarray(k, np.float32)),
+            self._wire(np.ascontiguousarray(v, np.float32)),
+            np.asarray(pos, np.int64),
+        )
+        _, out = self.call("WriteKV", {"layer": layer}, tensors, sid)
+        if out:
+            raise ProtocolError(f"WriteKV: expected no tensors in the reply, got {len(out)}")
+
     # ---- merged operations: z = W (w ⊙ x) comes back unscaled; see protocol.py -------------
     def _qkv_width(self, sid: int | None) -> int:
         c = self.config

@@ -218,6 +218,7 @@ class Batch:
         rows: list[Row],
         compact_logits: bool = True,
         max_recoveries: int = 3,
+        prefill_chunk: int | None = None,
     ):
         if not rows or any(len(r.prompt) == 0 for r in rows):
             raise UsageError("the prompt is empty")
@@ -225,6 +226,7 @@ class Batch:
         self.rows = rows
         self.compact_logits = compact_logits  # top-k logits only, when sampling can do with them
         self.max_recoveries = max_recoveries
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (None: the whole prompt)
         self.recoveries = 0  # lost GPU sessions rebuilt
         self.cache = model.new_cache(len(rows), max_tokens=session_tokens(rows))
 
@@ -253,13 +255,16 @@ class Batch:
         return max(need)
 
     def _forward(self, ids: np.ndarray, n_new: np.ndarray):
-        """model.forward; if the server lost the session (it restarted or expired it), open a new
-        one, replay every row's tokens fed so far plus these new ones, and return that result."""
+        """model.prefill (in chunks of prefill_chunk tokens; a decode step is one token); if the
+        server lost the session (it restarted or expired it), open a new one, replay every row's
+        tokens fed so far plus these new ones, and return that result."""
         top_k = self._top_k()
         while True:
             fed = self.cache.lengths + n_new  # each row's tokens once this step is done
             try:
-                return self.model.forward(ids, self.cache, n_new=n_new, top_k=top_k)
+                out = self.model.prefill(ids, self.cache, n_new, self.prefill_chunk, top_k)
+                self.cache = self.model.for_decode(self.cache)  # a plan per phase: see TEELlamaModel
+                return out
             except RemoteError as e:
                 if e.code != "no_session" or self.recoveries >= self.max_recoveries:
                     raise

@@ -51,6 +51,7 @@ class Generator:
         eos_token_ids: set[int] | None = None,
         compact_logits: bool = True,
         max_recoveries: int = 3,
+        prefill_chunk: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -58,6 +59,7 @@ class Generator:
         # Ask the GPU for only the top-k logits when sampling cannot use more (greedy, top-k).
         self.compact_logits = compact_logits
         self.max_recoveries = max_recoveries  # lost GPU sessions rebuilt per generation
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (None: the whole prompt)
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None
@@ -80,7 +82,7 @@ class Generator:
         gpu = self.model.gpu
         retried0 = getattr(gpu, "retried", 0)
         # Opening and closing a GPU session are one round trip each, outside the measured phases.
-        batch = Batch(self.model, rows, self.compact_logits, self.max_recoveries)
+        batch = Batch(self.model, rows, self.compact_logits, self.max_recoveries, self.prefill_chunk)
         steps = 0  # decode forward passes
         reachable = True
         m0, t0 = gpu.metrics.copy(), time.perf_counter()
@@ -98,6 +100,7 @@ class Generator:
             batch.close(reachable)
         shared = {
             "plan": self.model.plan.name,
+            "decode_plan": self.model.decode_plan.name,  # another one: K/V handed over after prefill
             "batch": len(rows),
             "recoveries": batch.recoveries,
             "retries": getattr(gpu, "retried", 0) - retried0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ F32 = np.float32
 # in its comments, so the results are bit for bit the same. They never write into their inputs:
 # a verifying client keeps references to arrays sent and received until it checks them.
 _LOWEST = np.finfo(F32).min
+_NEG_INF = F32(-np.inf)
 _ONE = F32(1)  # making a float32 scalar costs about as much as a small ufunc call
 
 
@@ -83,10 +85,47 @@ def silu(x: np.ndarray) -> np.ndarray:
     return np.divide(f, e, out=f)
 
 
+# Elements per block of the SwiGLU product: silu's seven passes then run over temporaries that
+# stay in L2 instead of streaming a prefill's (T, F) arrays through memory seven times (SmolLM2,
+# 2,048 tokens: 12.4 -> 9.6 ms a layer). Element-wise, so the bits do not change.
+_SILU_BLOCK = 1 << 16
+
+
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up, the SwiGLU product, in one float32 temporary."""
-    y = silu(gate)
-    return np.multiply(y, np.asarray(up, dtype=F32), out=y)
+    """silu(gate) * up, the SwiGLU product, in one float32 temporary (per block of rows)."""
+    gate, up = np.asarray(gate, dtype=F32), np.asarray(up, dtype=F32)
+    if gate.size <= _SILU_BLOCK or gate.ndim < 2:
+        y = silu(gate)
+        return np.multiply(y, up, out=y)
+    return _by_row_blocks(lambda g, u: np.multiply(silu(g), u), gate, up)
+
+
+def scaled_silu_mul(r: np.ndarray, z: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """silu(g) * u for g|u = r z + bias, z (..., 2F), r (..., 1): the merged plans' MLP middle,
+    scaled block by block (the same float32 operations as scaling z whole, then silu_mul)."""
+    F = z.shape[-1] // 2
+
+    def block(zb: np.ndarray, rb: np.ndarray) -> np.ndarray:
+        y = rb * zb
+        if bias is not None:
+            y += bias
+        m = silu(y[..., :F])
+        return np.multiply(m, y[..., F:], out=m)
+
+    if z.size <= 2 * _SILU_BLOCK or z.ndim < 2:
+        return block(z, r)
+    return _by_row_blocks(block, z, np.broadcast_to(r, (*z.shape[:-1], 1)), width=F)
+
+
+def _by_row_blocks(fn, a: np.ndarray, b: np.ndarray, width: int | None = None) -> np.ndarray:
+    """fn over blocks of rows of a and b (..., ·), written into one (..., width) result."""
+    rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # views for prefill slices
+    width = a.shape[-1] if width is None else width
+    out = np.empty((rows_a.shape[0], width), F32)
+    step = max(_SILU_BLOCK // max(width, 1), 1)
+    for i in range(0, rows_a.shape[0], step):
+        out[i : i + step] = fn(rows_a[i : i + step], rows_b[i : i + step])
+    return out.reshape(*a.shape[:-1], width)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -124,6 +163,186 @@ def scaled_softmax(scores: np.ndarray, scale: np.float32, mask: np.ndarray | Non
     x = np.multiply(scores, scale, dtype=F32)
     if mask is not None:
         np.add(x, mask, out=x)
+    np.subtract(x, _row_max(x, -1), out=x)
+    return _softmax_into(x, -1)
+
+
+# --- attention: the causal structure per block, and softmax over key blocks ------------------------
+#
+# A forward pass's attention pattern is known before any layer runs: row b's new tokens sit at
+# positions pos[b] + t, and key s is visible to the query at position p when s <= p (and, for
+# Mistral's sliding window, p - s < window). `attention_layout` turns that into query blocks, each
+# with the key blocks it reads and, only where a block is cut by the pattern, a small boolean mask;
+# every layer reuses it. `grouped_attention` then runs FlashAttention's online softmax over the
+# key blocks in numpy, so its largest temporary is one block of scores, not (B, H, T, S); and
+# `masked_scaled_softmax` masks the full scores a GPU sent back (v3 placement) block by block,
+# without an additive (B, 1, T, S) mask.
+
+# Query tokens per block: the (G Tq, D) x (D, Sk) products run at full BLAS speed from about 64
+# rows of G Tq up, and a smaller block skips more of the hidden upper triangle (measured on
+# SmolLM2's 3 x 3 heads at 2,048 tokens: 64 beat 32, 128 and 256).
+QUERY_BLOCK = 64
+# Scores per block of keys, per (row, KV head): 3 heads x 64 queries x 2,048 keys; a block this
+# size sits in L2 while it is maximized, exponentiated, summed and multiplied (see KEY_BLOCK_ROWS).
+KEY_BLOCK_SCORES = 3 * 64 * 2048
+
+
+@dataclass(frozen=True)
+class KeyBlock:
+    """Keys [start, stop) for one query block; `hidden` (B, 1, Tq, Sk) marks the keys a query
+    may not see, None when every query of the block sees every key of it."""
+
+    start: int
+    stop: int
+    hidden: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class QueryBlock:
+    start: int  # new tokens [start, stop) of every row
+    stop: int
+    keys: tuple[KeyBlock, ...]  # the key blocks some query of the block sees, in order
+    lo: int  # keys outside [lo, hi) are hidden from every query of the block
+    hi: int
+
+
+def attention_layout(
+    pos: np.ndarray,
+    T: int,
+    window: int | None = None,
+    group: int = 1,
+    query_block: int = QUERY_BLOCK,
+    key_block_scores: int = KEY_BLOCK_SCORES,
+) -> tuple[QueryBlock, ...]:
+    """The blocks of a forward pass whose row b's T new tokens start at position pos[b] (B,),
+    over the S = max(pos) + T keys of the cache. `group` (H / Hkv) sizes the key blocks."""
+    pos = np.asarray(pos, np.int64)
+    first, last = int(pos.min()), int(pos.max())
+    blocks = []
+    for t0 in range(0, T, query_block):
+        t1 = min(t0 + query_block, T)
+        q_pos = pos[:, None] + np.arange(t0, t1)  # (B, Tq) the block's query positions
+        lo = 0 if window is None else max(first + t0 - window + 1, 0)
+        hi = last + t1
+        # Keys every query sees lie in [w0, d0): before d0 by causality, from w0 by the window.
+        d0 = first + t0 + 1
+        w0 = 0 if window is None else last + t1 - window
+        cuts = sorted({lo, hi, *(c for c in (d0, w0) if lo < c < hi)})
+        size = max(key_block_scores // (group * (t1 - t0)), 1)
+        keys = []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            for s0 in range(a, b, size):
+                s1 = min(s0 + size, b)
+                if w0 <= s0 and s1 <= d0:
+                    keys.append(KeyBlock(s0, s1, None))
+                    continue
+                k_pos = np.arange(s0, s1)
+                hidden = k_pos > q_pos[:, :, None]  # (B, Tq, Sk)
+                if window is not None:
+                    hidden |= q_pos[:, :, None] - k_pos >= window
+                if not hidden.all():
+                    keys.append(KeyBlock(s0, s1, hidden[:, None] if hidden.any() else None))
+        blocks.append(QueryBlock(t0, t1, tuple(keys), lo, hi))
+    return tuple(blocks)
+
+
+def grouped_attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, layout: tuple[QueryBlock, ...], scale: np.float32
+) -> np.ndarray:
+    """softmax(q kᵀ scale, masked by `layout`) v for grouped heads, query head h reading KV head
+    h // G: q (B, H, T, D), k and v (B, Hkv, S, D) -> (B, T, H D) float32.
+
+    Per query block, q is scaled once (T D products instead of T S) and viewed as (B, Hkv, G Tq,
+    D), so the G query heads of a KV head share one product and K, V are never repeated. Over the
+    key blocks, the online softmax keeps each query's running max m, sum l and unnormalized output:
+    a block's scores are exponentiated in place against the new max, and what came before is
+    rescaled by exp(m_old - m_new). The output is divided by l once, at the end (T D divisions)."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    out = np.empty((B, T, Hkv, G, D), F32)
+    for qb in layout:
+        n = qb.stop - qb.start
+        qs = np.multiply(q[:, :, qb.start : qb.stop], scale, dtype=F32).reshape(B, Hkv, G * n, D)
+        acc = m = total = None
+        for kb in qb.keys:
+            s = _q_kt(qs, k[:, :, kb.start : kb.stop])  # (B, Hkv, G Tq, Sk)
+            if kb.hidden is not None:  # (B, 1, 1, Tq, Sk) against (B, Hkv, G, Tq, Sk)
+                np.copyto(s.reshape(B, Hkv, G, n, -1), _NEG_INF, where=kb.hidden[:, :, None])
+            m_new = np.maximum.reduce(s, axis=-1, keepdims=True)  # (B, Hkv, G Tq, 1)
+            if m is None:
+                m_new = np.maximum(m_new, _LOWEST, out=m_new)  # a fully hidden row: exp(-inf) = 0
+            else:
+                m_new = np.maximum(m_new, m, out=m_new)
+            np.subtract(s, m_new, out=s)
+            with np.errstate(under="ignore", over="ignore"):  # m_old - m_new may pass the lowest float
+                np.exp(s, out=s)
+                pv = _p_v(s, v[:, :, kb.start : kb.stop])  # (B, Hkv, G Tq, D)
+                if acc is None:
+                    acc, total = pv, np.add.reduce(s, axis=-1, keepdims=True)
+                else:
+                    alpha = np.exp(np.subtract(m, m_new, out=m), out=m)  # rescales what came before
+                    np.multiply(acc, alpha, out=acc)
+                    acc += pv
+                    np.multiply(total, alpha, out=total)
+                    total += np.add.reduce(s, axis=-1, keepdims=True)
+            m = m_new
+        dest = out[:, qb.start : qb.stop].transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, Tq, D)
+        if acc is None:  # no key visible to any query of the block
+            dest[...] = 0
+            continue
+        # The max key contributes exp(0) = 1, so l >= 1, or 0 for a query that sees no key:
+        # raising it to 1 returns zeros there, as softmax() does.
+        total = np.maximum(total, _ONE, out=total)
+        np.divide(acc.reshape(B, Hkv, G, n, D), total.reshape(B, Hkv, G, n, 1), out=dest)
+    return out.reshape(B, T, H * D)
+
+
+# A decode step has G Tq (3 for SmolLM2) rows of queries against thousands of keys: a shape
+# where OpenBLAS's q Kᵀ packs all of K first and runs at a third of the speed of K qᵀ (2,048
+# keys, 30 layers in turn, caches cold: 496 against 169 µs a layer), and its P V slows down past
+# 4,096 keys (8,000: 1,221 µs a layer, 579 in blocks of 1,024). The GPU server's numpy path
+# does the same (gpu/service.py); the sides share no code.
+_FEW_ROWS = 16
+_PV_BLOCK = 1024
+
+
+def _q_kt(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """q (..., R, D) @ k (..., S, D)ᵀ -> (..., R, S) float32, a new contiguous array."""
+    if q.shape[-2] > _FEW_ROWS:
+        return np.matmul(q, np.swapaxes(k, -1, -2))
+    return np.ascontiguousarray(np.swapaxes(np.matmul(k, np.swapaxes(q, -1, -2)), -1, -2))
+
+
+def _p_v(p: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """p (..., R, S) @ v (..., S, D) -> (..., R, D), in blocks of keys for few rows."""
+    S = p.shape[-1]
+    if p.shape[-2] > _FEW_ROWS or S <= _PV_BLOCK:
+        return np.matmul(p, v)
+    out = np.matmul(p[..., :_PV_BLOCK], v[..., :_PV_BLOCK, :])
+    for s0 in range(_PV_BLOCK, S, _PV_BLOCK):
+        out += np.matmul(p[..., s0 : s0 + _PV_BLOCK], v[..., s0 : s0 + _PV_BLOCK, :])
+    return out
+
+
+def masked_scaled_softmax(
+    scores: np.ndarray, scale: np.float32, layout: tuple[QueryBlock, ...]
+) -> np.ndarray:
+    """softmax(scores * scale) over the last axis with the keys `layout` hides set to -inf:
+    scores (B, H, T, S) -> probabilities, in one float32 temporary (v3 placement, where the GPU
+    computed the scores). The same result as scaled_softmax with the additive mask, bit for bit."""
+    x = np.multiply(scores, scale, dtype=F32)
+    for qb in layout:
+        rows = x[:, :, qb.start : qb.stop]  # (B, H, Tq, S)
+        rows[..., : qb.lo] = _NEG_INF
+        rows[..., qb.hi :] = _NEG_INF
+        covered = qb.lo
+        for kb in qb.keys:
+            rows[..., covered : kb.start] = _NEG_INF  # a gap: keys no query of the block sees
+            if kb.hidden is not None:
+                np.copyto(rows[..., kb.start : kb.stop], _NEG_INF, where=kb.hidden)
+            covered = kb.stop
+        rows[..., covered : qb.hi] = _NEG_INF
     np.subtract(x, _row_max(x, -1), out=x)
     return _softmax_into(x, -1)
 

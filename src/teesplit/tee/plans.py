@@ -29,6 +29,12 @@ normalized input it always received, times 1/r).
 | v3-merged | as v3 | QKᵀ (+ v from pending), PV + o_proj + gate|up, down + next q|k|v | 3 (3L + 1) |
 | v2-merged | as v2 | o_proj + gate|up, down + next q|k|v                              | 2 (2L + 1) |
 
+A model can run its prefill and its decode with different plans (TEELlamaModel's
+`decode_plan`, chosen per phase by `--plan auto`): a long prompt prefilled in v2 placement
+sends no scores or probabilities across, and when decode keeps K/V in a GPU session
+(v3-fused, v3-merged) the rotated K and V go up once afterwards (WriteKV, one round trip per
+layer). The reverse move, a GPU session's K/V back to the trusted side, is not offered.
+
 The private plans keep v2-merged's placement and round trips, 2L + 1 per token, but the GPU
 sees only masked data (tee/private.py): the embedding is looked up in the trusted side, and
 every merged call gets one-time-padded (private-otp) or secret-shared (private-2party, two

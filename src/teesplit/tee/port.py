@@ -112,6 +112,9 @@ class GPUPort(Protocol):
     ) -> np.ndarray: ...
     def attn_out(self, sid: int, layer: int, p: np.ndarray) -> np.ndarray: ...
 
+    def write_kv(self, sid: int, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
+        """Rotated K/V computed here (a prefill in v2 placement) into the session, for v3 decode."""
+
     # ---- merged operations ---------------------------------------------------------------
     def embed_qkv(
         self, ids: np.ndarray, sid: int | None = None, pos: np.ndarray | None = None

@@ -213,6 +213,7 @@ class Engine:
         max_batch: int = 16,
         max_waiting: int = 256,
         max_recoveries: int = 3,
+        prefill_chunk: int | None = None,
     ):
         if max_batch < 1:
             raise UsageError("max_batch must be >= 1")
@@ -221,6 +222,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.max_recoveries = max_recoveries
+        self.prefill_chunk = prefill_chunk  # a long prompt's memory bounded by chunk x context
         self.model: TEELlamaModel | None = None
         self.metrics = EngineMetrics()
         self.lock = threading.Lock()  # guards metrics and the counts below
@@ -321,7 +323,7 @@ class Engine:
         m0 = model.gpu.metrics.copy()
         batch = None
         try:
-            batch = Batch(model, seqs, max_recoveries=self.max_recoveries)
+            batch = Batch(model, seqs, max_recoveries=self.max_recoveries, prefill_chunk=self.prefill_chunk)
             with self.lock:
                 self.active += len(seqs)
             for s in seqs:

@@ -907,6 +907,13 @@ class VerifiedPort:
             self._check("AttnOut", layer, self._sessions[sid], p, o)
         return o
 
+    def write_kv(self, sid: int, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
+        if self.verify:  # the session's fingerprints would have to be built from K/V it never saw
+            raise UsageError(
+                "--verify does not support a plan per phase (a prefill's K/V uploaded to a session)"
+            )
+        self._rpc(self.inner.write_kv, sid, layer, k, v, pos)
+
     def open_session(self, batch: int, max_tokens: int) -> int:
         sid = self._rpc(self.inner.open_session, batch, max_tokens)
         if self.verify:
