@@ -146,7 +146,8 @@ def test_a_private_plan_keeps_both_phases(ckpt):
     from teesplit.tee.plans import get_plan
 
     model = local_model(ckpt, "v2-fused")
-    model.plan = get_plan("private-otp")  # as if built with its masking client
+    model.gpu.private = True  # as if it were the masking port
+    model.plan = get_plan("private-otp")
     with pytest.raises(ValueError, match="private"):
         model.decode_plan = get_plan("v3-merged")
 
