@@ -478,7 +478,7 @@ def _write_kv_case(draw, kind: str, rid: int, live_sid: int):
             k, v = v, k
     elif kind == "writekv_session":
         if draw(st.booleans()):
-            sid, codes = None, {"bad_args"}
+            sid, codes = None, {"no_session"}  # as for every operation that requires one
         else:
             sid, codes = draw(bogus_sids.filter(lambda s: s != live_sid)), {"no_session"}
     else:
