@@ -8,7 +8,7 @@ import json
 import pytest
 from helpers import make_checkpoint
 
-from teesplit import bench
+from teesplit.bench import run as bench
 
 
 @pytest.mark.slow

@@ -268,6 +268,7 @@ def _requests(sid: int) -> list[list]:
             sid,
         ),
         ("AttnOut", {"layer": 0}, [np.full((1, H, 2, 2), 0.5, np.float32)], sid),
+        ("WriteKV", {"layer": 1}, [np.ones((1, HKV, 2, D), np.float32)] * 2 + [pos], sid),
         ("GateUp", {"layer": 1}, [x.astype(np.float16)], None),
         ("EmbedQKV", {}, [np.array([[1, 2]]), pos], sid),
         ("DownQKV", {"layer": 0}, [np.ones((1, 2, F), np.float32), x], None),
