@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+TESTS = Path(__file__).resolve().parent  # the tests' root: support scripts and fixtures
+
+
 FAMILIES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "gramine" / "teesplit-runner.manifest.template"
+from helpers import TESTS
+
+TEMPLATE = TESTS.parent / "deploy" / "gramine" / "teesplit-runner.manifest.template"
 
 
 def _render(text: str) -> str:

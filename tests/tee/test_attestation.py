@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from pathlib import Path
 
 import pytest
+from helpers import TESTS
 from teefake import FakeTEEDevice
 
 from teesplit.tee.attestation import (
@@ -64,7 +64,7 @@ def test_binding_refuses_the_real_quotes_report_data(cert):
     """The fixture quote binds nothing of ours: its report data must be refused."""
     from teesplit.tee.attest_client import verify_quote
 
-    fx = Path(__file__).parent / "fixtures" / "tdx"
+    fx = TESTS / "fixtures" / "tdx"
     quote = (fx / "tdx_quote").read_bytes()
     verdict = verify_quote(quote, (fx / "tdx_quote_collateral.json").read_text(), 1750377600)
     assert verdict.report_data.startswith(FIXTURE_REPORT_DATA_PREFIX)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from apihelpers import APIProcess, make_chat_checkpoint, metrics, request, stream
-from helpers import local_model
+from helpers import TESTS, local_model
 
 from teesplit.errors import UsageError
 from teesplit.launch import free_tcp_address, start_server, stop_server
@@ -131,7 +130,7 @@ def test_the_api_under_verify_stops_at_a_lie_and_streams_nothing_computed_from_i
     check, after only tokens an honest server gives."""
     honest_tokens, honest_text = _solo(ckpt, "v3-fused", 6)
     address = free_tcp_address()
-    script = Path(__file__).parent / "lying_server.py"
+    script = TESTS / "lying_server.py"
     liar = subprocess.Popen(
         [sys.executable, str(script), str(ckpt), address, "perturb", "GateUp", "5"], stderr=subprocess.DEVNULL
     )

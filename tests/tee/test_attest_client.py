@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import TESTS
 
 from teesplit.launch import free_tcp_port
 from teesplit.tee.attest_client import (
@@ -27,7 +27,7 @@ from teesplit.tee.attest_client import (
 
 pytest.importorskip("dcap_qvl")
 
-FX = Path(__file__).parent / "fixtures" / "tdx"
+FX = TESTS / "fixtures" / "tdx"
 MRTD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
 RTMR0 = "44c0197b39157fdd7a4dcc44767f9d6b0bb3977c7a8e347b8492f827fe9d9e5c48aca29b220b80b6a540cf994b9bc9c0"
 VALID_AT = parse_time("2025-06-20T00:00:00Z")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TESTS
 from recording import Recorder, load_recordings
 from test_private import private_model
 
@@ -303,7 +304,7 @@ def test_recorded_ring_elements_are_uniform(runs):
 # ---- real processes: recording servers, the real CLI -----------------------------------------
 def _start_recording_server(model_dir: Path, out: Path) -> tuple[subprocess.Popen, str]:
     address = free_tcp_address()
-    script = Path(__file__).with_name("recording.py")
+    script = TESTS / "recording.py"
     cmd = [sys.executable, str(script), "--model", str(model_dir), "--bind", address, "--out", str(out)]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     client = GPUClient(ZmqTransport(address, timeout_s=0.5))

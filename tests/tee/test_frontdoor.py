@@ -15,11 +15,10 @@ import shutil
 import ssl
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from apihelpers import APIProcess, make_chat_checkpoint, metrics, request
-from helpers import local_model
+from helpers import TESTS, local_model
 from teefake import FakeTEEDevice
 
 from teesplit.cli import main
@@ -34,7 +33,7 @@ from teesplit.tee.tokenizer import Tokenizer
 pytest.importorskip("cryptography")
 from tlshelpers import make_ca_and_leaf  # noqa: E402
 
-FX = Path(__file__).parent / "fixtures" / "tdx"
+FX = TESTS / "fixtures" / "tdx"
 MRTD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
 K1, K2, K3 = "key-one-0123456789abcdef", "key-two-0123456789abcdef", "key-env-0123456789abcdef"
 CHAT = "/v1/chat/completions"

@@ -19,9 +19,9 @@ import msgpack
 import numpy as np
 import pytest
 from helpers import make_checkpoint
-from test_fuzz import _mutate, _templates
-from test_resilience import PARAMS, PROMPT, expected_tokens
-from test_server import BAD
+from test_client_resilience import PARAMS, PROMPT, expected_tokens
+from test_handler_errors import BAD
+from test_handler_fuzz import _mutate, _templates
 
 from teesplit.launch import start_server, stop_server
 from teesplit.protocol import ERROR_CODES, PROTOCOL_VERSION, RemoteError, parse_reply, request

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from helpers import local_model, make_checkpoint, split_stepwise_logits
-from test_resilience import LossyServer
+from test_client_resilience import LossyServer
 
 from teesplit import protocol, quant
 from teesplit.launch import build_service, free_tcp_address, start_server, stop_server
@@ -485,7 +485,7 @@ def test_malformed_ring_requests_get_error_replies_never_a_crash(ckpt):
 # ---- real weights ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol(smollm2_dir):
-    from test_smollm2 import PROMPTS
+    from test_model_smollm2 import PROMPTS
 
     from teesplit.tee.tokenizer import Tokenizer
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_checkpoint
+from helpers import TESTS, make_checkpoint
 from liar import LyingHandler
 
 from teesplit.launch import build_service, free_tcp_address, stop_server
@@ -152,7 +151,7 @@ def test_lying_server_process_is_caught(smollm2_dir, tmp_path, plan, mode, op, n
     args += ["--plan", plan, "--verify"]
     honest = _honest_text(smollm2_dir, plan, args)
     address = free_tcp_address()
-    script = Path(__file__).parent / "lying_server.py"
+    script = TESTS / "lying_server.py"
     cmd = [sys.executable, str(script), str(smollm2_dir), address, mode, op, str(nth)]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     try:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import local_model, make_checkpoint
-from test_fuzz import _mutate
+from test_handler_fuzz import _mutate
 
 from teesplit.config import ModelConfig
 from teesplit.gpu.tp import (

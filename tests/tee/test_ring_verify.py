@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import make_checkpoint
+from helpers import TESTS, make_checkpoint
 from liar import RING_MODES, LyingHandler, ring_lie
 
 from teesplit import quant
@@ -213,7 +213,6 @@ def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
     --stats; against a real server process that flips bit 63 of one ring element in the
     second decode step: exit status 4 and IntegrityError naming the site and layer."""
     import json
-    from pathlib import Path
 
     from apihelpers import make_chat_checkpoint
 
@@ -246,7 +245,7 @@ def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
     assert f"verify: {steps * STEPS} checks in" in runs[True].stderr
 
     address = free_tcp_address()
-    script = Path(__file__).parent / "lying_server.py"
+    script = TESTS / "lying_server.py"
     nth = STEPS * 2 + 2  # second decode step, layer 0 o + gate|up
     liar = subprocess.Popen(
         [sys.executable, str(script), str(model), address, "bit63", "Ring", str(nth)],
