@@ -42,7 +42,7 @@ def report(tmp_path_factory):
         "--timeout",
         "60",
         "--sections",
-        "none",  # each section has its own test (tests/test_bench_sections.py and the issues' tests)
+        "none",  # each section has its own test (tests/bench/test_sections.py and the issues' tests)
         "--out-dir",
         str(out),
     ]

@@ -1,7 +1,7 @@
 """The one decode loop (tee/decode.py) driven directly: rows of one batch end by their own
 rules, a cancelled row ends at the next step, rows join and leave a trusted-side cache, and a
-lost GPU session is replayed. Generate (tests/test_generate.py) and the API's scheduler
-(tests/test_serving.py) are checked against solo runs of this same loop."""
+lost GPU session is replayed. Generate (tests/tee/test_generate.py) and the API's scheduler
+(tests/tee/test_serving.py) are checked against solo runs of this same loop."""
 
 from __future__ import annotations
 

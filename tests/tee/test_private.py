@@ -501,7 +501,7 @@ def smol(smollm2_dir):
 @pytest.mark.parametrize("weights", ["int16", "int8"])
 def test_smollm2_greedy_tokens_and_logits_against_v2_merged(smol, weights):
     """int16: >= 31 of 32 greedy tokens equal v2-merged's (float) on each parity prompt of
-    tests/test_smollm2.py. int8 is measured and printed (README: 5, 5 and 28 of 32), guarded
+    tests/tee/test_model_smollm2.py. int8 is measured and printed (README: 5, 5 and 28 of 32), guarded
     only against getting worse than it is."""
     path, handlers, tok, plain, prompts, want = smol
     model = private_model(path, "private-2party", handlers, weights=weights)

@@ -15,7 +15,7 @@ shifts modulo 2^64. During decode a GEMM is bound by reading its weights, so the
 cost about what one row costs.
 
 - Padding: `torch._int_mm` on CUDA needs more than 16 rows and K and N multiples of 8, and on
-  the CPU (torch 2.13) it returns garbage for K = 1 (found by tests/test_ring.py); so every
+  the CPU (torch 2.13) it returns garbage for K = 1 (found by tests/gpu/test_ring.py); so every
   weight is padded once to K and N nl multiples of 8 (zero rows and columns, which add
   nothing, and none at all for real models, whose widths are multiples of 8), an input's limbs
   are padded along K where needed, and on CUDA its limb rows to a multiple of 8 above 16. The

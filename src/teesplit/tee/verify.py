@@ -16,7 +16,7 @@ product of the same bfloat16-valued weights only by float32 accumulation). ρ_i 
 spread of R_i · e for per-output accumulation errors e_n of size ≲ u ‖W_n‖ ‖x‖ (blocked and
 pairwise sums, as BLAS and GPU GEMMs use, stay well inside that) that are independent across
 outputs; ‖R_i ⊙ y‖ covers the rounding of the output and the bias add. λ (LAMBDA) is about
-ten times the largest ratio measured on honest results (tests/test_verify_stats.py).
+ten times the largest ratio measured on honest results (tests/tee/test_verify_stats.py).
 
 A lie δ passes one vector with probability P(|R_i · δ| < tol_i) ≈ 0.8 tol_i / ‖δ‖ (Gaussian R:
 the same for every direction of δ, so a liar cannot aim at a blind spot), and all n with the
@@ -81,7 +81,7 @@ __all__ = [
 
 U32 = 2.0**-24  # float32 unit roundoff
 # Tolerance factors over the error models, about 10x the largest ratio |difference| / (model)
-# measured on honest float32 and bfloat16-weight results of SmolLM2 (tests/test_verify_stats.py):
+# measured on honest float32 and bfloat16-weight results of SmolLM2 (tests/tee/test_verify_stats.py):
 # Linear-type and AttnOut checks up to 1.6, AttnScores and Matmul (short dot products) up to 4.
 LAMBDA = {"linear": 16.0, "attn_out": 16.0, "attn_scores": 32.0, "matmul": 32.0}
 VECTORS = 8  # secret vectors per weight: a lie passes all with (0.8 tol / ‖δ‖)^8
