@@ -78,6 +78,19 @@ def _bad(message: str, code: str = "bad_tensor") -> ProtocolError:
     return ProtocolError(message, code)
 
 
+def check_kv_pair(k: np.ndarray, v: np.ndarray, B: int, kv_heads: int, head_dim: int) -> int:
+    """WriteKV's keys and values: one float dtype, both (B, kv_heads, T >= 1, head_dim); -> T."""
+    if _float_dtype(k, "WriteKV k") != _float_dtype(v, "WriteKV v"):
+        raise _bad(f"WriteKV: k and v differ in dtype ({k.dtype} vs {v.dtype})")
+    T = k.shape[2] if k.ndim == 4 else 0
+    if k.shape != (B, kv_heads, T, head_dim) or v.shape != k.shape or T < 1:
+        raise _bad(
+            f"WriteKV: expected k and v of shape (B={B}, {kv_heads}, T >= 1, {head_dim}), "
+            f"got {k.shape} and {v.shape}"
+        )
+    return T
+
+
 def _top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor | TopK:
     """The logits, or with k only their k largest per row (values in float32)."""
     if k is None:
@@ -630,15 +643,7 @@ class GPUComputeService:
             raise _bad("WriteKV: needs a session (sid)", "bad_args")
         self._layer(layer, "WriteKV")
         c = self.config
-        B = session.batch
-        if _float_dtype(k, "WriteKV k") != _float_dtype(v, "WriteKV v"):
-            raise _bad(f"WriteKV: k and v differ in dtype ({k.dtype} vs {v.dtype})")
-        T = k.shape[2] if k.ndim == 4 else 0
-        if k.shape != (B, c.num_kv_heads, T, c.head_dim) or v.shape != k.shape or T < 1:
-            raise _bad(
-                f"WriteKV: expected k and v of shape (B={B}, {c.num_kv_heads}, T >= 1, {c.head_dim}), "
-                f"got {k.shape} and {v.shape}"
-            )
+        T = check_kv_pair(k, v, session.batch, c.num_kv_heads, c.head_dim)
         p = self._check_positions(session, session.k_len, layer, pos, T, "WriteKV")
         self._check_positions(session, session.v_len, layer, pos, T, "WriteKV")
         self._checked()

@@ -52,7 +52,15 @@ from safetensors import safe_open
 from teesplit.config import LAYER_MODULES, ModelConfig
 from teesplit.errors import UsageError
 from teesplit.gpu.handler import Call
-from teesplit.gpu.service import ROW_PARALLEL, GPUComputeService, SessionLimits, TopK, _float_dtype, to_torch
+from teesplit.gpu.service import (
+    ROW_PARALLEL,
+    GPUComputeService,
+    SessionLimits,
+    TopK,
+    _float_dtype,
+    check_kv_pair,
+    to_torch,
+)
 from teesplit.gpu.weights import Weights, _assemble, safetensor_files
 from teesplit.protocol import ProtocolError
 
@@ -526,15 +534,7 @@ def _split_write_kv(s: ShardedService, c: Call) -> Call:
     k, v = c.tensors[:2]
     cfg = s.plan.config
     s._layer(c.args["layer"], "WriteKV")
-    if _float_dtype(k, "WriteKV k") != _float_dtype(v, "WriteKV v"):
-        raise ProtocolError(f"WriteKV: k and v differ in dtype ({k.dtype} vs {v.dtype})", "bad_tensor")
-    B, T = c.session.batch, (k.shape[2] if k.ndim == 4 else 0)
-    if k.shape != (B, cfg.num_kv_heads, T, cfg.head_dim) or v.shape != k.shape or T < 1:
-        raise ProtocolError(
-            f"WriteKV: expected k and v of shape (B={B}, {cfg.num_kv_heads}, T >= 1, {cfg.head_dim}), "
-            f"got {k.shape} and {v.shape}",
-            "bad_tensor",
-        )
+    check_kv_pair(k, v, c.session.batch, cfg.num_kv_heads, cfg.head_dim)
     c = _sliced(c, 0, _head_slice(s.plan, k, kv=True))
     return _sliced(c, 1, _head_slice(s.plan, v, kv=True))
 
