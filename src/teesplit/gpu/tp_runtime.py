@@ -429,9 +429,9 @@ def run_rank(s: TPSettings) -> int:
     watchdog = Watchdog(s.timeout_s + WATCHDOG_GRACE_S, rank)
     max_tensor = s.max_tensor_bytes
     if max_tensor is None:
-        max_tensor = default_max_message_bytes(
-            service.config, s.limits.max_session_tokens, s.limits.max_batch
-        )
+        # the whole model's (a rank's own config has 1/N of the heads and the MLP width)
+        whole = service.plan.config
+        max_tensor = default_max_message_bytes(whole, s.limits.max_session_tokens, s.limits.max_batch)
     limits = Limits(max_tensor_bytes=max_tensor)
     if rank:
         return _serve_worker_until_stop(service, group, limits, watchdog)
