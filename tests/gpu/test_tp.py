@@ -42,6 +42,7 @@ from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams
 from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import get_plan
+from teesplit.transport import GPUServerUnavailable
 from teesplit.transport.local import LocalTransport
 from teesplit.transport.shm import ShmTransport
 from teesplit.transport.zmq import ZmqTransport
@@ -435,12 +436,18 @@ def test_a_hung_worker_ends_in_an_error_within_the_timeout(shm_group, ckpt):
     the runner gets an error, not a hang, and the group stops. (Ends shm_group.)"""
     pids, t0 = shm_group["pids"], time.monotonic()
     try:
-        with pytest.raises(RemoteError) as e:
+        # Rank 0 answers the request in flight with the group's failure, then exits; on a
+        # loaded machine the runner may see the connection close before it reads that answer
+        # (a known race of the shm transport): either way a clear error, well within the bound.
+        with pytest.raises((RemoteError, GPUServerUnavailable)) as e:
             _killed_mid_generation(shm_group["address"], pids[1], signal.SIGSTOP, at=20, timeout_s=60)
         waited = time.monotonic() - t0
     finally:
         os.kill(pids[1], signal.SIGCONT)
-    assert e.value.code == "internal" and "tensor-parallel group (3 ranks) failed" in str(e.value)
+    if isinstance(e.value, RemoteError):
+        assert e.value.code == "internal" and "tensor-parallel group (3 ranks) failed" in str(e.value)
+    else:
+        assert "connection to the GPU server" in str(e.value) and "was lost" in str(e.value)
     assert waited < 40, f"{waited:.1f} s"
     assert shm_group["proc"].wait(60) != 0
 

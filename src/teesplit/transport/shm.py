@@ -377,7 +377,10 @@ class ShmTransport:
             fd, tx = create_region(INITIAL_BYTES)
             self._tx = tx
             body = _HELLO.pack(PROTOCOL, self.client_id, tx.size)
-            sock.sendmsg([HELLO + body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))])
+            try:
+                sock.sendmsg([HELLO + body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a server that refuses us at once has closed its end: its reason waits below
             os.close(fd)
             fd = None
             self._sock = sock
