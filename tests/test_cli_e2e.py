@@ -54,6 +54,7 @@ def expected(smollm2_dir):
     return Generator(local_model(smollm2_dir, "v3"), tok).generate(ids, SamplingParams(max_new_tokens=12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan, per_layer", [("v3", 9), ("v2", 7)])
 def test_generate_through_server_process(server, smollm2_dir, expected, tmp_path, plan, per_layer):
     stats_path = tmp_path / "stats.json"
@@ -146,12 +147,14 @@ def test_malformed_request_then_good_request(server):
         close()
 
 
+@pytest.mark.slow
 def test_ping_command(server):
     r = run_cli("ping", server, "--count", "20")
     assert r.returncode == 0, r.stderr
     assert "median" in r.stdout
 
 
+@pytest.mark.slow
 def test_unreachable_server_fails_clearly(smollm2_dir):
     r = run_cli(
         "generate",
@@ -169,6 +172,7 @@ def test_unreachable_server_fails_clearly(smollm2_dir):
     assert "no reply from the GPU server" in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_with_local_server(smollm2_dir, expected):
     """--server local: the GPU service inside the runner's process (TDX passthrough)."""
     r = run_cli(
@@ -189,6 +193,7 @@ def test_generate_with_local_server(smollm2_dir, expected):
     assert r.stdout == expected.text + "\n"
 
 
+@pytest.mark.slow
 def test_demo_runs_a_server_and_prints_stats(smollm2_dir):
     r = run_cli("demo", "--model", str(smollm2_dir), "--max-new-tokens", "8", "--device", "cpu")
     assert r.returncode == 0, r.stderr
@@ -199,6 +204,7 @@ def test_demo_runs_a_server_and_prints_stats(smollm2_dir):
     assert "session_open" not in r.stderr  # the answer and the table are not interleaved with it
 
 
+@pytest.mark.slow
 def test_demo_that_fails_prints_the_end_of_the_server_log(smollm2_dir):
     # The server starts; the generation is refused (a negative token budget) after it did.
     r = run_cli("demo", "--model", str(smollm2_dir), "--max-new-tokens", "-1", "--device", "cpu")
@@ -218,6 +224,7 @@ def test_demo_that_fails_prints_the_end_of_the_server_log(smollm2_dir):
         (["--model", "/nonexistent/model"], "/nonexistent/model"),
     ],
 )
+@pytest.mark.slow
 def test_bad_cli_input_is_a_clear_error(args, message):
     r = run_cli("generate", "--server", "local", "--prompt", "hi", *args, timeout=60)
     assert r.returncode == 2
@@ -244,6 +251,7 @@ def solo_texts(smollm2_dir):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--pipeline"], ["--plan", "auto"], ["--wire-dtype", "float16"]])
 def test_prompts_file_batch_matches_solo_runs(server, smollm2_dir, solo_texts, tmp_path, extra):
     f = tmp_path / "prompts.txt"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import teesplit
 
 PKG = Path(teesplit.__file__).parent
@@ -59,6 +61,7 @@ def test_importing_the_trusted_side_loads_no_torch():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_remote_runner_process_never_loads_torch(smollm2_dir):
     """`teesplit generate` against a real server: the runner process ends with no torch loaded."""
     from teesplit.launch import free_tcp_address, start_server, stop_server
@@ -80,6 +83,7 @@ def test_remote_runner_process_never_loads_torch(smollm2_dir):
         stop_server(proc)
 
 
+@pytest.mark.slow
 def test_api_process_never_loads_torch(smollm2_dir):
     """`teesplit api` against a real server answers a chat completion with no torch loaded."""
     from teesplit.launch import free_tcp_address, free_tcp_port, start_server, stop_server

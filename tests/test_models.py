@@ -57,6 +57,7 @@ def test_cache_name_and_no_temp_left(smollm2_dir):
     assert [p.name for p in smollm2_dir.parent.iterdir()] == [smollm2_dir.name]
 
 
+@pytest.mark.slow
 def test_weights_equal_transformers_gguf_load(smollm2_dir):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -116,6 +117,7 @@ def _fake_gguf(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_subprocess_conversion_failure_is_clean(tmp_path):
     pytest.importorskip("transformers")
     gguf = _fake_gguf(tmp_path / "broken.gguf")

@@ -41,6 +41,7 @@ def test_generate_and_stream_give_the_tokens_of_generate(ckpt, plan):
         assert "".join(pieces) == result.text and len(pieces) > 1
 
 
+@pytest.mark.slow
 def test_a_runner_against_a_server_process_verifies(ckpt):
     address = free_tcp_address()
     proc = start_server(ckpt, address, ["--device", "cpu", "--dtype", "float32", "--threads", "1"])

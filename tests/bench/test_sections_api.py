@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from apihelpers import make_chat_checkpoint
 from helpers import make_checkpoint
 
@@ -13,6 +14,7 @@ from teesplit.bench import run as bench
 from teesplit.bench.sections import api as section
 
 
+@pytest.mark.slow
 def test_api_section_measures_1_4_8_clients(tmp_path, smollm2_dir):
     ckpt = make_chat_checkpoint(tmp_path / "m", smollm2_dir, max_position_embeddings=256)
     out = tmp_path / "out"

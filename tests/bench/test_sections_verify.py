@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import make_checkpoint
 
 from teesplit.bench import run as bench
 
 
+@pytest.mark.slow
 def test_verify_section_measures_both_plans(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m", "llama", num_hidden_layers=2, max_position_embeddings=128)
     out = tmp_path / "out"

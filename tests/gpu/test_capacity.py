@@ -82,6 +82,7 @@ def _error(peer: Peer, op: str, args=None, tensors=(), sid=None) -> RemoteError:
 
 
 # ---- 1. sessions belong to their opener ------------------------------------------------------------
+@pytest.mark.slow
 def test_a_session_answers_only_the_connection_that_opened_it(server):
     owner = GPUClient(ZmqTransport(server["address"], timeout_s=30))
     stranger = Peer(server["address"])
@@ -103,6 +104,7 @@ def test_a_session_answers_only_the_connection_that_opened_it(server):
         stranger.close()
 
 
+@pytest.mark.slow
 def test_sessions_belong_to_the_curve_key_not_the_routing_id(ckpt, tmp_path):
     """With CURVE the identity is the runner's key: another allowed key gets no_session even
     when it connects under the owner's own routing id."""
@@ -151,6 +153,7 @@ def test_one_client_cannot_take_every_session_slot(server):
         other.close()
 
 
+@pytest.mark.slow
 def test_one_client_cannot_take_all_the_kv_memory(ckpt):
     # 2 x 2 layers x 2 KV heads x 16 dims x 4 bytes = 512 bytes a token: 64 tokens (the first
     # reservation) take 32 KiB; the client's cap is 40 KiB, the server's 4 GiB.
@@ -178,6 +181,7 @@ def test_one_client_cannot_take_all_the_kv_memory(ckpt):
         stop_server(proc)
 
 
+@pytest.mark.slow
 def test_replies_nobody_reads_are_bounded(ckpt):
     """The issue's attack: small Matmul requests whose results are large, from a client that
     never reads. The server computes two (the unread bound), refuses the rest uncomputed
@@ -217,6 +221,7 @@ def test_replies_nobody_reads_are_bounded(ckpt):
     assert ping_s < 5
 
 
+@pytest.mark.slow
 def test_frames_over_the_limit_cost_no_memory(ckpt):
     """Four connections each send a frame of 1.5 times --max-message-mb: ZeroMQ drops each
     connection when the frame's size arrives, before allocating it."""

@@ -493,6 +493,7 @@ def _is_map(b: bytes) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_structured_malformed_requests_get_the_right_error(server):
     peer = server["peer"]
 
@@ -606,6 +607,7 @@ def test_raw_mutation_loop_every_message_answered(server):
     assert errors > 0.7 * sent  # most mutations are malformed; a few stay valid
 
 
+@pytest.mark.slow
 def test_oversized_frame_drops_only_that_connection(server):
     """A frame over --max-message-mb: ZeroMQ drops that peer before reading it (nothing is
     allocated for it), the other peers are served on; a request within the limit whose result
@@ -625,6 +627,7 @@ def test_oversized_frame_drops_only_that_connection(server):
     server["sent"] += 3
 
 
+@pytest.mark.slow  # it counts and checks what the fuzz tests (slow) sent before it
 def test_server_still_correct_and_memory_bounded_after_fuzzing(server, ckpt):
     assert server["sent"] >= 10_000, f"only {server['sent']} malformed messages were sent"
     assert server["proc"].poll() is None, "the server died"

@@ -159,6 +159,7 @@ def test_a_rank_loads_only_its_slices_and_the_slices_tile_the_model(ckpt):
     assert all(weight_bytes(s) < 0.345 * weight_bytes(whole) for s in shards)
 
 
+@pytest.mark.slow
 def test_tp_2_on_smollm2_is_refused_at_start_with_the_sizes_that_work(smollm2_dir):
     cmd = [sys.executable, "-m", "teesplit", "serve", "--model", str(smollm2_dir), "--tp", "2"]
     r = subprocess.run(cmd + ["--bind", free_tcp_address()], capture_output=True, text=True, timeout=120)
@@ -195,6 +196,7 @@ def test_every_plan_gives_the_tokens_of_one_rank(tp_server, ckpt, plan):
         c.close()
 
 
+@pytest.mark.slow
 def test_a_private_plan_is_refused_with_a_reason(tp_server):
     """The private plans' integer weights are quantized over whole rows, which a rank does not
     hold: the group refuses their operations with a message that says what to do."""

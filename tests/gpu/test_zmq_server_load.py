@@ -39,6 +39,7 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("load"), "llama")
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_runners_match_solo_runs(ckpt):
     solo = {}
     for p in ("v3-fused", "v2-fused"):

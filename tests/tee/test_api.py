@@ -59,6 +59,7 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+@pytest.mark.slow
 def test_models(api):
     assert request(api, "GET", "/v1/models") == (
         200,
@@ -69,6 +70,7 @@ def test_models(api):
     assert status == 404 and body["error"]["code"] == "model_not_found"
 
 
+@pytest.mark.slow
 def test_chat_completion_is_the_solo_greedy_run(api, solo):
     want = solo(_user("Tell me about the sea."), 10)
     status, body = request(
@@ -88,6 +90,7 @@ def test_chat_completion_is_the_solo_greedy_run(api, solo):
     }
 
 
+@pytest.mark.slow
 def test_stop_string_cuts_the_answer(api, solo):
     full = solo(_user("Count with me."), 12)
     cut = full.text[3:8]  # a piece of the greedy answer: generation stops where it appears
@@ -128,6 +131,7 @@ def test_completions_with_text_and_token_ids(api, ckpt):
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == want.text
 
 
+@pytest.mark.slow
 def test_concurrent_streams_each_get_their_solo_greedy_tokens(api, solo):
     """10 streaming clients at once over one GPU connection (continuous batching): each gets
     exactly the text and token count of a solo greedy run of its prompt."""
@@ -329,6 +333,7 @@ def test_metrics_are_prometheus_text(api):
     assert "# TYPE teesplit_time_to_first_token_seconds histogram" in text
 
 
+@pytest.mark.slow
 def test_unreachable_gpu_server_is_a_503(ckpt, tmp_path):
     p = APIProcess(ckpt, free_tcp_address(), tmp_path / "api.log", ["--timeout", "1", "--retries", "0"])
     try:
@@ -344,6 +349,7 @@ def test_unreachable_gpu_server_is_a_503(ckpt, tmp_path):
         assert p.stop() == 0
 
 
+@pytest.mark.slow
 def test_gpu_server_dying_mid_stream_ends_it_with_an_error_then_recovers(ckpt, tmp_path):
     """With the default timeouts (60 s a reply, 2 retries): the stream's error event and the
     next request's 503 come within seconds (the connect timeout), not after the retries."""
@@ -406,6 +412,7 @@ def test_a_client_that_leaves_frees_its_row(api):
     assert metrics(api)["teesplit_requests_running"] == 0
 
 
+@pytest.mark.slow
 def test_api_with_the_gpu_service_in_process(ckpt, solo, tmp_path):
     """--server local: the TDX passthrough deployment, one process."""
     p = APIProcess(ckpt, "local", tmp_path / "api.log", ["--device", "cpu", "--dtype", "float32"])

@@ -38,10 +38,12 @@ def expected(smollm2_dir):
     return gen.generate(ids, SamplingParams(max_new_tokens=16))
 
 
+@pytest.mark.slow
 def test_models_list(client):
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
+@pytest.mark.slow
 def test_chat_completion(client, expected):
     r = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0
@@ -90,6 +92,7 @@ def test_concurrent_openai_clients_match_solo(client, expected):
     assert texts == [expected.text] * 3
 
 
+@pytest.mark.slow
 def test_completions(client, smollm2_dir):
     tok = Tokenizer.from_dir(smollm2_dir)
     want = Generator(local_model(smollm2_dir, "v2-merged"), tok).generate(
@@ -109,6 +112,7 @@ def test_completions(client, smollm2_dir):
     assert streamed == want.text
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(client):
     def ask():
         return (

@@ -201,6 +201,7 @@ def test_private_2party_through_the_api_is_the_solo_run(ckpt, tmp_path):
         (["--curve-secret", "x.key_secret"], "CURVE needs both"),
     ],
 )
+@pytest.mark.slow
 def test_every_runner_flag_is_checked_the_same_by_generate_api_and_chat(ckpt, command, flags, message):
     extra = {"generate": ["--prompt", "hi"], "api": ["--port", "0"], "chat": []}[command]
     r = subprocess.run(

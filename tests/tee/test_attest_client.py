@@ -177,6 +177,7 @@ def _attest(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_offline_verdicts_and_exit_codes(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"mrtd": [MRTD], "accepted_tcb_status": ["UpToDate"]}))

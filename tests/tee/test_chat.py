@@ -32,6 +32,7 @@ def _answer(child) -> str:
     return child.before.replace("\r\n", "\n")
 
 
+@pytest.mark.slow
 def test_chat_through_a_terminal(setup):
     ckpt, address = setup
     tok = Tokenizer.from_dir(ckpt)

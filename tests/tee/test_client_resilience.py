@@ -171,6 +171,7 @@ def test_no_server_raises_unavailable_naming_address_and_tries():
 
 
 # ---- the version handshake ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_server_refuses_another_protocol_version_naming_both(server):
     c = client(server)
     try:
@@ -237,6 +238,7 @@ def expected_tokens(ckpt, plan: str) -> list[int]:
     return Generator(local_model(ckpt, plan), eos_token_ids=set()).generate(PROMPT, PARAMS).tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan, kill_at", [("v3-fused", 150), ("v2-fused", 125)])
 def test_generation_survives_a_server_killed_and_restarted(ckpt, tmp_path, plan, kill_at):
     """SIGKILL the server at the kill_at-th RPC (mid-decode), restart it on the same address;
@@ -277,6 +279,7 @@ def test_generation_survives_a_server_killed_and_restarted(ckpt, tmp_path, plan,
     print(f"{plan}: killed at RPC {kill_at}, generation resumed; kill to end {resumed - restart[0]:.1f} s")
 
 
+@pytest.mark.slow
 def test_generation_survives_an_expired_session(ckpt, tmp_path):
     want = expected_tokens(ckpt, "v3-fused")
     log = tmp_path / "server.log"
@@ -320,6 +323,7 @@ def wait_for_output(proc: subprocess.Popen) -> None:
     assert proc.stdout.read(1), proc.stderr.read()
 
 
+@pytest.mark.slow
 def test_dead_server_ends_generate_within_the_connect_timeout(smollm2_dir):
     """A killed server: the request in flight is lost, its resend finds no server, and the
     runner gives up after the connect timeout (here --timeout 1 bounds it), not after every
@@ -344,6 +348,7 @@ def test_dead_server_ends_generate_within_the_connect_timeout(smollm2_dir):
     assert elapsed < 1 + 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_runner_closes_its_session_and_exits_130(smollm2_dir, tmp_path):
     address = free_tcp_address()
     log = tmp_path / "server.log"
@@ -365,6 +370,7 @@ def test_ctrl_c_in_the_runner_closes_its_session_and_exits_130(smollm2_dir, tmp_
 
 
 # ---- graceful shutdown of the server --------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_server_finishes_the_request_in_flight_then_exits_0(ckpt, tmp_path, sig):
     address = free_tcp_address()
@@ -448,6 +454,7 @@ def test_server_flags_are_validated():
 
 
 # ---- failure detection with the default flags -------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tcp", "shm"])
 def test_no_server_fails_generate_in_seconds_by_default(smollm2_dir, kind):
     """Nothing at the address: the connect check (--connect-timeout, 5 s) reports it, not

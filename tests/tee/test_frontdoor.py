@@ -127,6 +127,7 @@ def _up(api, context) -> None:
 
 
 # ---- HTTPS and keys with the openai client ----------------------------------------------------
+@pytest.mark.slow
 def test_openai_client_over_https_with_a_ca_bundle(ca_api, certs, solo):
     openai = pytest.importorskip("openai")
     ca = certs[0]
@@ -353,6 +354,7 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_teesplit_attest_against_the_api(tee_api, tmp_path):
     """The fixture quote is genuine and its MRTD matches, but it binds nothing of ours: the live
     check gets past the signature, collateral, TCB and policy, and refuses at the binding."""
@@ -397,6 +399,7 @@ def test_chat_client_over_https(ca_api, certs, solo):
     assert f"session: 1 turn(s), 1 in the history, {len(want.tokens)} tokens generated" in r.stdout
 
 
+@pytest.mark.slow
 def test_chat_client_refuses_a_wrong_key_and_a_failed_attestation(ca_api, tee_api, certs, tmp_path):
     r = _run(
         "chat",
@@ -423,6 +426,7 @@ def test_chat_client_refuses_a_wrong_key_and_a_failed_attestation(ca_api, tee_ap
 
 
 # ---- the whole picture: client -> HTTPS -> API (runner) -> CurveZMQ -> GPU server --------------
+@pytest.mark.slow
 def test_api_over_https_reaches_a_curve_gpu_server(ckpt, solo, tmp_path):
     from teesplit.launch import free_tcp_address
     from teesplit.transport.curve import CurveClient, generate_keys

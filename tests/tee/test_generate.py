@@ -79,6 +79,7 @@ def _chat(tok, text):
     return tok.apply_chat_template([{"role": "user", "content": text}])
 
 
+@pytest.mark.slow
 def test_stops_at_eos_and_streams_the_same_text(generator):
     gen, tok = generator
     pieces = []

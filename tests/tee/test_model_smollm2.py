@@ -33,6 +33,7 @@ def split_model(request, smollm2_dir):
     return local_model(smollm2_dir, request.param)
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(split_model, hf_model, tokenizer):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[1]}])
     with torch.no_grad():
@@ -42,6 +43,7 @@ def test_logits_match_transformers(split_model, hf_model, tokenizer):
     assert err <= 1e-3, f"max |logit diff| {err:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_32_greedy_tokens_equal_transformers_generate(split_model, hf_model, tokenizer, prompt):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

@@ -537,6 +537,7 @@ def _private_tokens(path, plan):
         model.gpu.close()
 
 
+@pytest.mark.slow
 def test_otp_generation_survives_a_server_killed_and_restarted(ckpt):
     """SIGKILL the server mid-decode and restart it: the runner resends the same masked request
     (same id, same bytes: the pad is not used twice) and the tokens equal an uninterrupted run."""
@@ -574,6 +575,7 @@ def test_otp_generation_survives_a_server_killed_and_restarted(ckpt):
     assert len(set(payloads)) == len(payloads)  # every masked input is fresh
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [0, 4])
 def test_2party_resends_a_lost_reply_to_one_server(ckpt, depth):
     """Server b loses two replies: online (depth 0), or to the thread making shares ahead."""
@@ -624,6 +626,7 @@ def test_2party_with_one_server_down_fails_within_the_timeout(ckpt):
 
 
 # ---- the command line -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_private_plans_stats_and_refusals(smollm2_dir, tmp_path, capsys):
     import json
 

@@ -180,6 +180,7 @@ def runs(setup):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", PLAIN_PLANS)
 def test_plain_plans_give_the_prompt_and_answer_away(setup, runs, plan):
     _, _, ids, _, lw = setup
@@ -190,6 +191,7 @@ def test_plain_plans_give_the_prompt_and_answer_away(setup, runs, plan):
     assert min(rates.values()) >= 0.99, rates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", PRIVATE_PLANS)
 def test_private_plans_leak_no_more_than_chance(setup, runs, null, plan):
     _, _, ids, _, lw = setup
@@ -252,6 +254,7 @@ def _z(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1] * np.sqrt(a.size))
 
 
+@pytest.mark.slow
 def test_recorded_tensors_are_uncorrelated_with_the_true_activations(runs):
     """For every masked site (121 on SmolLM2, each server of private-2party separately), the
     correlation of the recorded values, and of their magnitudes, with the true activations
@@ -283,6 +286,7 @@ def test_recorded_tensors_are_uncorrelated_with_the_true_activations(runs):
     assert worst < 5.0
 
 
+@pytest.mark.slow
 def test_recorded_ring_elements_are_uniform(runs):
     """The top byte of every recorded ring element: a chi-square test against uniform."""
     for plan in PRIVATE_PLANS:
@@ -321,6 +325,7 @@ def _start_recording_server(model_dir: Path, out: Path) -> tuple[subprocess.Pope
         client.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", ["v2-fused", *PRIVATE_PLANS])
 def test_recording_servers_in_real_processes(setup, runs, null, tmp_path, plan):
     """`teesplit generate` against one (or two) recording server processes over tcp."""

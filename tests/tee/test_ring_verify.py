@@ -207,6 +207,7 @@ def test_a_client_without_the_verifier_refuses_ring_products(ckpt):
 
 
 # ---- through real server processes and the CLI ----------------------------------------------
+@pytest.mark.slow
 def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
     """`teesplit generate --plan private-otp --verify` against a real `teesplit serve
     --private-weights int16`: the same text as without --verify and the checks counted in

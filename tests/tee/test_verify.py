@@ -81,6 +81,7 @@ LIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["perturb", "swap", "scale", "replay"])
 @pytest.mark.parametrize("plan, op, nth, where", LIES)
 def test_lies_are_caught_in_process(ckpt, plan, op, nth, where, mode):
@@ -144,6 +145,7 @@ def _cli(*args, timeout=600):
         ("v2-fused", "replay", "QKV", 30 * 2 + 8, "QKV of layer 7"),
     ],
 )
+@pytest.mark.slow
 def test_lying_server_process_is_caught(smollm2_dir, tmp_path, plan, mode, op, nth, where):
     """A real server process lies once, in the second decode step; the runner (the real CLI)
     stops with IntegrityError, exit status 4, having printed only the verified tokens."""

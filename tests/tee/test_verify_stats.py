@@ -161,6 +161,7 @@ def _linear_ops(service, verifier, rows):
     ]
 
 
+@pytest.mark.slow
 def test_linear_lies_are_caught_and_honest_results_pass(setup, recorded):
     dtype, service, verifier = setup
     rows, _, _, _ = recorded
@@ -230,6 +231,7 @@ def _attention_session(service, verifier, keys, xs, S):
     return sess, state
 
 
+@pytest.mark.slow
 def test_kv_cache_lies_are_caught_and_honest_results_pass(setup, recorded):
     """v3-fused's AttnScores and AttnOut against the GPU-side cache, checked through running
     fingerprints; the lies include stale cache results."""

@@ -55,6 +55,7 @@ def curve_server(ckpt, keys):
     stop_server(proc)
 
 
+@pytest.mark.slow
 def test_keys_gen_writes_zeromq_certificates(tmp_path):
     r = run_cli("keys", "gen", str(tmp_path), "--name", "alice")
     assert r.returncode == 0, r.stderr
@@ -67,6 +68,7 @@ def test_keys_gen_writes_zeromq_certificates(tmp_path):
         CurveClient.from_files(tmp_path / "alice.key", tmp_path / "alice.key")
 
 
+@pytest.mark.slow
 def test_allowed_runner_is_served(curve_server, keys):
     address, _ = curve_server
     r = run_cli(
@@ -83,6 +85,7 @@ def test_allowed_runner_is_served(curve_server, keys):
     assert "median" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("who", ["stranger", "no key", "wrong server key"])
 def test_unknown_or_missing_key_gets_no_service(curve_server, keys, who):
     address, _ = curve_server
@@ -113,6 +116,7 @@ def test_refusal_is_not_retried(curve_server, keys):
         client.close()
 
 
+@pytest.mark.slow
 def test_non_loopback_bind_needs_curve_or_insecure(ckpt):
     r = run_cli("serve", "--model", str(ckpt), "--bind", "tcp://0.0.0.0:1", "--device", "cpu")
     assert r.returncode == 2 and "refusing to bind tcp://0.0.0.0:1 without CURVE" in r.stderr
@@ -191,6 +195,7 @@ def _run_through_relay(ckpt, server_address: str, curve) -> bytes:
     return bytes(relay.recorded)
 
 
+@pytest.mark.slow
 def test_relay_sees_plaintext_only_without_curve(ckpt, curve_server):
     weights = load_file(str(ckpt / "model.safetensors"))
     known = [weights["model.norm.weight"].astype(np.float32).tobytes()[:32]]  # in Init's reply

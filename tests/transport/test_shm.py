@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def call(t: ShmTransport, frames: list, op: str = "?"):
 
 
 # ---- parity -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", ["v3", "v3-fused", "v2-fused", "v3-merged"])
 def test_generation_over_shm_equals_in_process(server, ckpt, plan):
     want = expected_tokens(ckpt, plan)
@@ -475,6 +477,7 @@ def test_several_runners_at_once(server, ckpt):
     assert any('"runners": 4' in line for line in connects), "the four runners were never connected at once"
 
 
+@pytest.mark.slow
 def test_runner_killed_frees_its_regions_and_sessions(server):
     """SIGKILL a runner process holding a session: the server unmaps its regions at once, drops
     the session after the reconnect grace, and ends up with the file descriptors it had."""
@@ -509,6 +512,7 @@ def test_runner_killed_frees_its_regions_and_sessions(server):
     assert f'"sid": {sid}' in lines and '"runner_gone"' in lines
 
 
+@pytest.mark.slow
 def test_runner_that_reconnects_keeps_its_session(server):
     c = client(server["address"], retries=0)
     try:
@@ -529,6 +533,7 @@ def shm_server_grace() -> float:
 
 
 # ---- dead server ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_server_killed_mid_request_fails_the_runner_at_once(ckpt):
     address = shm_address()
     proc = start_server(ckpt, address, CPU)
@@ -553,6 +558,7 @@ def test_server_killed_mid_request_fails_the_runner_at_once(ckpt):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_generation_survives_a_server_killed_and_restarted(ckpt):
     """As over tcp: SIGKILL the server mid-decode, start a new one under the same name; the
     runner reconnects, rebuilds its session and produces the uninterrupted tokens."""
@@ -595,9 +601,11 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_ping_reports_median_and_p99(server):
     r = run_cli("ping", server["address"], "--count", "200")
     assert r.returncode == 0, r.stderr
-    assert "median" in r.stdout and "p99" in r.stdout and "0 sessions open" in r.stdout
+    # (the sessions count is the shared server's: what earlier tests left open)
+    assert "median" in r.stdout and "p99" in r.stdout and re.search(r"\d+ sessions open", r.stdout)
 
 
+@pytest.mark.slow
 def test_nobody_listening_and_bad_names_are_clear_errors():
     address = shm_address()
     r = run_cli("ping", address, "--timeout", "0.5", "--count", "2", timeout=60)
@@ -607,6 +615,7 @@ def test_nobody_listening_and_bad_names_are_clear_errors():
     assert r.returncode == 2 and "bad shared-memory name" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_two_servers_cannot_share_a_name(server, ckpt):
     r = run_cli("serve", "--model", str(ckpt), "--bind", server["address"], *CPU)
     assert r.returncode != 0 and "cannot listen at" in r.stderr and "Traceback" not in r.stderr
@@ -629,6 +638,7 @@ def test_a_closed_transport_leaves_no_fd_and_no_mapping(server):
 
 
 # ---- the benchmark section ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bench_section_in_tiny_mode(tmp_path, dev_shm_unchanged):
     import json
 
@@ -679,6 +689,7 @@ def small_server(ckpt):
         server.close()
 
 
+@pytest.mark.slow
 def test_a_full_server_tells_the_runner_why_within_the_connect_timeout(small_server):
     address = small_server()
     first = GPUClient(ShmTransport(address, timeout_s=20, connect_timeout_s=2))

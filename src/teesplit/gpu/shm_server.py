@@ -372,14 +372,6 @@ class ShmServer:
                 log_event("error", level=logging.WARNING, code="shm_accept", msg=str(e))
                 return
             sock.setblocking(False)
-            uid = _peer_uid(sock)
-            if self.allow_uids is not None and uid not in self.allow_uids:
-                self._refuse(
-                    sock,
-                    f"{DENIED}uid {uid} may not connect (the server allows {sorted(self.allow_uids)}: "
-                    "teesplit serve --shm-allow-uid)",
-                )
-                continue
             if len(self.pending) >= MAX_PENDING:
                 self._refuse(sock, f"{len(self.pending)} connections are mid-handshake; retry")
                 continue
@@ -395,6 +387,15 @@ class ShmServer:
             if not msg:
                 sock.close()
                 return
+            # Refused only now, after its hello is read: a socket closed with the hello unread
+            # would reach the runner as a reset, and the reason with it would be lost. Its region
+            # is never mapped.
+            uid = _peer_uid(sock)
+            if self.allow_uids is not None and uid not in self.allow_uids:
+                raise ShmError(
+                    f"{DENIED}uid {uid} may not connect (the server allows {sorted(self.allow_uids)}: "
+                    "teesplit serve --shm-allow-uid)"
+                )
             if msg[:1] != HELLO or len(msg) != 1 + _HELLO.size or rfd is None:
                 raise ShmError("bad handshake")
             version, client_id, size = _HELLO.unpack(msg[1:])
@@ -443,6 +444,7 @@ class ShmServer:
             send_control(sock, REFUSED, reason.encode()[:MAX_REASON_BYTES])
         except OSError:
             pass
+        _drain(sock)  # what the runner sent unread at close would reach it as a reset, not the reason
         sock.close()
 
     def _control(self, r: Runner) -> None:
@@ -550,6 +552,20 @@ def _private_copy(views: list[memoryview], max_header: int) -> list:
             if not (isinstance(desc, list) and desc and desc[0] in FLOAT_DTYPES):
                 frames[i] = bytes(views[i])
     return frames
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read and drop what waits on a socket about to be closed (closing any descriptor sent)."""
+    sock.setblocking(False)
+    for _ in range(4):
+        try:
+            msg, fd = recv_control(sock)
+        except (BlockingIOError, ShmError, OSError):
+            return
+        if fd is not None:
+            os.close(fd)
+        if not msg:
+            return
 
 
 def serve_shm(
