@@ -10,6 +10,15 @@ import torch
 TESTS = Path(__file__).resolve().parent  # the tests' root: support scripts and fixtures
 
 
+def rss(pid: int, field: str = "VmRSS") -> int:
+    """Bytes of a process's resident set (`VmRSS`), or its peak since the last reset (`VmHWM`)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for process {pid}")
+
+
 FAMILIES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",

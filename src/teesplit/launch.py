@@ -101,17 +101,25 @@ def start_server(
 ) -> subprocess.Popen:
     """Start `teesplit serve` in a child process and wait until it answers a Ping (sent with
     the runner keys `curve` when the server requires CURVE)."""
-    from teesplit.tee.client import GPUClient
-
     cmd = [sys.executable, "-m", "teesplit", "serve", "--model", str(model_dir), "--bind", address]
     proc = subprocess.Popen([*cmd, *(extra or [])], stderr=stderr)
+    wait_serving(proc, address, timeout, curve)
+    return proc
+
+
+def wait_serving(proc: subprocess.Popen, address: str, timeout: float = 300.0, curve=None) -> None:
+    """Wait until the GPU server process `proc` answers a Ping at `address` (sent with the
+    runner keys `curve` when it requires CURVE); LaunchError if it exits or does not answer in
+    time (it is killed then)."""
+    from teesplit.tee.client import GPUClient
+
     client = GPUClient(open_transport(address, 0.5, curve))
     deadline = time.monotonic() + timeout
     try:
         while True:
             try:
                 client.ping()
-                return proc
+                return
             except GPUServerUnavailable:
                 if proc.poll() is not None:
                     raise LaunchError(f"the GPU server exited with code {proc.returncode}") from None

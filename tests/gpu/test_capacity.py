@@ -13,7 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from helpers import make_checkpoint
+from helpers import make_checkpoint, rss
 
 from teesplit.gpu.capacity import MIN_MESSAGE_BYTES, UnreadReplies, default_max_message_bytes
 from teesplit.launch import free_tcp_address, start_server, stop_server
@@ -24,14 +24,6 @@ from teesplit.transport.zmq import ZmqTransport
 CPU = ["--device", "cpu", "--dtype", "float32", "--threads", "1"]
 MIB = 1 << 20
 H, HKV, D = 4, 2, 16  # the random checkpoint (tests/helpers.py BASE)
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 class Peer:

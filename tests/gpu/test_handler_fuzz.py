@@ -13,7 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from helpers import local_model, make_checkpoint
+from helpers import local_model, make_checkpoint, rss
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,14 +25,6 @@ STRUCTURED_EXAMPLES = 3000
 RAW_MESSAGES = 9000
 MESSAGE_MB = 1  # the server's --max-message-mb: larger frames drop the connection
 E, F, V, L, HKV, H, D = 64, 96, 128, 2, 2, 4, 16  # the random checkpoint (tests/helpers.py BASE)
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 class Peer:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from helpers import local_model, make_checkpoint
+from helpers import local_model, make_checkpoint, rss
 
 from teesplit.launch import free_tcp_address, start_server, stop_server
 from teesplit.tee.client import GPUClient
@@ -19,11 +19,6 @@ from teesplit.transport.zmq import ZmqTransport
 RUNNERS = 16
 PARAMS = SamplingParams(max_new_tokens=16)
 MAX_RSS_GROWTH = 64 << 20
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def prompt(i: int) -> list[int]:

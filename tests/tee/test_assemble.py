@@ -14,7 +14,7 @@ from apihelpers import APIProcess, make_chat_checkpoint, metrics, request, strea
 from helpers import TESTS, local_model
 
 from teesplit.errors import UsageError
-from teesplit.launch import free_tcp_address, start_server, stop_server
+from teesplit.launch import free_tcp_address, start_server, stop_server, wait_serving
 from teesplit.tee.assemble import Assembly, RunnerSettings
 from teesplit.tee.generate import Generator, SamplingParams
 from teesplit.tee.tokenizer import Tokenizer
@@ -135,7 +135,7 @@ def test_the_api_under_verify_stops_at_a_lie_and_streams_nothing_computed_from_i
         [sys.executable, str(script), str(ckpt), address, "perturb", "GateUp", "5"], stderr=subprocess.DEVNULL
     )
     try:
-        _wait_ready(address, liar)
+        wait_serving(liar, address, 120.0)
         api = APIProcess(ckpt, address, tmp_path / "api.log", ["--plan", "v3-fused", "--verify"])
         try:
             body = {
@@ -214,23 +214,3 @@ def test_every_runner_flag_is_checked_the_same_by_generate_api_and_chat(ckpt, co
         input="",
     )
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-
-
-def _wait_ready(address, proc, timeout=120.0):
-    import time
-
-    from teesplit.tee.client import GPUClient
-    from teesplit.transport import GPUServerUnavailable, open_transport
-
-    client = GPUClient(open_transport(address, 0.5))
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except GPUServerUnavailable:
-                assert proc.poll() is None, "the server exited"
-                assert time.monotonic() < deadline, "the server did not start"
-    finally:
-        client.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import local_model, make_checkpoint
+from helpers import local_model, make_checkpoint, rss
 
 from teesplit.tee.generate import Generator, SamplingParams
 
@@ -180,18 +180,6 @@ print(json.dumps({"growth": rss("VmHWM") - before}))
 """
 
 
-def _peak_rss_growth(pid: int, before: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024 - before
-
-
-def _rss(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) * 1024
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("plan", ["v3-fused", "v2-merged"])
 def test_an_8k_prompt_in_chunks_keeps_both_processes_memory_bounded(tmp_path, plan):
@@ -207,7 +195,7 @@ def test_an_8k_prompt_in_chunks_keeps_both_processes_memory_bounded(tmp_path, pl
     server = start_server(path, address, ["--device", "cpu", "--dtype", "float32", "--threads", "1"])
     try:
         open(f"/proc/{server.pid}/clear_refs", "w").write("5")
-        server_before = _rss(server.pid)
+        server_before = rss(server.pid)
         out = subprocess.run(
             [sys.executable, "-c", TRUSTED_SIDE, address, str(path), plan, str(LONG), str(CHUNK)],
             capture_output=True,
@@ -216,7 +204,7 @@ def test_an_8k_prompt_in_chunks_keeps_both_processes_memory_bounded(tmp_path, pl
         )
         assert out.returncode == 0, out.stderr[-2000:]
         trusted = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
-        server_growth = _peak_rss_growth(server.pid, server_before)
+        server_growth = rss(server.pid, "VmHWM") - server_before
     finally:
         stop_server(server)
     # One chunk's scores, (1, H, 512, 8000) float32, is 66 MB; a few of them live at once (the

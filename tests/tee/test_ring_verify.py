@@ -16,7 +16,7 @@ from helpers import TESTS, make_checkpoint
 from liar import RING_MODES, LyingHandler, ring_lie
 
 from teesplit import quant
-from teesplit.launch import build_service, free_tcp_address, start_server, stop_server
+from teesplit.launch import build_service, free_tcp_address, start_server, stop_server, wait_serving
 from teesplit.tee.checkpoint import IntegrityError, TrustedCheckpoint
 from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams
@@ -253,9 +253,7 @@ def test_cli_verify_private_otp_against_real_servers(smollm2_dir, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        from test_verify import _wait_ready
-
-        _wait_ready(address, liar)
+        wait_serving(liar, address, 120.0)
         r = subprocess.run(
             [*base, "--server", address, "--verify"], capture_output=True, text=True, timeout=300
         )

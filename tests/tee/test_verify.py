@@ -13,7 +13,7 @@ import pytest
 from helpers import TESTS, make_checkpoint
 from liar import LyingHandler
 
-from teesplit.launch import build_service, free_tcp_address, stop_server
+from teesplit.launch import build_service, free_tcp_address, stop_server, wait_serving
 from teesplit.tee.checkpoint import IntegrityError, TrustedCheckpoint
 from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams
@@ -157,7 +157,7 @@ def test_lying_server_process_is_caught(smollm2_dir, tmp_path, plan, mode, op, n
     cmd = [sys.executable, str(script), str(smollm2_dir), address, mode, op, str(nth)]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     try:
-        _wait_ready(address, proc)
+        wait_serving(proc, address, 120.0)
         r = _cli("generate", "--server", address, *args)
     finally:
         stop_server(proc)
@@ -178,27 +178,6 @@ def _honest_text(smollm2_dir, plan, args) -> subprocess.CompletedProcess:
         assert r.returncode == 0, r.stderr
         _HONEST[plan] = r
     return _HONEST[plan]
-
-
-def _wait_ready(address, proc, timeout=120.0):
-    import time
-
-    from teesplit.tee.client import GPUClient
-    from teesplit.transport import GPUServerUnavailable
-    from teesplit.transport.zmq import ZmqTransport
-
-    client = GPUClient(ZmqTransport(address, timeout_s=0.5))
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except GPUServerUnavailable:
-                assert proc.poll() is None, "the lying server exited"
-                assert time.monotonic() < deadline, "the lying server did not start"
-    finally:
-        client.close()
 
 
 # ---- checks deferred to the end of the pass, batched across layers ---------------------------

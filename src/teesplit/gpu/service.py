@@ -78,6 +78,26 @@ def _bad(message: str, code: str = "bad_tensor") -> ProtocolError:
     return ProtocolError(message, code)
 
 
+def check_qk(q: np.ndarray, k: np.ndarray, B: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    """AttnScores' rotated q (B, heads, T, D) and k (B, kv_heads, T, D), T >= 1; -> T."""
+    T = q.shape[2] if q.ndim == 4 else -1
+    _float_dtype(q, "AttnScores q")
+    _float_dtype(k, "AttnScores k")
+    if q.shape != (B, heads, T, head_dim) or k.shape != (B, kv_heads, T, head_dim) or T < 1:
+        raise _bad(
+            f"AttnScores: expected q (B={B}, {heads}, T, {head_dim}) and k "
+            f"(B, {kv_heads}, T, {head_dim}), got {q.shape} and {k.shape}"
+        )
+    return T
+
+
+def check_p(p: np.ndarray, B: int, heads: int, S: int) -> None:
+    """AttnOut's probabilities (B, heads, T >= 1, S) against S cached positions."""
+    _float_dtype(p, "AttnOut p")
+    if p.ndim != 4 or p.shape[0] != B or p.shape[1] != heads or p.shape[3] != S or p.shape[2] < 1:
+        raise _bad(f"AttnOut: expected p (B={B}, {heads}, T, S={S}), got {p.shape}")
+
+
 def check_kv_pair(k: np.ndarray, v: np.ndarray, B: int, kv_heads: int, head_dim: int) -> int:
     """WriteKV's keys and values: one float dtype, both (B, kv_heads, T >= 1, head_dim); -> T."""
     if _float_dtype(k, "WriteKV k") != _float_dtype(v, "WriteKV v"):
@@ -564,18 +584,8 @@ class GPUComputeService:
         if r is not None:
             pv = self._check_pending_v(session, layer, r, pos)
         c = self.config
-        B, T = session.batch, (q.shape[2] if q.ndim == 4 else -1)
-        _float_dtype(q, "AttnScores q")
-        _float_dtype(k, "AttnScores k")
-        if (
-            q.shape != (B, c.num_heads, T, c.head_dim)
-            or k.shape != (B, c.num_kv_heads, T, c.head_dim)
-            or T < 1
-        ):
-            raise _bad(
-                f"AttnScores: expected q (B={B}, {c.num_heads}, T, {c.head_dim}) and k "
-                f"(B, {c.num_kv_heads}, T, {c.head_dim}), got {q.shape} and {k.shape}"
-            )
+        B = session.batch
+        T = check_qk(q, k, B, c.num_heads, c.num_kv_heads, c.head_dim)
         pk = self._check_positions(session, session.k_len, layer, pos, T, "AttnScores")
         self._check_result_size((B, c.num_heads, T, max(pk) + T), "AttnScores")  # before the write
         self._checked()
@@ -600,11 +610,8 @@ class GPUComputeService:
     def _check_attn_out(self, session: Session, layer: int, p: np.ndarray) -> None:
         self._layer(layer, "AttnOut")
         c = self.config
-        _float_dtype(p, "AttnOut p")
         B = session.batch
-        S = int(session.v_len[layer].max())
-        if p.ndim != 4 or p.shape[0] != B or p.shape[1] != c.num_heads or p.shape[3] != S or p.shape[2] < 1:
-            raise _bad(f"AttnOut: expected p (B={B}, {c.num_heads}, T, S={S}), got {p.shape}")
+        check_p(p, B, c.num_heads, int(session.v_len[layer].max()))
         self._check_result_size((B, p.shape[2], max(c.q_dim, c.hidden_size)), "AttnOut")
 
     def _attn_out(self, session: Session, layer: int, p: np.ndarray) -> torch.Tensor | np.ndarray:

@@ -57,8 +57,9 @@ from teesplit.gpu.service import (
     GPUComputeService,
     SessionLimits,
     TopK,
-    _float_dtype,
     check_kv_pair,
+    check_p,
+    check_qk,
     to_torch,
 )
 from teesplit.gpu.weights import Weights, _assemble, safetensor_files
@@ -512,19 +513,7 @@ def _split_attn_scores(s: ShardedService, c: Call) -> Call:
     s._layer(layer, "AttnScores")
     if r is not None:
         s._check_pending_v(session, layer, r, pos)
-    B, T = session.batch, (q.shape[2] if q.ndim == 4 else -1)
-    _float_dtype(q, "AttnScores q")
-    _float_dtype(k, "AttnScores k")
-    if (
-        q.shape != (B, cfg.num_heads, T, cfg.head_dim)
-        or k.shape != (B, cfg.num_kv_heads, T, cfg.head_dim)
-        or T < 1
-    ):
-        raise ProtocolError(
-            f"AttnScores: expected q (B={B}, {cfg.num_heads}, T, {cfg.head_dim}) and k "
-            f"(B, {cfg.num_kv_heads}, T, {cfg.head_dim}), got {q.shape} and {k.shape}",
-            "bad_tensor",
-        )
+    check_qk(q, k, session.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     c = _sliced(c, 0, _head_slice(s.plan, q))
     return _sliced(c, 1, _head_slice(s.plan, k, kv=True))
 
@@ -543,12 +532,7 @@ def _split_p(s: ShardedService, c: Call) -> Call:
     """AttnOut and AttnOutGateUp: p (B, H, T, S) -> this rank's heads."""
     p, layer, cfg = c.tensors[0], c.args["layer"], s.plan.config
     s._layer(layer, "AttnOut")
-    _float_dtype(p, "AttnOut p")
-    B, S = c.session.batch, int(c.session.v_len[layer].max())
-    if p.ndim != 4 or p.shape[0] != B or p.shape[1] != cfg.num_heads or p.shape[3] != S or p.shape[2] < 1:
-        raise ProtocolError(
-            f"AttnOut: expected p (B={B}, {cfg.num_heads}, T, S={S}), got {p.shape}", "bad_tensor"
-        )
+    check_p(p, c.session.batch, cfg.num_heads, int(c.session.v_len[layer].max()))
     return _sliced(c, 0, _head_slice(s.plan, p))
 
 
