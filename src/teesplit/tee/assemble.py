@@ -297,14 +297,7 @@ def choose_plan(
 
     wires = (wire_dtype,) if wire_dtype else ("float32", "float16")
     choice = choose(models[0].gpu, models[0].config, context, top_k, wires)
-    for m in models:
-        m.plan = choice.plan
-        m.gpu.wire_dtype = choice.wire_dtype
-    link = choice.link
-    say(
-        f"plan auto: link rtt {link.rtt_s * 1e6:.0f} µs, up {link.up_bytes_per_s / 1e6:.0f} MB/s, "
-        f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {choice.plan.name}, wire {choice.wire_dtype}"
-    )
+    _apply_choice(models, choice.plan, None, choice.wire_dtype, choice.link, say)
     return choice
 
 
@@ -323,18 +316,21 @@ def choose_phases(
 
     wires = (wire_dtype,) if wire_dtype else ("float32", "float16")
     choice = choose(models[0].gpu, models[0].config, prompt_tokens, new_tokens, chunk, top_k, wires)
+    _apply_choice(models, choice.prefill, choice.decode, choice.wire_dtype, choice.link, say)
+    return choice
+
+
+def _apply_choice(models: list[TEELlamaModel], plan, decode_plan, wire: str, link, say) -> None:
+    """What --plan auto picked, on every model (decode_plan None: `plan` for both phases), and
+    one line saying it."""
     for m in models:
-        m.plan, m.decode_plan = choice.prefill, choice.decode
-        m.gpu.wire_dtype = choice.wire_dtype
-    link = choice.link
-    plans = choice.prefill.name
-    if choice.decode is not choice.prefill:
-        plans += f" then {choice.decode.name}"
+        m.plan, m.decode_plan = plan, decode_plan
+        m.gpu.wire_dtype = wire
+    plans = plan.name if decode_plan in (None, plan) else f"{plan.name} then {decode_plan.name}"
     say(
         f"plan auto: link rtt {link.rtt_s * 1e6:.0f} µs, up {link.up_bytes_per_s / 1e6:.0f} MB/s, "
-        f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {plans}, wire {choice.wire_dtype}"
+        f"down {link.down_bytes_per_s / 1e6:.0f} MB/s -> {plans}, wire {wire}"
     )
-    return choice
 
 
 def port_stats(port) -> dict[str, Any]:
