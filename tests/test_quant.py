@@ -3,6 +3,8 @@ ring products over Z_2^64 (signed 8-bit limbs; the trusted side's float64 limb p
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -214,3 +216,54 @@ def test_sites_and_steps_cover_a_forward_pass(tmp_path):
     for bad in (("RingOGateUp", 3), ("RingDownQKV", 2), ("RingDownQKV", -1), ("RingLinear", 0)):
         with pytest.raises(ValueError):
             quant.step_sites(*bad, 3)
+
+
+def test_ranks_holding_columns_derive_the_whole_rows_integers():
+    """Tensor parallelism (gpu/tp.py): a rank holds some input columns of each residual site
+    (o_proj, down_proj) and quantizes them with the maxima of the whole rows, which `whole_rows`
+    gives it (an all-reduce there): its integers are then the whole matrix's at those columns."""
+    c = ModelConfig("llama", 40, 24, 36, 2, 6, 3, 4, 1e-5, 64, {"rope_type": "default"})
+    world, rng = 3, np.random.default_rng(5)
+    local_c = dataclasses.replace(c, num_heads=2, num_kv_heads=1, intermediate_size=12, vocab_size=14)
+    full = {}
+    for spec in quant.private_sites(c):
+        n, k = quant.site_shape(c, spec.site)
+        scale = rng.uniform(0.01, 1, (n, 1))
+        full[spec.layer, spec.site] = (rng.standard_normal((n, k)) * scale).astype(np.float32)
+    norms = rng.uniform(0.5, 2.0, (2 * c.num_layers + 1, c.hidden_size)).astype(np.float32)
+    residual = [k for k in full if k[1] in quant.RESIDUAL_SITES]
+
+    def shard(r: int) -> dict:  # rank r's columns of the residual sites (others: any rows)
+        out = {}
+        for key, w in full.items():
+            n = quant.site_shape(local_c, key[1])[0]
+            out[key] = np.split(w, world, axis=1)[r] if key in residual else w[:n]
+        return out
+
+    def quantized(weights: dict, whole_rows=None, config=local_c, bits=8) -> dict:
+        rows_of = lambda layer, site: lambda a, b: weights[layer, site][a:b]  # noqa: E731
+        sites = quant.quantize_model(config, rows_of, norms, bits, "float32", whole_rows=whole_rows)
+        return {(s.layer, s.site): iw for s, iw in sites}
+
+    for bits in (16, 8):
+        whole = quantized(full, config=c, bits=bits)
+        sent: list[list[np.ndarray]] = []
+        for r in range(world):  # what each rank contributes to the all-reduce (max)
+            quantized(shard(r), lambda m, sent=sent: sent.append(m) or m, bits=bits)
+        maxima = [np.maximum.reduce(parts) for parts in zip(*sent, strict=True)]
+        for r in range(world):
+            got = quantized(shard(r), lambda _m, maxima=maxima: maxima, bits=bits)
+            for key in residual:
+                cols = np.split(np.arange(full[key].shape[1]), world)[r]
+                assert np.array_equal(got[key].q, whole[key].q[:, cols]), (r, key)
+                assert np.array_equal(got[key].mult, whole[key].mult) and got[key].base == whole[key].base
+        alone = quantized(shard(0), bits=bits)  # a rank's own maxima: other integers
+        assert any(not np.array_equal(alone[k].q, whole[k].q[:, : alone[k].q.shape[1]]) for k in residual)
+    # NaN in one rank's columns: the hook is still called (every rank joins the all-reduce),
+    # and the refusal comes after it
+    bad, calls = shard(1), []
+    bad[0, "o"] = bad[0, "o"].copy()
+    bad[0, "o"][3, 2] = np.nan
+    with pytest.raises(quant.QuantizationError, match="NaN or Inf"):
+        quantized(bad, lambda m: calls.append(m) or m)
+    assert len(calls) == 1 and np.isinf(calls[0][0][3]) and np.isfinite(np.concatenate(calls[0])).sum() > 0

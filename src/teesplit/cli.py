@@ -111,10 +111,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_kv_bytes_per_client=int(args.max_kv_gib_per_client * (1 << 30)),
     )
     if args.tp > 1 or _under_torchrun():
-        if args.private_weights is not None:
-            raise UsageError(
-                "--private-weights: the private plans are not served by a tensor-parallel server (drop --tp)"
-            )
         return _serve_tp(args, limits)
     model_dir = resolve(args.model, args.cache_dir)
     handler, desc = build_service(
@@ -206,6 +202,7 @@ def _serve_tp(args: argparse.Namespace, limits) -> int:
         allow_keys=args.allow_keys,
         timeout_s=args.tp_timeout,
         max_restarts=args.max_restarts,
+        private_weights=args.private_weights,
     )
     if _under_torchrun():
         return run_rank(settings)

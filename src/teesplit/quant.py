@@ -110,12 +110,29 @@ def source_values(w: np.ndarray, source: str) -> np.ndarray:
     raise QuantizationError(f"the private plans quantize from {', '.join(SOURCE_DTYPES)}, not {source!r}")
 
 
-def _abs_max(w: np.ndarray) -> np.ndarray:
-    """max_k |w_k| per row, without an |w| temporary; NaN or Inf anywhere is refused."""
+def _abs_max(w: np.ndarray, check: bool = True) -> np.ndarray:
+    """max_k |w_k| per row, without an |w| temporary; NaN or Inf anywhere is refused (with
+    `check`; without, such a row's maximum is Inf, refused later by `_checked_max`)."""
     amax = np.maximum(w.max(axis=1, initial=-np.inf), -w.min(axis=1, initial=np.inf))
+    if not check:
+        return np.where(np.isnan(amax), np.inf, np.maximum(amax, 0.0))
+    return np.maximum(_checked_max(amax), 0.0)
+
+
+def _checked_max(amax: np.ndarray) -> np.ndarray:
     if not np.isfinite(amax).all():
         raise QuantizationError("a weight is NaN or Inf (in the server's dtype): it cannot be quantized")
-    return np.maximum(amax, 0.0)
+    return amax
+
+
+def residual_row_max(get_rows: Callable[[int, int], np.ndarray], n: int, source: str) -> np.ndarray:
+    """max_k |W_jk| of each row of a residual site, as rule step 3 starts; never raises on a
+    NaN or Inf (the row's maximum is then Inf), so that processes holding parts of the rows can
+    combine their maxima before any of them refuses (tensor parallelism, gpu/tp.py)."""
+    amax = np.empty(n, np.float64)
+    for a, w in _chunks(get_rows, n, source):
+        amax[a : a + len(w)] = _abs_max(w, check=False)
+    return amax
 
 
 def _chunks(get_rows: Callable[[int, int], np.ndarray], n: int, source: str, gain=None):
@@ -186,14 +203,18 @@ def quantize_composite(
 
 
 def quantize_residual(
-    get_rows: Callable[[int, int], np.ndarray], n: int, bits: int, source: str, bounds: bool = False
+    get_rows: Callable[[int, int], np.ndarray],
+    n: int,
+    bits: int,
+    source: str,
+    bounds: bool = False,
+    amax: np.ndarray | None = None,
 ) -> IntWeights:
     """Rule step 3: row scales mult_j δ on one grid δ, so the server can align the rows exactly
-    (two passes: δ needs every row's maximum first)."""
+    (two passes: δ needs every row's maximum first). `amax`: the rows' maxima, when they are
+    not those of `get_rows` alone (a tensor-parallel rank holds some columns of each row)."""
     qmax = QMAX[bits]
-    amax = np.empty(n, np.float64)
-    for a, w in _chunks(get_rows, n, source):
-        amax[a : a + len(w)] = _abs_max(w)
+    amax = _checked_max(residual_row_max(get_rows, n, source) if amax is None else amax)
     top = float(amax.max(initial=0.0))
     base = top / (qmax * RESIDUAL_STEPS) if top > 0 else 1.0
     mult = np.maximum(np.ceil(amax / (qmax * base)), 1.0)
@@ -268,19 +289,36 @@ def quantize_model(
     bits: int,
     source: str,
     bounds: bool = False,
+    whole_rows: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
 ) -> Iterator[tuple[SiteSpec, IntWeights]]:
     """The rule over every private site, in forward order. `rows_of(layer, site)` gives the
     site's float weight rows [a, b) as float32 numpy (N, K) slices; `norms` is the (2L+1, E)
-    float32 stack of RMSNorm gains; `bounds`: also the norms of IntWeights (trusted side)."""
+    float32 stack of RMSNorm gains; `bounds`: also the norms of IntWeights (trusted side).
+
+    `whole_rows`, where `rows_of` gives only some input columns of the residual sites (a
+    tensor-parallel rank, gpu/tp.py): maps the row maxima of those columns, one array per
+    residual site in forward order, to the maxima of the whole rows. It is called once, before
+    any site is quantized or refused, so that every rank calls it whatever its weights hold."""
     if bits not in QMAX:
         raise QuantizationError(f"weight bits must be 8 or 16, got {bits}")
-    for spec in private_sites(config):
-        n, k = site_shape(config, spec.site)
+    sites = private_sites(config)
+    for spec in sites:
+        k = site_shape(config, spec.site)[1]
         if k > MAX_K:
             raise QuantizationError(f"{spec.site}: {k} inputs exceed the int32 accumulation limit {MAX_K}")
+    amax: dict[SiteSpec, np.ndarray] = {}
+    if whole_rows is not None:
+        residual = [spec for spec in sites if spec.norm is None]
+        local = [
+            residual_row_max(rows_of(s.layer, s.site), site_shape(config, s.site)[0], source)
+            for s in residual
+        ]
+        amax = dict(zip(residual, whole_rows(local), strict=True))
+    for spec in sites:
+        n = site_shape(config, spec.site)[0]
         get_rows = rows_of(spec.layer, spec.site)
         if spec.norm is None:
-            yield spec, quantize_residual(get_rows, n, bits, source, bounds)
+            yield spec, quantize_residual(get_rows, n, bits, source, bounds, amax.get(spec))
         else:
             yield spec, quantize_composite(get_rows, n, norms[spec.norm], bits, source, bounds)
 

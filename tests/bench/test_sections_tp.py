@@ -19,7 +19,7 @@ def test_tp_section_measures_both_servers_and_the_memory_per_rank(tmp_path):
     argv = ["--model", str(ckpt), "--quick", "--new-tokens", "4", "--contexts", "8,12", "--out-dir", str(out)]
     assert bench.main([*argv, "--only-sections", "tp"]) == 0
     d = json.loads((out / "tp.json").read_text())["sections"]["tp"]
-    assert d["tp"] == 3 and set(d["plans"]) == {"v3-fused", "v2-merged"}
+    assert d["tp"] == 3 and set(d["plans"]) == {"v3-fused", "v2-merged", "private-otp"}
     for row in d["plans"].values():
         assert row["same_tokens"] and row["tp1"]["ms_per_token"] > 0 and row["tp3"]["prefill_ms"] > 0
     ranks = d["memory"]["tp3"]

@@ -196,18 +196,56 @@ def test_every_plan_gives_the_tokens_of_one_rank(tp_server, ckpt, plan):
         c.close()
 
 
+def private_model(model_dir, address: str, plan: str = "private-otp", weights: str = "int16"):
+    """A runner of a private plan (its ports, pads and checks) over the server at `address`."""
+    from teesplit.tee.assemble import Assembly, RunnerSettings
+
+    rs = RunnerSettings(Path(model_dir), (address,), plan, private_weights=weights, timeout_s=120.0)
+    return Assembly(rs).connect()[0]
+
+
 @pytest.mark.slow
-def test_a_private_plan_is_refused_with_a_reason(tp_server):
-    """The private plans' integer weights are quantized over whole rows, which a rank does not
-    hold: the group refuses their operations with a message that says what to do."""
-    c = client(tp_server["address"])
+@pytest.mark.parametrize("weights", ["int16", "int8"])
+def test_a_private_plan_gives_the_tokens_of_one_rank(tp_server, ckpt, weights):
+    """Every rank quantizes its shard with the whole rows' scales, so the group multiplies by
+    the integers the trusted side derived: its checks pass and the tokens are one rank's."""
+    want = tokens(local_model(ckpt, "private-otp", private_weights=weights))
+    model = private_model(ckpt, tp_server["address"], weights=weights)
     try:
-        with pytest.raises(RemoteError) as e:
-            c.call("RingSetup", {"bits": 16})
-        assert e.value.code == "bad_args" and "without --tp" in str(e.value)
-        assert c.call("Ping")[0]["sessions"] >= 0  # still serving
+        assert tokens(model) == want
     finally:
-        c.close()
+        model.gpu.close()
+
+
+@pytest.mark.slow
+def test_a_group_serving_only_private_plans_holds_a_third_of_the_integers_each(ckpt, tmp_path):
+    """`serve --tp 3 --private-weights int8`: every rank quantizes at start and frees its float
+    matrices; the plain plans are refused, the private one gives one rank's tokens."""
+    log, address = tmp_path / "server.log", free_tcp_address()
+    proc, pids = start_tp(ckpt, address, log, ["--private-weights", "int8"])
+    try:
+        model = private_model(ckpt, address, weights="int8")
+        try:
+            assert tokens(model) == tokens(local_model(ckpt, "private-otp", private_weights="int8"))
+        finally:
+            model.gpu.close()
+        c = client(address, retries=0)
+        try:
+            with pytest.raises(RemoteError) as e:
+                c.call("QKV", {"layer": 0}, (np.ones((1, 2, 48), np.float32),))
+            assert e.value.code == "bad_args" and "--private-weights" in str(e.value)
+        finally:
+            c.close()
+    finally:
+        stop_server(proc)
+    assert proc.returncode == 0 and wait_gone(pids.values()) == []
+    one, _ = build_service(ckpt, "cpu", "float32", private_weights="int8", progress=False)
+    whole = one.service._ring[8].nbytes
+    ready = [e for e in events(log) if e.get("event") == "tp_rank_ready"]
+    assert sorted(e["rank"] for e in ready) == [0, 1, 2]
+    for e in ready:  # a third of the integers (and the LM head's slice padded to a multiple of 8)
+        assert e["private_weights"] == "int8"
+        assert 0.32 < e["private_bytes"] / whole < 0.36, (e["rank"], e["private_bytes"], whole)
 
 
 @pytest.mark.slow
@@ -279,11 +317,27 @@ def _requests(sid: int) -> list[list]:
         ("OGateUp", {"layer": 1}, [np.ones((1, 2, H * D), np.float32), x], None),
         ("AttnOutGateUp", {"layer": 0}, [np.full((1, H, 2, 2), 0.5, np.float32), x], sid),
         ("Matmul", {}, [np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)], None),
+        # The private plans' ring steps: ring elements over the whole int64 range, so every
+        # product wraps modulo 2^64; replies must be equal bit for bit.
+        ("RingSetup", {"bits": 16}, [], None),
+        ("RingEmbedQKV", {"bits": 16}, [ring(2, 3, E)], None),
+        ("RingOGateUp", {"layer": 1, "bits": 16}, [ring(2, 3, H * D), ring(2, 3, E)], None),
+        ("RingDownQKV", {"layer": 0, "bits": 16}, [ring(1, 2, F), ring(1, 2, E)], None),
+        ("RingDownLMHead", {"bits": 16}, [ring(2, 1, F), ring(2, 1, E)], None),
+        ("RingSetup", {"bits": 8}, [], None),
+        ("RingOGateUp", {"layer": 0, "bits": 8}, [ring(1, 4, H * D), ring(1, 4, E)], None),
+        ("RingDownLMHead", {"bits": 8}, [ring(1, 1, F), ring(1, 1, E)], None),
         ("Ping", {}, [np.zeros(4, np.float32)], None),
         ("OpenSession", {"batch": 1, "max_tokens": 4096}, [], None),
         ("CloseSession", {}, [], sid + 1),
     ]
     return [[bytes(f) for f in request(i, op, args, t, s)] for i, (op, args, t, s) in enumerate(ops, start=1)]
+
+
+def ring(*shape: int) -> np.ndarray:
+    """Ring elements (int64 read modulo 2^64) drawn from the whole range, the same on every call."""
+    rng = np.random.default_rng(sum(shape))
+    return rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, shape, dtype=np.int64, endpoint=True)
 
 
 def _same_reply(a: list, b: list, what: str) -> int | None:
@@ -296,6 +350,8 @@ def _same_reply(a: list, b: list, what: str) -> int | None:
     hb, tb = parse_reply_or_error(b)
     opened = hb.get("res", {}).pop("sid", None)  # drawn at random on each server
     ha.get("res", {}).pop("sid", None)
+    for h in (ha, hb):  # RingSetup: each rank pads its own integer matrices to multiples of 8
+        h.get("res", {}).pop("bytes_per_weight", None)
     assert ha == hb, what
     assert [(t.shape, t.dtype) for t in ta] == [(t.shape, t.dtype) for t in tb], what
     floats = [t.astype(np.float32) for t in ta + tb if t.dtype != np.int64]
@@ -503,15 +559,19 @@ def smol_one(smollm2_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("plan", ["v3-fused", "v2-merged"])
+@pytest.mark.parametrize("plan", ["v3-fused", "v2-merged", "private-otp"])
 def test_smollm2_greedy_tokens_equal_one_rank_on_the_parity_prompts(smol_tp, smol_one, plan):
     params = SamplingParams(max_new_tokens=32)
 
     def model(transport):
         return TEELlamaModel(GPUClient(transport, retries=0), get_plan(plan))
 
-    one = model(LocalTransport(smol_one.handle))
-    many = model(ZmqTransport(smol_tp["address"], 120.0))
+    if get_plan(plan).private is not None:  # its ports quantize the trusted checkpoint too
+        one = local_model(smol_tp["dir"], plan)
+        many = private_model(smol_tp["dir"], smol_tp["address"], plan)
+    else:
+        one = model(LocalTransport(smol_one.handle))
+        many = model(ZmqTransport(smol_tp["address"], 120.0))
     try:
         for ids in smol_tp["prompts"]:
             want = Generator(one, smol_tp["tok"]).generate(ids, params).tokens

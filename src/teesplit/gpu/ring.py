@@ -154,8 +154,9 @@ class RingModel:
         self.numpy_path = device.type == "cpu"
 
     @classmethod
-    def build(cls, weights, bits: int, source: str, device: torch.device) -> RingModel:
-        """Quantize every site of `weights` (gpu/weights.py) by quant's rule."""
+    def build(cls, weights, bits: int, source: str, device: torch.device, whole_rows=None) -> RingModel:
+        """Quantize every site of `weights` (gpu/weights.py) by quant's rule. `whole_rows`: a
+        tensor-parallel rank's hook to the whole rows' maxima (quant.quantize_model)."""
         c = weights.config
         norms = weights.norm_stack().numpy()
         exact = device.type == "cuda" or int_mm_is_exact()
@@ -165,7 +166,7 @@ class RingModel:
             return lambda a, b: w[a:b].float().cpu().numpy()
 
         sites = {}
-        for spec, iw in quant.quantize_model(c, rows_of, norms, bits, source):
+        for spec, iw in quant.quantize_model(c, rows_of, norms, bits, source, whole_rows=whole_rows):
             sites[(spec.layer, spec.site)] = LimbWeights(iw, device, exact)
         return cls(c, sites, bits, source, device)
 
@@ -184,19 +185,24 @@ class RingModel:
             return f"int{self.bits} integers, float64 limb products (numpy; torch._int_mm is not exact here)"
         return f"int8 limbs ({s.nl} per weight), torch._int_mm on {self.device.type}"
 
-    def step(self, first: SiteSpec | None, second: SiteSpec, a: np.ndarray | None, x: np.ndarray):
+    def step(self, first: SiteSpec | None, second: SiteSpec, a: np.ndarray | None, x: np.ndarray, total=None):
         """o = a q_firstᵀ (if first), s = x + m ⊙ o, z = s q_secondᵀ, all mod 2^64; a, x (R, ·)
-        int64 numpy. Returns (o, z) or z, numpy int64."""
+        int64 numpy. Returns (o, z) or z, numpy int64. `total` (tensor parallelism): the sum
+        over the ranks of each one's part of o (numpy or a device tensor, as given)."""
         p = None if first is None else self.sites[(first.layer, first.site)]
         n = self.sites[(second.layer, second.site)]
         if self.numpy_path:
             o = None if p is None else p.matmul_np(a)
+            if o is not None and total is not None:
+                o = total(o)
             s = x if o is None else x + p.times_mult_np(o)  # int64 arithmetic wraps modulo 2^64
             z = n.matmul_np(s)
             return z if o is None else (o, z)
         # copies: wire frames are read-only, and torch warns about views of them
         xt = torch.from_numpy(x.copy()).to(self.device)
         o = None if p is None else p.matmul_t(torch.from_numpy(a.copy()).to(self.device))
+        if o is not None and total is not None:
+            o = total(o)
         s = xt if o is None else xt + p.times_mult_t(o)
         z = n.matmul_t(s).cpu().numpy()
         return z if o is None else (o.cpu().numpy(), z)

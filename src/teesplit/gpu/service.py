@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from teesplit.config import ModelConfig
 from teesplit.gpu.hostmem import HostArena, release_freed_memory
 from teesplit.gpu.weights import Weights
 from teesplit.protocol import DTYPES, FLOAT_DTYPES, ProtocolError
@@ -109,6 +110,30 @@ def check_kv_pair(k: np.ndarray, v: np.ndarray, B: int, kv_heads: int, head_dim:
             f"got {k.shape} and {v.shape}"
         )
     return T
+
+
+def check_ring_step(op: str, config: ModelConfig, layer: int, t: list[np.ndarray]) -> tuple:
+    """A ring step's sites and tensors against the model: -> (first, second, (B, T), result
+    width), where the result is o|z (or z alone, without a first product)."""
+    from teesplit import quant
+
+    try:
+        first, second = quant.step_sites(op, layer, config.num_layers)
+    except ValueError as e:
+        raise _bad(str(e), "bad_args") from None
+    E = config.hidden_size
+    widths, names = [E], ["x"]
+    if first is not None:  # o_proj's input a (B, T, H D), or down_proj's m (B, T, F)
+        widths = [quant.site_shape(config, first.site)[1], E]
+        names = ["a" if first.site == "o" else "m", "x"]
+    lead = t[0].shape[:2] if t[0].ndim == 3 else None
+    for x, k, name in zip(t, widths, names, strict=True):
+        if x.dtype != DTYPES["int64"] or x.ndim != 3 or x.shape[-1] != k or x.shape[:2] != lead:
+            raise _bad(f"{op} {name}: expected int64 (B, T, {k}) for every tensor, got {x.dtype}{x.shape}")
+    if lead[0] * lead[1] == 0:
+        raise _bad(f"{op}: empty batch")
+    width = quant.site_shape(config, second.site)[0] + (E if first is not None else 0)
+    return first, second, lead, width
 
 
 def _top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor | TopK:
@@ -474,8 +499,17 @@ class GPUComputeService:
                     "bad_args",
                 )
             source = str(self.dtype).removeprefix("torch.")
-            model = self._ring[bits] = RingModel.build(self.w, bits, source, self.device)
+            model = self._ring[bits] = self._build_ring(RingModel, bits, source)
         return model
+
+    def _build_ring(self, ring_model: type, bits: int, source: str):
+        """Quantize this server's weights for `bits` (a tensor-parallel rank overrides it)."""
+        return ring_model.build(self.w, bits, source, self.device)
+
+    def _ring_total(self, o):
+        """The first product of a ring step, whole: as computed here (a tensor-parallel rank
+        adds up the ranks' parts, gpu/tp.py)."""
+        return o
 
     def _drop_float_matrices(self) -> None:
         """Free every float matrix (the private plans need none of them); norms and biases stay
@@ -501,31 +535,14 @@ class GPUComputeService:
     def ring_step(self, op: str, args: dict[str, Any], t: list[np.ndarray]) -> tuple | np.ndarray:
         """One merged ring step (protocol.RING_OPS) on int64 ring elements (B, T, ·): first
         product, residual add with the row multipliers, second product (see gpu/ring.py)."""
-        from teesplit import quant
-
-        c = self.config
-        try:
-            first, second = quant.step_sites(op, args.get("layer", 0), c.num_layers)
-        except ValueError as e:
-            raise _bad(str(e), "bad_args") from None
+        first, second, lead, width = check_ring_step(op, self.config, args.get("layer", 0), t)
         model = self._ring_model(args["bits"])
-        E = c.hidden_size
-        widths, names = [E], ["x"]
-        if first is not None:  # o_proj's input a (B, T, H D), or down_proj's m (B, T, F)
-            widths, names = [quant.site_shape(c, first.site)[1], E], ["a" if first.site == "o" else "m", "x"]
-        lead = t[0].shape[:2] if t[0].ndim == 3 else None
-        for x, k, name in zip(t, widths, names, strict=True):
-            if x.dtype != DTYPES["int64"] or x.ndim != 3 or x.shape[-1] != k or x.shape[:2] != lead:
-                raise _bad(
-                    f"{op} {name}: expected int64 (B, T, {k}) for every tensor, got {x.dtype}{x.shape}"
-                )
-        if lead[0] * lead[1] == 0:
-            raise _bad(f"{op}: empty batch")
-        n_out = quant.site_shape(c, second.site)[0]
-        self._check_result_size((*lead, n_out + (E if first is not None else 0)), op)
+        self._check_result_size((*lead, width), op)
         self._checked()
+        E = self.config.hidden_size
+        n_out = width - (E if first is not None else 0)
         rows = [x.reshape(-1, x.shape[-1]) for x in t]
-        out = model.step(first, second, rows[0] if first is not None else None, rows[-1])
+        out = model.step(first, second, rows[0] if first is not None else None, rows[-1], self._ring_total)
         if first is None:
             return out.reshape(*lead, n_out)
         o, z = out

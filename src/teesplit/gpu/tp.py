@@ -27,9 +27,15 @@ same code. This module adds what differs:
 
 The process group, the request hand-over and the failure handling are in `tp_runtime.py`.
 
-The private plans' ring operations are not sharded: their integer weights are quantized per
-output channel over whole rows (quant.py), which a rank holding a slice of o_proj's or
-down_proj's inputs cannot reproduce. A tensor-parallel server refuses them.
+The private plans' ring operations shard the same way, on integers: each rank quantizes its
+own rows of the column-parallel sites by quant.py's rule (a row's scale is its own). A
+row-parallel site (o_proj, down_proj) scales each row by the maximum over the whole row, which
+no rank holds: the ranks take the maximum of their maxima (one all-reduce at RingSetup), so
+every rank derives the integers the whole model has at its columns, the ones the trusted side
+derives. A merged ring step is then: each rank's part of the first product, summed over the
+ranks modulo 2^64 (exact in any order; summed as 32-bit halves, so no reduction ever wraps),
+the residual add with the row multipliers on every rank, and this rank's rows of the second
+product, gathered on rank 0.
 
 Shape letters: B batch, T new tokens, S cached + new, H heads, Hkv KV heads, D head dim,
 E hidden, F MLP width, V vocabulary; lower case h, hk, f: one rank's share.
@@ -49,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from teesplit import quant
 from teesplit.config import LAYER_MODULES, ModelConfig
 from teesplit.errors import UsageError
 from teesplit.gpu.handler import Call
@@ -60,10 +67,12 @@ from teesplit.gpu.service import (
     check_kv_pair,
     check_p,
     check_qk,
+    check_ring_step,
     to_torch,
 )
 from teesplit.gpu.weights import Weights, _assemble, safetensor_files
-from teesplit.protocol import ProtocolError
+from teesplit.protocol import RING_OPS, ProtocolError
+from teesplit.quant import QuantizationError
 
 
 class TPConfigError(UsageError):
@@ -250,9 +259,11 @@ def weight_bytes(w: Weights) -> int:
     tensors = [w.embed, w.lm_head, w.norm]
     for layer in w.layers:
         tensors += [layer.qkv_weight, layer.gate_up_weight, layer.input_norm, layer.post_attention_norm]
-        tensors += [layer.weight["o_proj"], layer.weight["down_proj"], *layer.bias.values()]
+        tensors += [*layer.weight.values(), *layer.bias.values()]
         tensors += [b for b in (layer.qkv_bias, layer.gate_up_bias) if b is not None]
     for t in tensors:
+        if t is None:  # a private-plans-only server freed its float matrices
+            continue
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
@@ -265,6 +276,8 @@ class Collectives(Protocol):
     def all_reduce(self, y: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray: ...
 
     def agree(self, ok: bool) -> bool: ...
+
+    def max_over_ranks(self, a: np.ndarray) -> np.ndarray: ...
 
 
 class ShardedService(GPUComputeService):
@@ -279,15 +292,18 @@ class ShardedService(GPUComputeService):
         dtype: torch.dtype,
         init: tuple[torch.Tensor, dict[str, torch.Tensor]],
         limits: SessionLimits | None = None,
+        private_weights: int | None = None,
     ):
-        super().__init__(weights, device, dtype, limits=limits or SessionLimits())
         self.plan, self.group = plan, group
-        self.kv_scale = plan.world  # each rank holds 1/N of every session's cache
         self._init = init
         # Rank 0: hands the current request to the other ranks, at its first `_checked` (set by
         # tp_runtime for each request; None on the other ranks and between requests).
         self.commit: Callable[[], None] | None = None
         self.agreed_refusals = 0  # refusals decided together after the hand-over (see `_agree`)
+        # (with private_weights, every rank quantizes here, together: see `_build_ring`)
+        limits = limits or SessionLimits()
+        super().__init__(weights, device, dtype, limits=limits, private_weights=private_weights)
+        self.kv_scale = plan.world  # each rank holds 1/N of every session's cache
 
     @property
     def vocab_size(self) -> int:
@@ -314,6 +330,45 @@ class ShardedService(GPUComputeService):
         ok = self.group.agree(ok)
         self.agreed_refusals += not ok
         return ok
+
+    def _build_ring(self, ring_model: type, bits: int, source: str):
+        """Every rank quantizes its shard; the row-parallel sites' row maxima are the whole
+        rows' (one all-reduce), and a weight no rank can quantize is refused by all together."""
+
+        def whole_rows(local: list[np.ndarray]) -> list[np.ndarray]:
+            self._checked()
+            flat = self.group.max_over_ranks(np.concatenate(local))
+            return np.split(flat, np.cumsum([len(a) for a in local])[:-1])
+
+        model = error = None
+        try:
+            model = ring_model.build(self.w, bits, source, self.device, whole_rows=whole_rows)
+        except QuantizationError as e:
+            error = e
+        if not self._agree(error is None):
+            why = error or "the weights of another rank cannot be quantized (see that rank's log)"
+            raise ProtocolError(f"RingSetup: {why}", "internal")
+        return model
+
+    def _ring_total(self, o):
+        """The ranks' parts of a ring step's first product, summed modulo 2^64: as 32-bit
+        halves (int64 sums of fewer than 2^31 of them cannot wrap), so the sum is exact in any
+        reduction order without relying on how a collective library wraps."""
+        halves = (o & 0xFFFFFFFF, o >> 32)  # arithmetic shift: o = hi 2^32 + lo
+        both = self._reduce(np.stack(halves) if isinstance(o, np.ndarray) else torch.stack(halves))
+        return (both[1] << 32) + both[0]  # wraps modulo 2^64
+
+    def ring_setup(self, bits: int) -> dict[str, Any]:
+        """RingSetup's description, with the bytes per weight of the whole group."""
+        res = super().ring_setup(bits)
+        model = self._ring[bits]
+        held = torch.tensor([model.nbytes, sum(s.weights for s in model.sites.values())], dtype=torch.float64)
+        held = self._reduce(held)
+        return {**res, "bytes_per_weight": float(held[0] / held[1])}
+
+    def resident_weight_bytes(self) -> int:
+        """The float weights this rank holds, and its private plans' integers."""
+        return weight_bytes(self.w) + sum(m.nbytes for m in self._ring.values())
 
     def _embed(self, ids: np.ndarray) -> torch.Tensor:
         """Vocabulary-parallel lookup: this rank's rows for its ids, zeros elsewhere, summed
@@ -595,6 +650,33 @@ def _combine_own(group: Gatherer, plan: ShardPlan, c: Call, out: Any) -> Any:
     return _own(group, out)
 
 
+# The private plans' ring steps ----------------------------------------------------------------------
+def _split_ring(s: ShardedService, c: Call) -> Call:
+    """A ring step, checked against the whole model; the first product's input (o_proj's a or
+    down_proj's m) -> this rank's columns."""
+    bits = c.args["bits"]
+    if bits not in (8, 16) or (s.private_only and bits not in s._ring):
+        return c  # refused by the rank's service, before anything is sent
+    first, _, lead, width = check_ring_step(c.op, s.plan.config, c.args.get("layer", 0), c.tensors)
+    s._check_result_size((*lead, width), c.op)
+    if first is None:
+        return c
+    return _sliced(c, 0, _feature_slice(s.plan, "o_proj" if first.site == "o" else "down_proj", c.tensors[0]))
+
+
+def _combine_ring(group: Gatherer, plan: ShardPlan, c: Call, out: Any) -> Any:
+    """[z] or [o, z]: o is whole on every rank (summed), z is gathered by its blocks."""
+    *o, z = out
+    site = quant.step_sites(c.op, c.args.get("layer", 0), plan.config.num_layers)[1].site
+    blocks = {
+        "qkv": _qkv_blocks(plan, True),
+        "gate_up": _gate_up_blocks(plan),
+        quant.LM_HEAD: _vocab_blocks(plan),
+    }
+    z = _gather_blocks(group, z, blocks[site])
+    return None if z is None else [*o, z.numpy()]
+
+
 SHARDING: dict[str, Sharding | None] = {
     "Init": LOCAL,
     "Ping": LOCAL,
@@ -614,6 +696,8 @@ SHARDING: dict[str, Sharding | None] = {
     "DownLMHead": Sharding(_split_down_lm_head, _combine_down_lm_head),
     "OGateUp": Sharding(_split_o_gate_up, _combine_with_gate_up),
     "AttnOutGateUp": Sharding(_split_p, _combine_with_gate_up),
+    "RingSetup": Sharding(None, _combine_own),  # each rank quantizes its shard (`_build_ring`)
+    **{op: Sharding(_split_ring, _combine_ring) for op in RING_OPS},
 }
 
 

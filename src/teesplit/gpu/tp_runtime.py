@@ -70,9 +70,9 @@ from teesplit.gpu.tp import (
     check_tp_size,
     init_payload,
     load_shard,
-    weight_bytes,
 )
 from teesplit.protocol import OPS, Limits, OpSpec, ProtocolError, decode, encode, validate_request
+from teesplit.quant import weight_bits
 
 HEARTBEAT_S = 1.0  # an idle rank 0 checks on the other ranks this often
 WATCHDOG_GRACE_S = 10.0  # past --tp-timeout, before a rank stuck in one request ends itself
@@ -120,6 +120,7 @@ class TPSettings:
     allow_keys: str | None = None
     timeout_s: float = 120.0  # --tp-timeout: every collective
     max_restarts: int = 0
+    private_weights: str | None = None  # --private-weights: int16 or int8, quantized at start
 
 
 # ---- the group's collectives ------------------------------------------------------------------------
@@ -179,6 +180,12 @@ class Group:
         dist.all_reduce(self._flag, op=dist.ReduceOp.MIN, group=self.ctrl)
         return bool(self._flag[0])
 
+    def max_over_ranks(self, a: np.ndarray) -> np.ndarray:
+        """The elementwise maximum of every rank's `a` (same shape; float64 on the CPU)."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctrl)
+        return t.numpy()
+
     # data
     def _on_data_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.data is self.ctrl or t.device == self.device else t.to(self.device)
@@ -227,12 +234,6 @@ class Rank0Handler(RequestHandler):
         if self.failure is not None:
             raise self.failure
         if call.op not in SHARDING:
-            if call.op.startswith("Ring"):
-                raise ProtocolError(
-                    f"{call.op}: the private plans are not served by a tensor-parallel server "
-                    "(start `teesplit serve` without --tp for them)",
-                    "bad_args",
-                )
             raise ProtocolError(f"{call.op} is not served by a tensor-parallel server", "unknown_op")
         sharding = SHARDING[call.op]
         if sharding is LOCAL:
@@ -414,7 +415,8 @@ def run_rank(s: TPSettings) -> int:
     weights = load_shard(model_dir, plan, device, dtype)
     group = Group(rank, world, device, s.timeout_s)
     init = init_payload(model_dir, plan.config) if rank == 0 else (torch.empty(0), {})
-    service = ShardedService(weights, plan, group, device, dtype, init, s.limits)
+    bits = None if s.private_weights is None else weight_bits(s.private_weights)
+    service = ShardedService(weights, plan, group, device, dtype, init, s.limits, private_weights=bits)
     log_event(
         "tp_rank_ready",
         rank=rank,
@@ -422,7 +424,9 @@ def run_rank(s: TPSettings) -> int:
         pid=os.getpid(),
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
-        weight_bytes=weight_bytes(service.w),
+        private_weights=s.private_weights,
+        weight_bytes=service.resident_weight_bytes(),
+        private_bytes=sum(m.nbytes for m in service._ring.values()),
         rss_bytes=_rss_bytes(),
     )
     dist.barrier()  # every rank loaded: rank 0 may open the socket

@@ -2,8 +2,9 @@
 
 Both servers run at once on this host (tcp, the run's device and dtype, --threads per rank)
 and are measured in alternating rounds, so a change in the machine's load hits both alike:
-- decode ms/token and the prefill of the run's first context, for v3-fused and v2-merged,
-  and whether the greedy tokens are the same;
+- decode ms/token and the prefill of the run's first context, for v3-fused, v2-merged and
+  private-otp (int16 weights, quantized by each server at the first request), and whether the
+  greedy tokens are the same;
 - each rank's resident memory (VmRSS) after the rounds, and the bytes of weights it holds.
 
 On one CPU host the ranks share the cores and the memory bandwidth, so what this measures is
@@ -30,7 +31,7 @@ import numpy as np
 from teesplit.bench.sections import Section, SectionContext
 
 TP = 3  # measured when it divides the model, else the largest size that does
-PLANS = ("v3-fused", "v2-merged")
+PLANS = ("v3-fused", "v2-merged", "private-otp")  # private-otp: the ring steps over the group
 TARGET_WEIGHT_SHARE = 0.36
 # Larger models for the memory table (computed): Hugging Face config fields that matter.
 MODELS = {
