@@ -70,9 +70,41 @@ def test_joining_and_leaving_rows_get_their_solo_greedy_tokens(ckpt, plan):
     if not model.plan.gpu_kv_cache:
         # trusted-side cache: one decode pass per step whatever the number of requests
         per_forward = model.plan.rpcs_per_forward(model.config.num_layers)
-        assert sum(snap["rpc"].values()) == per_forward * (snap["prefill_passes"] + snap["decode_steps"])
+        assert sum(snap["rpc"].values()) == per_forward * (snap["prefill_chunks"] + snap["decode_steps"])
     else:
         assert model.gpu.inner.call("Ping")[0]["sessions"] == 0, "every GPU session is closed"
+
+
+@pytest.mark.parametrize("plan", ["v2-merged", "v3-fused"])
+@pytest.mark.parametrize("chunk", [8, None])
+def test_a_long_prompt_is_prefilled_between_the_other_rows_decode_steps(ckpt, plan, chunk):
+    """A running stream keeps getting tokens while another user's long prompt is prefilled:
+    one decode step after each of its chunks (80 tokens in chunks of 8: 10 chunks, so 9 steps
+    before its first token). In one pass (chunk None) the stream waits for the whole prefill."""
+    solo, model = local_model(ckpt, plan), local_model(ckpt, plan)
+    engine = Engine(lambda: model, tokenizer=None, max_batch=4, prefill_chunk=chunk)
+    engine.start()
+    prompts = [[5, 9, 14, 3, 27], list(np.random.default_rng(3).integers(3, 128, 80))]
+    budgets = [60, 4]
+    try:
+        short = engine.submit(prompts[0], SamplingParams(max_new_tokens=budgets[0]))
+        first = short.wait(timeout=120)
+        assert first.kind == "token"
+        long = engine.submit(prompts[1], SamplingParams(max_new_tokens=budgets[1]))
+        assert _collect(long)[-1].kind == "done" and _collect(short)[-1].kind == "done"
+    finally:
+        engine.stop()
+    eos = set(model.config.eos_token_ids)
+    for p, n, req in zip(prompts, budgets, (short, long), strict=True):
+        want = Generator(solo, eos_token_ids=eos).generate(p, SamplingParams(max_new_tokens=n))
+        assert req.tokens == want.tokens
+    during = [t for t in short.t_tokens if long.t_submit < t < long.t_first]
+    snap = engine.snapshot()
+    if chunk is None:
+        assert len(during) <= 1 and snap["prefill_chunks"] == 2
+    else:
+        assert len(during) >= 9 and snap["prefill_chunks"] == 1 + 10
+    assert snap["prefill_passes"] == 2 and snap["active"] == 0
 
 
 def test_sampled_rows_follow_their_seed(ckpt):

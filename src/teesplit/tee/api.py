@@ -929,7 +929,9 @@ def render_metrics(api: APIServer) -> str:
     metric("teesplit_completion_tokens_total", "counter", "Tokens generated.", [({}, s["completion_tokens"])])
     metric("teesplit_requests_running", "gauge", "Sequences in the running batch.", [({}, s["active"])])
     metric("teesplit_requests_waiting", "gauge", "Requests waiting to be prefilled.", [({}, s["waiting"])])
-    metric("teesplit_prefill_passes_total", "counter", "Prefill forward passes.", [({}, s["prefill_passes"])])
+    metric("teesplit_prefill_passes_total", "counter", "Prefills done.", [({}, s["prefill_passes"])])
+    chunks = [({}, s["prefill_chunks"])]
+    metric("teesplit_prefill_chunks_total", "counter", "Prefill forward passes (chunks).", chunks)
     metric("teesplit_decode_steps_total", "counter", "Decode forward passes.", [({}, s["decode_steps"])])
     metric(
         "teesplit_decode_rows_total",

@@ -26,7 +26,7 @@ token ids and activations the chosen plan sends to the GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from teesplit.errors import UsageError
 from teesplit.protocol import ProtocolError, RemoteError
-from teesplit.tee.model import KVCache, TEELlamaModel
+from teesplit.tee.model import KVCache, TEELlamaModel, run_steps
 from teesplit.transport import GPUServerUnavailable
 
 
@@ -236,14 +236,21 @@ class Batch:
 
     def prefill(self) -> None:
         """Feed every row its prompt and sample its first token."""
+        run_steps(self.prefill_steps())
+
+    def prefill_steps(self) -> Generator[None, None, None]:
+        """prefill, yielding after each chunk of prefill_chunk tokens but the last: the API's
+        scheduler runs the other rows' decode steps there, so a long prompt does not stall them
+        for its whole prefill."""
         lengths = np.array([len(r.prompt) for r in self.rows], np.int64)
-        self._sample(self._forward(padded([r.prompt for r in self.rows], lengths), lengths))
+        out = yield from self._forward_steps(padded([r.prompt for r in self.rows], lengths), lengths)
+        self._sample(out)
 
     def step(self) -> None:
         """One decode step: each live row's last token in, its next token sampled."""
         live = np.array([not r.done for r in self.rows])
         ids = np.array([[r.tokens[-1] if not r.done else 0] for r in self.rows], np.int64)
-        self._sample(self._forward(ids, live.astype(np.int64)))
+        self._sample(run_steps(self._forward_steps(ids, live.astype(np.int64))))
 
     def _top_k(self) -> int | None:
         """Candidates to ask the GPU for: enough for every live row's sampling (None: whole rows)."""
@@ -254,15 +261,15 @@ class Batch:
             return None
         return max(need)
 
-    def _forward(self, ids: np.ndarray, n_new: np.ndarray):
-        """model.prefill (in chunks of prefill_chunk tokens; a decode step is one token); if the
-        server lost the session (it restarted or expired it), open a new one, replay every row's
-        tokens fed so far plus these new ones, and return that result."""
+    def _forward_steps(self, ids: np.ndarray, n_new: np.ndarray) -> Generator[None, None, Any]:
+        """model.prefill_steps (chunks of prefill_chunk tokens; a decode step is one token); if
+        the server lost the session (it restarted or expired it), open a new one, replay every
+        row's tokens fed so far plus these new ones, and return that result."""
         top_k = self._top_k()
         while True:
             fed = self.cache.lengths + n_new  # each row's tokens once this step is done
             try:
-                out = self.model.prefill(ids, self.cache, n_new, self.prefill_chunk, top_k)
+                out = yield from self.model.prefill_steps(ids, self.cache, n_new, self.prefill_chunk, top_k)
                 self.cache = self.model.for_decode(self.cache)  # a plan per phase: see TEELlamaModel
                 return out
             except RemoteError as e:

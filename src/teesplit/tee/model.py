@@ -14,6 +14,8 @@ token of that row overwrites them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Generator
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +35,15 @@ from teesplit.tee.ops import (
 )
 from teesplit.tee.plans import Plan
 from teesplit.tee.port import GPUPort, InitResult
+
+
+def run_steps(steps: Generator[None, None, Any]) -> Any:
+    """Run a generator of steps (prefill_steps) to its end: its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 class KVCache:
@@ -273,9 +284,22 @@ class TEELlamaModel:
         chunk: int | None = None,
         top_k: int | None = None,
     ):
-        """forward over a prompt in chunks of `chunk` tokens: what forward(ids, cache, n_new,
-        top_k=top_k) returns, (B, 1, V) or (values, ids) at each row's last real token, while
-        both sides hold at most `chunk` new tokens' activations and scores (chunk x S) at once.
+        """forward over a prompt in chunks of `chunk` tokens (see prefill_steps)."""
+        return run_steps(self.prefill_steps(ids, cache, n_new, chunk, top_k))
+
+    def prefill_steps(
+        self,
+        ids: np.ndarray,
+        cache: KVCache | GPUKVCache,
+        n_new: np.ndarray | None = None,
+        chunk: int | None = None,
+        top_k: int | None = None,
+    ) -> Generator[None, None, Any]:
+        """forward over a prompt in chunks of `chunk` tokens, as a generator that yields after
+        every chunk but the last (the API's scheduler runs other rows' decode steps there) and
+        returns what forward(ids, cache, n_new, top_k=top_k) returns, (B, 1, V) or (values, ids)
+        at each row's last real token. Both sides hold at most `chunk` new tokens' activations
+        and scores (chunk x S) at once.
 
         Rows are right-padded (row b has n_new[b] real tokens). A row whose prompt ends before
         a chunk starts rides along with n_new 0, as finished rows do in decode: its cache does
@@ -298,6 +322,8 @@ class TEELlamaModel:
         for c0 in range(0, T, chunk):
             if out is not None and not (n_new > c0).any():
                 break  # padding columns only
+            if out is not None:
+                yield  # a chunk is done, and another follows
             c1 = min(c0 + chunk, T)
             part = self.forward(ids[:, c0:c1], cache, np.clip(n_new - c0, 0, c1 - c0), top_k=top_k)
             rows = (c0 <= last) & (last < c1)  # rows whose last real token is in this chunk

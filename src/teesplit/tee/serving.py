@@ -5,10 +5,14 @@ One scheduler thread owns the model and its GPU connection. Callers (HTTP handle
 scheduler
 
 1. takes the requests that arrived since the last step (up to `max_batch` in flight) and
-   prefills them together as one ragged batch; each gets its first token from that pass;
-2. runs ONE decode forward pass over every sequence still generating, so the GPU sees one
+   starts their prefill together, as one ragged batch;
+2. runs ONE chunk (`prefill_chunk` prompt tokens) of one prefilling batch, in turn; a batch
+   whose last chunk ran samples its rows' first tokens and joins the decoding rows. So a long
+   prompt's prefill is spread over many iterations, and the other users' decode steps go on
+   between its chunks: they wait at most one chunk, never the whole prompt;
+3. runs ONE decode forward pass over every sequence still generating, so the GPU sees one
    round trip per crossing for all of them, whatever request each row belongs to;
-3. drops the rows that finished (EOS, a stop string, their token budget, or a client that
+4. drops the rows that finished (EOS, a stop string, their token budget, or a client that
    went away).
 
 How rows join and leave depends on where the plan keeps the KV cache:
@@ -35,7 +39,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +83,7 @@ class Request:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None  # first token sampled
         self.t_last: float | None = None  # last token sampled
+        self.t_tokens: list[float] = []  # when each token was added
         self.ended = False  # its last event ("done" or "error") is out
         self._cancelled = threading.Event()
 
@@ -130,7 +135,8 @@ class EngineMetrics:
     completion_tokens: int = 0
     finished: Counter = field(default_factory=Counter)  # finish reason -> requests
     errors: Counter = field(default_factory=Counter)  # error code -> requests
-    prefill_passes: int = 0
+    prefill_passes: int = 0  # prefills done (each one batch of requests)
+    prefill_chunks: int = 0  # forward passes of prefills (a long prompt takes several)
     decode_steps: int = 0
     decode_rows: int = 0  # sum of rows over decode steps (mean batch = rows / steps)
     rpc: Counter = field(default_factory=Counter)
@@ -170,6 +176,7 @@ class _Seq(Row):
 
     def on_token(self, token: int) -> None:
         self.req.t_last = time.perf_counter()
+        self.req.t_tokens.append(self.req.t_last)
         with self.engine.lock:
             self.engine.metrics.completion_tokens += 1
         self.req.events.put(Event("token", self.pending))
@@ -230,6 +237,7 @@ class Engine:
         self.waiting = 0  # submitted, not yet prefilled
         self._queue: queue.Queue[Request] = queue.Queue()
         self._cohorts: list[Batch] = []  # each: rows sharing one KV cache
+        self._prefilling: list[tuple[Batch, Generator[None, None, None]]] = []  # in turn, a chunk each
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None  # why the GPU server is not usable, if it is not
@@ -283,7 +291,9 @@ class Engine:
             new = self._take_new()
             try:
                 if new:
-                    self._prefill(new)
+                    self._start_prefill(new)
+                if self._prefilling:
+                    self._prefill_chunk()
                 if self._cohorts:
                     self._decode_step()
             except Exception as e:  # never let one bad step kill the scheduler
@@ -299,6 +309,7 @@ class Engine:
 
     def _take_new(self) -> list[Request]:
         live = sum(1 for c in self._cohorts for r in c.rows if not r.done)
+        live += sum(len(b.rows) for b, _ in self._prefilling)
         new: list[Request] = []
         block = live == 0
         while live + len(new) < self.max_batch:
@@ -312,7 +323,8 @@ class Engine:
                 new.append(req)
         return new
 
-    def _prefill(self, reqs: list[Request]) -> None:
+    def _start_prefill(self, reqs: list[Request]) -> None:
+        """The new requests become one batch, queued to prefill a chunk at a time."""
         try:
             model = self.connect()
         except Exception as e:  # unreachable, another model, another protocol version
@@ -321,24 +333,50 @@ class Engine:
         eos = eos_ids(model, self.tokenizer)
         seqs = [_Seq(self, r, eos) for r in reqs]
         m0 = model.gpu.metrics.copy()
-        batch = None
         try:
             batch = Batch(model, seqs, max_recoveries=self.max_recoveries, prefill_chunk=self.prefill_chunk)
-            with self.lock:
-                self.active += len(seqs)
-            for s in seqs:
-                s.counted = True
-            batch.prefill()
-            with self.lock:
-                self.metrics.prefill_passes += 1
-                self.metrics.prompt_tokens += sum(len(r.prompt) for r in reqs)
-        except Exception as e:
-            if batch is not None:
-                self._close(batch, e)
+        except Exception as e:  # opening its GPU session failed
             self._fail(seqs, e)
             return
         finally:
             self._count_rpcs(model, m0)
+        with self.lock:
+            self.active += len(seqs)
+        for s in seqs:
+            s.counted = True
+        self._prefilling.append((batch, batch.prefill_steps()))
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the first prefilling batch; it goes to the back of the line unless that
+        was its last chunk, when it joins the decoding rows."""
+        batch, steps = self._prefilling.pop(0)
+        if all(r.cancelled for r in batch.rows):  # every caller went away: no more chunks
+            for r in batch.rows:
+                r.finish("cancelled")
+            self._close(batch, None)
+            return
+        model = batch.model
+        m0 = model.gpu.metrics.copy()
+        try:
+            next(steps)
+        except StopIteration:  # its rows have their first tokens
+            pass
+        except Exception as e:
+            self._close(batch, e)
+            self._fail(batch.rows, e)
+            return
+        else:
+            self._prefilling.append((batch, steps))
+            return
+        finally:
+            with self.lock:
+                self.metrics.prefill_chunks += 1
+            self._count_rpcs(model, m0)
+        with self.lock:
+            self.metrics.prefill_passes += 1
+            self.metrics.prompt_tokens += sum(len(r.prompt) for r in batch.rows)
+        if model is not self.model:  # the connection failed meanwhile: its rows have their error
+            return
         if model.plan.gpu_kv_cache or not self._cohorts:
             self._cohorts.append(batch)
         else:  # trusted-side cache: the new rows join the running batch
@@ -404,6 +442,8 @@ class Engine:
             model, self.model = self.model, None
             self.last_error = str(error)
             cohorts, self._cohorts = self._cohorts, []
+            cohorts += [b for b, _ in self._prefilling]
+            self._prefilling = []
             self._fail([r for c in cohorts for r in c.rows], error)
             try:
                 model.gpu.close()
@@ -411,10 +451,11 @@ class Engine:
                 pass
 
     def _fail_all(self, new: list[Request], error: BaseException) -> None:
-        rows = [r for c in self._cohorts for r in c.rows] + list(new)
-        for batch in self._cohorts:
+        batches = self._cohorts + [b for b, _ in self._prefilling]
+        rows = [r for c in batches for r in c.rows] + list(new)  # rows first: they end requests once
+        for batch in batches:
             self._close(batch, error)
-        self._cohorts = []
+        self._cohorts, self._prefilling = [], []
         self._fail(rows, error)
 
     def snapshot(self) -> dict[str, Any]:
@@ -427,6 +468,7 @@ class Engine:
                 "finished": dict(m.finished),
                 "errors": dict(m.errors),
                 "prefill_passes": m.prefill_passes,
+                "prefill_chunks": m.prefill_chunks,
                 "decode_steps": m.decode_steps,
                 "decode_rows": m.decode_rows,
                 "rpc": dict(m.rpc),
