@@ -25,8 +25,14 @@ def test_api_section_measures_1_4_8_clients(tmp_path, smollm2_dir):
     for r in data["rows"]:
         for side in ("api", "cli"):
             assert r[side]["ttft_ms"] > 0 and r[side]["tpot_ms"] > 0 and r[side]["tok_s"] > 0
+    stall = data["stall"]  # 128-token prompt (max_position_embeddings 256): one pass, chunks of 32
+    assert stall["long_prompt_tokens"] == 128 and [r["prefill_chunk"] for r in stall["rows"]] == [0, 32]
+    chunked = stall["rows"][1]
+    assert chunked["tokens_during"] >= 3  # 4 chunks: a decode step after each of the first 3
+    assert all(r["max_gap_ms"] > 0 and r["long_ttft_ms"] > 0 for r in stall["rows"])
     md = (out / "api.md").read_text()
     assert "| clients | TTFT API ms |" in md and md.count("\n| 8 |") == 1
+    assert "| one pass |" in md and "| 32 |" in md
     assert {t["name"] for t in json.loads((out / "api.json").read_text())["targets"]} >= {"api_batching"}
 
 

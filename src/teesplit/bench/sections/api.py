@@ -12,6 +12,7 @@ CLI: TTFT is the prefill's wall time, TPOT the decode time per step, from the Ge
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import threading
@@ -26,6 +27,10 @@ from teesplit.bench.sections import Section, SectionContext
 CLIENTS = (1, 4, 8)
 PLAN = "v2-merged"  # the API's default plan (trusted-side KV cache: rows join and leave freely)
 PROMPT_TOKENS = 32
+# The stall: a running stream's longest pause while another client's long prompt is prefilled,
+# with the prompt in one pass (0) and in chunks (the default, and a smaller one).
+LONG_PROMPT_TOKENS = {True: 1024, False: 2048}  # quick, full
+STALL_CHUNKS = (0, 512, 128)
 
 
 def measure(ctx: SectionContext) -> dict[str, Any]:
@@ -56,7 +61,75 @@ def measure(ctx: SectionContext) -> dict[str, Any]:
                 )
         finally:
             api.stop()
-    return {"plan": PLAN, "transport": "ipc", "prompt_tokens": PROMPT_TOKENS, "new_tokens": new, "rows": rows}
+        stall = _stall(ctx, endpoint.address)
+    return {
+        "plan": PLAN,
+        "transport": "ipc",
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": new,
+        "rows": rows,
+        "stall": stall,
+    }
+
+
+def _stall(ctx: SectionContext, server: str) -> dict[str, Any]:
+    """A client streams; once it is decoding, another sends a long prompt. For each prefill
+    chunk size, the first stream's longest gap between tokens while the long prompt is
+    prefilled (from its sending to its first token), beside that stream's usual gap."""
+    from teesplit.bench.common import batch_prompts
+    from teesplit.config import ModelConfig
+
+    s = ctx.settings
+    max_pos = ModelConfig.from_dir(ctx.model_dir).max_position_embeddings
+    long_n = min(LONG_PROMPT_TOKENS[s.quick], max_pos // 2)
+    short_prompt, long_prompt = batch_prompts(ctx.vocab, 2, long_n)
+    short_prompt = short_prompt[:PROMPT_TOKENS]
+    budget = max_pos - PROMPT_TOKENS - 1  # ends early: the stream is closed once the long prompt is in
+    rows = []
+    for chunk in STALL_CHUNKS:
+        chunk = long_n // 4 if chunk >= long_n else chunk  # a small model's short prompt still gets chunks
+        if any(r["prefill_chunk"] == chunk for r in rows):
+            continue
+        log = ctx.tmp / f"api-stall-{chunk}.log"
+        api = _APIChild(
+            ctx.model_dir, server, log, s.tee_threads, s.timeout_s, ["--prefill-chunk", str(chunk)]
+        )
+        try:
+            arrivals: list[float] = []
+            enough, stop = threading.Event(), threading.Event()
+
+            def stream(api=api, arrivals=arrivals, enough=enough, stop=stop) -> None:
+                _stream_one(api.port, short_prompt, budget, arrivals, stop, enough)
+
+            reader = threading.Thread(target=stream)
+            reader.start()
+            if not enough.wait(s.timeout_s):
+                raise RuntimeError(f"the first stream got no tokens; see {log}")
+            t_send = time.perf_counter()
+            ttft = _stream_one(api.port, long_prompt, 1)[0]
+            stop.set()
+            reader.join(s.timeout_s)
+        finally:
+            api.stop()
+        t_first = t_send + ttft
+        before = np.diff([t for t in arrivals if t <= t_send])
+        pauses = [b - a for a, b in itertools.pairwise(arrivals) if b > t_send and a < t_first]
+        rows.append(
+            {
+                "prefill_chunk": chunk,
+                "long_ttft_ms": 1000 * ttft,
+                "max_gap_ms": 1000 * max(pauses, default=float("nan")),
+                "usual_gap_ms": 1000 * float(np.median(before)) if len(before) else float("nan"),
+                "tokens_during": sum(1 for t in arrivals if t_send < t < t_first),
+            }
+        )
+        r = rows[-1]
+        ctx.log(
+            f"api stall, prefill chunk {chunk or 'none'}: a {long_n}-token prompt (TTFT "
+            f"{r['long_ttft_ms']:.0f} ms) paused a running stream for {r['max_gap_ms']:.0f} ms at "
+            f"most (usually {r['usual_gap_ms']:.0f} ms between its tokens)"
+        )
+    return {"long_prompt_tokens": long_n, "rows": rows}
 
 
 def _cli_run(endpoint, prompts: list[list[int]], new: int) -> dict[str, Any]:
@@ -98,7 +171,17 @@ def _api_run(port: int, prompts: list[list[int]], new: int) -> dict[str, Any]:
     return _row(ttft, tpot or [float("nan")], sum(r[2] for r in out), wall)
 
 
-def _stream_one(port: int, prompt: list[int], new: int) -> tuple[float, float | None, int]:
+def _stream_one(
+    port: int,
+    prompt: list[int],
+    new: int,
+    arrivals: list[float] | None = None,
+    stop: threading.Event | None = None,
+    started: threading.Event | None = None,
+) -> tuple[float, float | None, int]:
+    """One streaming completion: (TTFT, TPOT, tokens). With `arrivals`, each text chunk's time
+    is appended there, `started` is set after the fourth, and the stream is closed early (the
+    API then cancels the request) at the first chunk after `stop` is set."""
     body = {
         "model": "bench",
         "prompt": prompt,
@@ -128,6 +211,12 @@ def _stream_one(port: int, prompt: list[int], new: int) -> tuple[float, float | 
             if event["choices"] and event["choices"][0]["text"]:
                 last = time.perf_counter()
                 first = first or last
+                if arrivals is not None:
+                    arrivals.append(last)
+                    if started is not None and len(arrivals) == 4:
+                        started.set()
+                    if stop is not None and stop.is_set():
+                        return first - t0, None, len(arrivals)
     finally:
         conn.close()
     if first is None:
@@ -158,12 +247,20 @@ def _row(ttft: list[float], tpot: list[float], tokens: int, wall: float) -> dict
 class _APIChild:
     """`teesplit api` in a child process, on a free port."""
 
-    def __init__(self, model_dir: Path, server: str, log_path: Path, tee_threads: int, timeout_s: float):
+    def __init__(
+        self,
+        model_dir: Path,
+        server: str,
+        log_path: Path,
+        tee_threads: int,
+        timeout_s: float,
+        extra: list[str] = (),
+    ):
         from teesplit.launch import free_tcp_port, start_api
 
         self.port = free_tcp_port()
         args = ["--server", server, "--model", str(model_dir), "--plan", PLAN, "--served-model-name", "bench"]
-        args += ["--max-batch", str(max(CLIENTS)), "--timeout", str(timeout_s)]
+        args += ["--max-batch", str(max(CLIENTS)), "--timeout", str(timeout_s), *extra]
         env = dict(os.environ)
         if tee_threads:  # the same numpy threads as the CLI path in this process
             env |= {
@@ -201,6 +298,25 @@ def render(data: dict[str, Any]) -> list[str]:
             f"| {r['clients']} | {a['ttft_ms']:.1f} | {c['ttft_ms']:.1f} | {a['tpot_ms']:.1f} | "
             f"{c['tpot_ms']:.1f} | {a['tok_s']:.1f} | {c['tok_s']:.1f} |"
         )
+    stall = data.get("stall")
+    if stall:
+        lines += [
+            "",
+            f"The stall: one client streams; once it is decoding, another sends a "
+            f"{stall['long_prompt_tokens']}-token prompt. The first stream's longest pause between "
+            "tokens while that prompt is prefilled (from its sending to its first token), with the "
+            "prompt in one pass and in chunks (`teesplit api --prefill-chunk N`; the scheduler runs "
+            "the other rows' decode step between chunks):",
+            "",
+            "| prefill chunk | long prompt's TTFT ms | longest pause of the running stream ms | "
+            "its usual gap ms | its tokens during the prefill |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in stall["rows"]:
+            lines.append(
+                f"| {r['prefill_chunk'] or 'one pass'} | {r['long_ttft_ms']:.0f} | {r['max_gap_ms']:.0f} | "
+                f"{r['usual_gap_ms']:.0f} | {r['tokens_during']} |"
+            )
     return lines
 
 
