@@ -327,6 +327,8 @@ def _requests(sid: int) -> list[list]:
         ("RingSetup", {"bits": 8}, [], None),
         ("RingOGateUp", {"layer": 0, "bits": 8}, [ring(1, 4, H * D), ring(1, 4, E)], None),
         ("RingDownLMHead", {"bits": 8}, [ring(1, 1, F), ring(1, 1, E)], None),
+        ("RingOGateUp", {"layer": 0, "bits": 9}, [ring(1, 2, H * D), ring(1, 2, E)], None),  # refused
+        ("RingDownQKV", {"layer": 1, "bits": 16}, [ring(1, 2, F), ring(1, 2, E)], None),  # the last layer's
         ("Ping", {}, [np.zeros(4, np.float32)], None),
         ("OpenSession", {"batch": 1, "max_tokens": 4096}, [], None),
         ("CloseSession", {}, [], sid + 1),

@@ -654,11 +654,10 @@ def _combine_own(group: Gatherer, plan: ShardPlan, c: Call, out: Any) -> Any:
 def _split_ring(s: ShardedService, c: Call) -> Call:
     """A ring step, checked against the whole model; the first product's input (o_proj's a or
     down_proj's m) -> this rank's columns."""
-    bits = c.args["bits"]
-    if bits not in (8, 16) or (s.private_only and bits not in s._ring):
-        return c  # refused by the rank's service, before anything is sent
     first, _, lead, width = check_ring_step(c.op, s.plan.config, c.args.get("layer", 0), c.tensors)
-    s._check_result_size((*lead, width), c.op)
+    bits = c.args["bits"]
+    if bits in (8, 16) and not (s.private_only and bits not in s._ring):  # else: refused by the
+        s._check_result_size((*lead, width), c.op)  # rank's service next, as one server refuses it
     if first is None:
         return c
     return _sliced(c, 0, _feature_slice(s.plan, "o_proj" if first.site == "o" else "down_proj", c.tensors[0]))
