@@ -7,9 +7,6 @@ import http.client
 import json
 import shutil
 import ssl
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +23,6 @@ def make_chat_checkpoint(path: Path, tokenizer_dir: Path, **overrides) -> Path:
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, path / name)
     return path
-
-
-def start_api_https(
-    args: list[str], port: int, context: ssl.SSLContext, stderr=None, env=None, timeout: float = 300.0
-) -> subprocess.Popen:
-    """`teesplit api ARGS --port PORT` serving HTTPS (and maybe keys): wait until GET /health,
-    which needs no key, answers at all (200, or 503 while the GPU server is away)."""
-    cmd = [sys.executable, "-m", "teesplit", "api", *args, "--port", str(port)]
-    proc = subprocess.Popen(cmd, stderr=stderr, stdout=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
-            try:
-                conn.request("GET", "/health")
-                conn.getresponse().read()
-                return proc
-            finally:
-                conn.close()
-        except (OSError, http.client.HTTPException):
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"teesplit api exited with code {proc.returncode}")
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"teesplit api did not answer within {timeout:g} s")
-        time.sleep(0.2)
 
 
 class APIProcess:
@@ -73,10 +43,7 @@ class APIProcess:
         args = ["--server", server, "--model", str(model_dir), "--served-model-name", "tiny", *(extra or [])]
         self.log = open(log_path, "w")
         try:
-            if tls_context is not None:
-                self.proc = start_api_https(args, self.port, tls_context, stderr=self.log, env=env)
-            else:
-                self.proc = start_api(args, self.port, stderr=self.log, env=env)
+            self.proc = start_api(args, self.port, stderr=self.log, env=env, tls_context=tls_context)
         except RuntimeError as e:
             self.log.close()
             raise RuntimeError(f"{e}: {log_path.read_text()[-2000:]}") from None

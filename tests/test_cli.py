@@ -72,3 +72,13 @@ def test_a_remote_error_names_its_operation_once():
         str(RemoteError("bad_args", "layer out of range", "Linear"))
         == "Linear: layer out of range [bad_args]"
     )
+
+
+def test_prefill_chunk_takes_auto_a_size_or_zero():
+    parse = build_parser().parse_args
+    assert parse(["generate", "--prompt", "x"]).prefill_chunk == "auto"
+    assert parse(["api", "--prefill-chunk", "128"]).prefill_chunk == 128
+    assert parse(["chat", "--prefill-chunk", "0"]).prefill_chunk == 0
+    for bad in ("-1", "big"):
+        with pytest.raises(SystemExit):
+            parse(["generate", "--prompt", "x", "--prefill-chunk", bad])

@@ -671,6 +671,11 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _prefill_chunk(text: str) -> int | str:
+    """--prefill-chunk: "auto" or a number of tokens >= 0."""
+    return "auto" if text == "auto" else _non_negative_int(text)
+
+
 def _non_negative_int(s: str) -> int:
     v = int(s)
     if v < 0:
@@ -745,11 +750,13 @@ def add_runner_args(sp: argparse.ArgumentParser, default_plan: str) -> None:
     )
     sp.add_argument(
         "--prefill-chunk",
-        type=_non_negative_int,
+        type=_prefill_chunk,
         default=DEFAULT_PREFILL_CHUNK,
-        metavar="N",
+        metavar="N|auto",
         help="prefill a prompt N tokens per forward pass, so both sides' memory for it is bounded by "
-        "N x context (0: the whole prompt in one pass; default %(default)s)",
+        "N x context (0: the whole prompt in one pass). Default auto: 256 where the plan's attention "
+        "runs on the GPU (the scores cross the link), 2048 where it runs here; in `teesplit api` 512, "
+        "which bounds how long a long prompt pauses the other streams",
     )
     sp.add_argument(
         "--private-weights",

@@ -130,23 +130,28 @@ def wait_serving(proc: subprocess.Popen, address: str, timeout: float = 300.0, c
         client.close()
 
 
-def start_api(args: list[str], port: int, timeout: float = 300.0, stderr=None, env=None) -> subprocess.Popen:
+def start_api(
+    args: list[str], port: int, timeout: float = 300.0, stderr=None, env=None, tls_context=None
+) -> subprocess.Popen:
     """Start `teesplit api ARGS --port PORT` in a child process and wait until GET /v1/models
-    answers (200, or 401 when it needs an API key); LaunchError if it exits or does not answer
-    in time."""
+    answers (200, or 401 when it needs an API key), over HTTPS checked by `tls_context`
+    (ssl.SSLContext) where given; LaunchError if it exits or does not answer in time."""
     cmd = [sys.executable, "-m", "teesplit", "api", *args, "--port", str(port)]
     proc = subprocess.Popen(cmd, stderr=stderr, stdout=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            if tls_context is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            else:
+                conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=tls_context)
             try:
                 conn.request("GET", "/v1/models")
                 if conn.getresponse().status in (200, 401):
                     return proc
             finally:
                 conn.close()
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
         if proc.poll() is not None:
             raise LaunchError(f"teesplit api exited with code {proc.returncode}")

@@ -14,44 +14,17 @@ import numpy as np
 import pytest
 import zmq
 from helpers import make_checkpoint, rss
+from peer import Peer
 
 from teesplit.gpu.capacity import MIN_MESSAGE_BYTES, UnreadReplies, default_max_message_bytes
 from teesplit.launch import free_tcp_address, start_server, stop_server
-from teesplit.protocol import PROTOCOL_VERSION, RemoteError, parse_reply, request
+from teesplit.protocol import PROTOCOL_VERSION, RemoteError, request
 from teesplit.tee.client import GPUClient
 from teesplit.transport.zmq import ZmqTransport
 
 CPU = ["--device", "cpu", "--dtype", "float32", "--threads", "1"]
 MIB = 1 << 20
 H, HKV, D = 4, 2, 16  # the random checkpoint (tests/helpers.py BASE)
-
-
-class Peer:
-    """A raw DEALER socket, as any program that reaches the port could open."""
-
-    def __init__(self, address: str, routing_id: bytes | None = None, rcvhwm: int = 1000):
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        if routing_id is not None:
-            self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
-        self.sock.connect(address)
-        self.rid = 0
-
-    def send(self, frames: list) -> None:
-        self.sock.send_multipart([b"", *frames], copy=False)
-
-    def recv(self, timeout_s: float = 30.0) -> list:
-        assert self.sock.poll(int(timeout_s * 1000)), "the server did not answer"
-        return self.sock.recv_multipart()[1:]
-
-    def call(self, op: str, args=None, tensors=(), sid=None):
-        self.rid += 1  # a repeated id would be answered from the server's reply cache
-        self.send(request(self.rid, op, args, tensors, sid))
-        return parse_reply(self.recv(), op)
-
-    def close(self) -> None:
-        self.sock.close(0)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import math
 import msgpack
 import numpy as np
 import pytest
-import zmq
 from helpers import local_model, make_checkpoint, rss
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peer import Peer
 
 from teesplit.launch import free_tcp_address, start_server, stop_server
 from teesplit.protocol import ERROR_CODES, OPS, PROTOCOL_VERSION, RemoteError, parse_reply, request
@@ -25,33 +25,6 @@ STRUCTURED_EXAMPLES = 3000
 RAW_MESSAGES = 9000
 MESSAGE_MB = 1  # the server's --max-message-mb: larger frames drop the connection
 E, F, V, L, HKV, H, D = 64, 96, 128, 2, 2, 4, 16  # the random checkpoint (tests/helpers.py BASE)
-
-
-class Peer:
-    """A raw DEALER socket: sends whatever frames it is given, pipelines, reads replies."""
-
-    def __init__(self, address: str):
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.connect(address)
-
-    def send(self, frames: list, delimiter: bool = True) -> None:
-        self.sock.send_multipart(([b""] if delimiter else []) + [bytes(f) for f in frames])
-
-    def recv(self, timeout_s: float = 20.0) -> list[bytes]:
-        assert self.sock.poll(int(timeout_s * 1000)), "the server did not answer"
-        frames = self.sock.recv_multipart()
-        assert frames[0] == b"", "a reply starts with the empty delimiter"
-        return frames[1:]
-
-    def call(self, frames: list, op: str = "?"):
-        self.send(frames)
-        return parse_reply(self.recv(), op)
-
-    def close(self) -> None:
-        self.sock.close(0)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +44,10 @@ def server(ckpt, tmp_path_factory):
             + ["--max-sessions", "4", "--max-kv-gib", "0.01", "--log-format", "json"],
             stderr=log,
         )
-    peer = Peer(address)
+    peer = Peer(address, rcvhwm=0, sndhwm=0)
     _warm_up(peer)
     state = {"address": address, "proc": proc, "peer": peer, "log": log_path, "sent": 0}
-    state["sid"] = peer.call(request(1, "OpenSession", {"batch": 1, "max_tokens": 64}), "OpenSession")[0][
+    state["sid"] = peer.exchange(request(1, "OpenSession", {"batch": 1, "max_tokens": 64}), "OpenSession")[0][
         "res"
     ]["sid"]
     state["rss0"] = rss(proc.pid)
@@ -87,7 +60,7 @@ def server(ckpt, tmp_path_factory):
 def _warm_up(peer: Peer) -> None:
     """One of every operation (and every error path's allocations) before the RSS baseline."""
     x = np.ones((1, 3, E), np.float32)
-    res, _ = peer.call(request(1, "OpenSession", {"batch": 1, "max_tokens": 64}), "OpenSession")
+    res, _ = peer.exchange(request(1, "OpenSession", {"batch": 1, "max_tokens": 64}), "OpenSession")
     sid = res["res"]["sid"]
     pos = np.zeros(1, np.int64)
     for rid, (op, args, tensors, s) in enumerate(
@@ -124,7 +97,7 @@ def _warm_up(peer: Peer) -> None:
         ],
         start=2,
     ):
-        peer.call(request(rid, op, args, tensors, s), op)
+        peer.exchange(request(rid, op, args, tensors, s), op)
     for frames in _structured_cases_for_warm_up():
         peer.send(frames)
         peer.recv()
@@ -605,7 +578,7 @@ def test_oversized_frame_drops_only_that_connection(server):
     allocated for it), the other peers are served on; a request within the limit whose result
     would exceed it gets "too_large" before the product is computed."""
     for nbytes in (3 << 20, 3 << 19):  # 3 MiB and 1.5 MiB: both over the 1 MiB limit
-        big = Peer(server["address"])
+        big = Peer(server["address"], rcvhwm=0, sndhwm=0)
         try:
             x = np.ones((1, nbytes // 4, 1), np.float32)
             big.send(request(1, "Linear", {"layer": 0, "module": "q_proj"}, [x]))
@@ -614,7 +587,7 @@ def test_oversized_frame_drops_only_that_connection(server):
             big.close()
     a, b = np.ones((1024, 1), np.float32), np.ones((1, 1024), np.float32)  # 4 MiB of result
     with pytest.raises(RemoteError) as e:
-        server["peer"].call(request(2, "Matmul", {}, [a, b]))
+        server["peer"].exchange(request(2, "Matmul", {}, [a, b]))
     assert e.value.code == "too_large" and "--max-message-mb" in str(e.value)
     server["sent"] += 3
 
@@ -630,7 +603,7 @@ def test_server_still_correct_and_memory_bounded_after_fuzzing(server, ckpt):
     x = np.random.default_rng(0).standard_normal((2, 3, F)).astype(np.float32)
     req = request(99, "Linear", {"layer": 1, "module": "down_proj"}, [x])
     _, (want,) = parse_reply(local.handle(req), "Linear")
-    _, (got,) = server["peer"].call(req, "Linear")
+    _, (got,) = server["peer"].exchange(req, "Linear")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # A whole greedy generation through the fuzzed server, with a session (plan v3-fused).
     from teesplit.tee.client import GPUClient

@@ -92,9 +92,11 @@ def test_top_k_replies_are_merged_per_row(ckpt):
 
 
 def test_prefill_chunk_must_be_positive(ckpt):
+    """0 means one pass (as `--prefill-chunk 0`); a negative size is refused."""
     model = local_model(ckpt, "v2-fused")
     with pytest.raises(ValueError, match="chunk"):
-        last_logits(model, 0)
+        last_logits(model, -1)
+    np.testing.assert_array_equal(last_logits(model, 0), last_logits(model, None))
 
 
 # ---- a plan per phase: prefill in v2 placement, decode in v3 placement ----------------------

@@ -116,3 +116,16 @@ def test_private_plans_cross_like_v2_merged(deep_checkpoint, plan):
     }
     setup = m.rpc["Init"] + m.rpc["RingSetup"]
     assert setup == 2 * n and sum(m.rpc.values()) - setup == 3 * n * (2 * L + 1)
+
+
+def test_prefill_chunk_auto_follows_the_attention_placement():
+    """--prefill-chunk auto: small chunks where the scores cross the link (v3 placement), large
+    ones where attention runs in the trusted side (v2 placement, the private plans too)."""
+    from teesplit.tee.plans import PREFILL_CHUNKS, prefill_chunk
+
+    for name in ("v3", "v3-fused", "v3-merged"):
+        assert prefill_chunk(get_plan(name), "auto") == PREFILL_CHUNKS["gpu"] == 256
+    for name in ("v2", "v2-fused", "v2-merged", "private-otp", "private-2party"):
+        assert prefill_chunk(get_plan(name), "auto") == PREFILL_CHUNKS["trusted"] == 2048
+    assert prefill_chunk(get_plan("v3-fused"), 0) is None and prefill_chunk(get_plan("v2"), None) is None
+    assert prefill_chunk(get_plan("v2"), 100) == 100

@@ -18,7 +18,7 @@ import numpy as np
 
 from teesplit.config import ModelConfig
 from teesplit.tee.ops import attention_layout, grouped_attention, masked_scaled_softmax
-from teesplit.tee.plans import PLANS, Plan
+from teesplit.tee.plans import PLANS, Plan, prefill_chunk
 from teesplit.tee.port import GPUPort
 
 HEADER_UP, HEADER_DOWN = 110, 80  # typical msgpack header frame sizes, bytes
@@ -258,7 +258,7 @@ def choose_phases(
     c: ModelConfig,
     prompt_tokens: int,
     new_tokens: int,
-    chunk: int | None = None,
+    chunk: int | str | None = None,
     top_k: int | None = 1,
     wires: tuple[str, ...] = ("float32", "float16"),
     link: LinkStats | None = None,
@@ -280,7 +280,7 @@ def choose_phases(
     est = {}
     for w in wires:
         pre = {
-            p.name: estimate_prefill_ms(p, w, c, prompt_tokens, chunk, link, speeds, top_k)
+            p.name: estimate_prefill_ms(p, w, c, prompt_tokens, prefill_chunk(p, chunk), link, speeds, top_k)
             for p in PLANS.values()
         }
         dec = {

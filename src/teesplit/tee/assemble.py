@@ -34,7 +34,7 @@ from teesplit.tee.model import TEELlamaModel
 from teesplit.tee.plans import Plan, get_plan
 from teesplit.transport import open_transport
 
-DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per forward pass (BENCHMARKS.md, section long)
+DEFAULT_PREFILL_CHUNK = "auto"  # prompt tokens per forward pass: by placement (plans.prefill_chunk)
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 # What a model has to agree on with the server that serves it (the tokenizer is local).
 SAME_MODEL_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
@@ -70,7 +70,7 @@ class RunnerSettings:
     private_weights: str = "int16"  # private plans: the integer weights the GPU multiplies by
     # Prompt tokens per forward pass (None: a whole prompt in one): both sides' memory for a
     # prefill is bounded by chunk x context.
-    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
+    prefill_chunk: int | str | None = DEFAULT_PREFILL_CHUNK
     connections: int = 1  # models over their own connections (--pipeline: 2)
     device: str = "auto"  # --server local: the GPU service's device and dtype
     dtype: str = "auto"
@@ -122,8 +122,9 @@ class RunnerSettings:
             raise UsageError("timeout must be > 0, retries and pad pool >= 0, connections >= 1")
         if not self.connect_timeout_s > 0:
             raise UsageError("the connect timeout must be > 0")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise UsageError(f"--prefill-chunk must be at least 1 token (0: none), got {self.prefill_chunk}")
+        chunk = self.prefill_chunk
+        if chunk != "auto" and chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise UsageError(f"--prefill-chunk must be auto or at least 1 token (0: none), got {chunk!r}")
         if self.private_weights not in ("int16", "int8"):
             raise UsageError(f"--private-weights must be int16 or int8, got {self.private_weights!r}")
 

@@ -218,7 +218,7 @@ class Batch:
         rows: list[Row],
         compact_logits: bool = True,
         max_recoveries: int = 3,
-        prefill_chunk: int | None = None,
+        prefill_chunk: int | str | None = None,
     ):
         if not rows or any(len(r.prompt) == 0 for r in rows):
             raise UsageError("the prompt is empty")
@@ -226,7 +226,7 @@ class Batch:
         self.rows = rows
         self.compact_logits = compact_logits  # top-k logits only, when sampling can do with them
         self.max_recoveries = max_recoveries
-        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (None: the whole prompt)
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (None: one pass; "auto")
         self.recoveries = 0  # lost GPU sessions rebuilt
         self.cache = model.new_cache(len(rows), max_tokens=session_tokens(rows))
 

@@ -51,7 +51,7 @@ class Generator:
         eos_token_ids: set[int] | None = None,
         compact_logits: bool = True,
         max_recoveries: int = 3,
-        prefill_chunk: int | None = None,
+        prefill_chunk: int | str | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -59,7 +59,7 @@ class Generator:
         # Ask the GPU for only the top-k logits when sampling cannot use more (greedy, top-k).
         self.compact_logits = compact_logits
         self.max_recoveries = max_recoveries  # lost GPU sessions rebuilt per generation
-        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (None: the whole prompt)
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (None: one pass; "auto")
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None

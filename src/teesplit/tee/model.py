@@ -33,7 +33,7 @@ from teesplit.tee.ops import (
     scaled_silu_mul,
     silu_mul,
 )
-from teesplit.tee.plans import Plan
+from teesplit.tee.plans import Plan, prefill_chunk
 from teesplit.tee.port import GPUPort, InitResult
 
 
@@ -281,7 +281,7 @@ class TEELlamaModel:
         ids: np.ndarray,
         cache: KVCache | GPUKVCache,
         n_new: np.ndarray | None = None,
-        chunk: int | None = None,
+        chunk: int | str | None = None,
         top_k: int | None = None,
     ):
         """forward over a prompt in chunks of `chunk` tokens (see prefill_steps)."""
@@ -292,14 +292,15 @@ class TEELlamaModel:
         ids: np.ndarray,
         cache: KVCache | GPUKVCache,
         n_new: np.ndarray | None = None,
-        chunk: int | None = None,
+        chunk: int | str | None = None,
         top_k: int | None = None,
     ) -> Generator[None, None, Any]:
         """forward over a prompt in chunks of `chunk` tokens, as a generator that yields after
         every chunk but the last (the API's scheduler runs other rows' decode steps there) and
         returns what forward(ids, cache, n_new, top_k=top_k) returns, (B, 1, V) or (values, ids)
         at each row's last real token. Both sides hold at most `chunk` new tokens' activations
-        and scores (chunk x S) at once.
+        and scores (chunk x S) at once. `chunk` "auto": by the plan's attention placement
+        (plans.prefill_chunk); None or 0: one pass.
 
         Rows are right-padded (row b has n_new[b] real tokens). A row whose prompt ends before
         a chunk starts rides along with n_new 0, as finished rows do in decode: its cache does
@@ -310,6 +311,7 @@ class TEELlamaModel:
         from its longest position, so such a prompt is prefilled in one pass."""
         B, T = ids.shape
         n_new = np.full(B, T, np.int64) if n_new is None else np.asarray(n_new, np.int64)
+        chunk = prefill_chunk(cache.plan, chunk)
         rope_grows = (
             self.rope.rope_type == "dynamic" and int(cache.lengths.max()) + T > self.rope.max_seq_len_cached
         )

@@ -172,3 +172,21 @@ def get_plan(name: str) -> Plan:
     if plan is None:
         raise UsageError(f"unknown plan {name!r}; available: {', '.join([*PLANS, *PRIVATE_PLANS])}")
     return plan
+
+
+# `--prefill-chunk auto`: prompt tokens per forward pass by where the prefill's attention runs
+# (BENCHMARKS.md, "Long prompts and contexts", SmolLM2 at 2,048 tokens, CPU time of both sides).
+# v3 placement: the chunk's scores and probabilities cross the link, so smaller chunks are
+# faster (v3-merged: 11.7 s at 256, 13.9 at 512, 26.6 in one pass) and bound both sides' memory
+# by chunk x context. v2 placement: nothing quadratic crosses and the trusted side's attention
+# is blockwise, so a chunk only bounds the activations, and fewer chunks cost less (v2-merged,
+# three alternating rounds: 8.62 s at 512, 8.26 at 1,024, 7.87 in one pass).
+PREFILL_CHUNKS = {"gpu": 256, "trusted": 2048}
+
+
+def prefill_chunk(plan: Plan, chunk: int | str | None) -> int | None:
+    """`--prefill-chunk` for a prefill in `plan`: "auto" by its attention placement; 0 or None:
+    the whole prompt in one pass."""
+    if chunk == "auto":
+        return PREFILL_CHUNKS[plan.attention]
+    return chunk or None

@@ -51,6 +51,11 @@ from teesplit.tee.decode import Batch, Row, SamplingParams, eos_ids
 from teesplit.tee.model import TEELlamaModel
 from teesplit.transport import GPUServerUnavailable, LinkRefused
 
+# --prefill-chunk auto in the API: between two chunks every other row gets its decode step, so
+# this bounds the pause a long prompt puts on the other streams (BENCHMARKS.md: a 1,024-token
+# prompt paused a stream 4.1 s in one pass, 2.4 s in chunks of 512, 0.86 s in chunks of 128).
+API_PREFILL_CHUNK = 512
+
 
 class ServingError(Exception):
     """A request that could not be served; `status` is the HTTP status it maps to."""
@@ -220,7 +225,7 @@ class Engine:
         max_batch: int = 16,
         max_waiting: int = 256,
         max_recoveries: int = 3,
-        prefill_chunk: int | None = None,
+        prefill_chunk: int | str | None = None,
     ):
         if max_batch < 1:
             raise UsageError("max_batch must be >= 1")
@@ -229,7 +234,9 @@ class Engine:
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.max_recoveries = max_recoveries
-        self.prefill_chunk = prefill_chunk  # a long prompt's memory bounded by chunk x context
+        # A long prompt's memory bounded by chunk x context, and the other rows' pause by one
+        # chunk: "auto" is API_PREFILL_CHUNK whatever the placement (a stream waits for a chunk).
+        self.prefill_chunk = API_PREFILL_CHUNK if prefill_chunk == "auto" else prefill_chunk
         self.model: TEELlamaModel | None = None
         self.metrics = EngineMetrics()
         self.lock = threading.Lock()  # guards metrics and the counts below

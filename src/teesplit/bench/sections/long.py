@@ -3,7 +3,7 @@
 Prompts of 128, 2,048 and 8,000 tokens (--quick: 128 and 1,024), for every plan, `auto` (a plan
 per phase, `adaptive.choose_phases`) and monolithic transformers on the same weights:
 
-- prefill tokens/s (the split prefills in chunks of `--prefill-chunk`'s default);
+- prefill tokens/s (the split prefills with `--prefill-chunk`'s default, auto);
 - decode ms/token at that context (median of the steps after the prompt);
 - bytes per prompt, to the GPU and back (the prefill, and for `auto` the K/V hand-over);
 - peak resident memory of both processes over the request, above what each held before it
@@ -304,8 +304,16 @@ def render(d: dict[str, Any]) -> list[str]:
     lines = []
     if d.get("chart"):
         lines += [f"![prefill, decode, bytes and memory against the prompt length]({d['chart']})", ""]
+    chunk = d["chunk"]
+    if chunk == "auto":
+        from teesplit.tee.plans import PREFILL_CHUNKS
+
+        v3, v2 = PREFILL_CHUNKS["gpu"], PREFILL_CHUNKS["trusted"]
+        chunk = f"`--prefill-chunk auto` ({v3} tokens in v3 placement, {v2} in v2)"
+    else:
+        chunk = f"chunks of {chunk} tokens"
     lines += [
-        f"Prefill in chunks of {d['chunk']} tokens; decode: median of {d['new_tokens'] - 1} steps after the "
+        f"Prefill in {chunk}; decode: median of {d['new_tokens'] - 1} steps after the "
         "prompt. The requests of one length run side by side: the prefills in rounds (plans alternating; "
         "medians), then the decode steps one plan after another. *vs transformers* is wall time, then "
         "CPU time (the split: both processes, one thread each; on a loaded machine the CPU time is the "
