@@ -315,7 +315,15 @@ def test_generation_survives_an_expired_session(ckpt, tmp_path):
 def generate_cli(address: str, model_dir: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "teesplit", "generate", "--server", address, "--model", str(model_dir)]
     cmd += ["--prompt", "Once upon a time, in a small village,", "--max-new-tokens", "300", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as at a terminal: a suite started in the background of a non-interactive shell
+    # inherits SIGINT ignored, and a child that starts with it ignored never sees KeyboardInterrupt.
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_for_output(proc: subprocess.Popen) -> None:
