@@ -138,18 +138,37 @@ def _gf2_rank(bits: np.ndarray) -> int:
     return rank
 
 
+# n uniformly random rows of width w are linearly dependent over GF(2) with probability below
+# 2^(n - w): the rank check takes at most w - GF2_MARGIN rows, so fresh pads fail it with
+# probability below 2^-30 (a margin of 8 failed about one run in 256).
+GF2_MARGIN = 30
+
+
 def _assert_fresh(pads: list[np.ndarray]) -> None:
     """No two pad rows equal, and none a combination of others: the low bits of the rows (the
     low bit of Σ α_i b_i is Σ (α_i mod 2)(b_i mod 2)) are independent over GF(2), which a pad
-    made from a reused basis of k vectors cannot be beyond k rows (arXiv 2602.11088)."""
+    made from a reused basis of k vectors cannot be beyond k rows (arXiv 2602.11088); checked
+    on up to w - GF2_MARGIN rows, so a reused basis of fewer vectors than that is caught."""
     by_width: dict[int, list[np.ndarray]] = {}
     for p in pads:
         by_width.setdefault(p.shape[-1], []).append(p.reshape(-1, p.shape[-1]))
     for width, parts in by_width.items():
         rows = np.concatenate(parts)
         assert len({r.tobytes() for r in rows}) == len(rows), f"a pad of width {width} was reused"
-        sample = rows[: width - 8] if len(rows) > width - 8 else rows
+        sample = rows[: width - GF2_MARGIN]
         assert _gf2_rank(sample & 1) == len(sample), f"pads of width {width} are linearly dependent"
+
+
+def test_the_freshness_check_catches_a_reused_basis():
+    """Pads made as random combinations of a few fixed vectors (the reused-basis flaw) fail
+    the check; fresh uniform pads of the same shape pass it."""
+    rng = np.random.default_rng(0)
+    full = np.iinfo(np.int64)
+    basis = rng.integers(full.min, full.max, (4, 64), dtype=np.int64, endpoint=True)
+    reused = rng.integers(0, 1 << 20, (30, 4)) @ basis  # int64 sums wrap modulo 2^64, as the ring
+    with pytest.raises(AssertionError, match="linearly dependent"):
+        _assert_fresh([reused])
+    _assert_fresh([rng.integers(full.min, full.max, (30, 64), dtype=np.int64, endpoint=True)])
 
 
 @pytest.mark.parametrize("plan", PRIVATE)
