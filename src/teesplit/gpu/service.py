@@ -484,20 +484,29 @@ class GPUComputeService:
             raise _bad(f"{what}: top_k must lie in [1, {limit}]", "bad_args")
 
     # ---- the private plans: integer products over Z_2^64 (gpu/ring.py, quant.py) -------------
+    def check_ring_bits(self, bits: int) -> None:
+        """Refuse a weight format this server cannot serve (before anything is quantized)."""
+        if bits not in (8, 16):
+            raise _bad(f"ring operations: bits must be 8 or 16, got {bits}", "bad_args")
+        if self.private_only and bits not in self._ring:
+            have = ", ".join(f"int{b}" for b in self._ring)
+            raise _bad(
+                f"this server keeps only {have} integer weights (serve --private-weights); "
+                f"run the private plan with --private-weights {have} or restart the server",
+                "bad_args",
+            )
+
+    @property
+    def private_weight_bytes(self) -> int:
+        """Bytes of the private plans' integer weights held here (every format quantized)."""
+        return sum(m.nbytes for m in self._ring.values())
+
     def _ring_model(self, bits: int):
         from teesplit.gpu.ring import RingModel
 
-        if bits not in (8, 16):
-            raise _bad(f"ring operations: bits must be 8 or 16, got {bits}", "bad_args")
+        self.check_ring_bits(bits)
         model = self._ring.get(bits)
         if model is None:
-            if self.private_only:
-                have = ", ".join(f"int{b}" for b in self._ring)
-                raise _bad(
-                    f"this server keeps only {have} integer weights (serve --private-weights); "
-                    f"run the private plan with --private-weights {have} or restart the server",
-                    "bad_args",
-                )
             source = str(self.dtype).removeprefix("torch.")
             model = self._ring[bits] = self._build_ring(RingModel, bits, source)
         return model

@@ -368,7 +368,7 @@ class ShardedService(GPUComputeService):
 
     def resident_weight_bytes(self) -> int:
         """The float weights this rank holds, and its private plans' integers."""
-        return weight_bytes(self.w) + sum(m.nbytes for m in self._ring.values())
+        return weight_bytes(self.w) + self.private_weight_bytes
 
     def _embed(self, ids: np.ndarray) -> torch.Tensor:
         """Vocabulary-parallel lookup: this rank's rows for its ids, zeros elsewhere, summed
@@ -655,9 +655,8 @@ def _split_ring(s: ShardedService, c: Call) -> Call:
     """A ring step, checked against the whole model; the first product's input (o_proj's a or
     down_proj's m) -> this rank's columns."""
     first, _, lead, width = check_ring_step(c.op, s.plan.config, c.args.get("layer", 0), c.tensors)
-    bits = c.args["bits"]
-    if bits in (8, 16) and not (s.private_only and bits not in s._ring):  # else: refused by the
-        s._check_result_size((*lead, width), c.op)  # rank's service next, as one server refuses it
+    s.check_ring_bits(c.args["bits"])  # the one-GPU server's order of refusals
+    s._check_result_size((*lead, width), c.op)
     if first is None:
         return c
     return _sliced(c, 0, _feature_slice(s.plan, "o_proj" if first.site == "o" else "down_proj", c.tensors[0]))

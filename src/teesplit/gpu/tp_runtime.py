@@ -426,7 +426,7 @@ def run_rank(s: TPSettings) -> int:
         dtype=str(dtype).removeprefix("torch."),
         private_weights=s.private_weights,
         weight_bytes=service.resident_weight_bytes(),
-        private_bytes=sum(m.nbytes for m in service._ring.values()),
+        private_bytes=service.private_weight_bytes,
         rss_bytes=_rss_bytes(),
     )
     dist.barrier()  # every rank loaded: rank 0 may open the socket
