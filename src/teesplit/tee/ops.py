@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from teesplit.tee import kernels
+
 F32 = np.float32
 
 
@@ -94,6 +96,14 @@ _SILU_BLOCK = 1 << 16
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up, the SwiGLU product, in one float32 temporary (per block of rows)."""
     gate, up = np.asarray(gate, dtype=F32), np.asarray(up, dtype=F32)
+    if (
+        kernels.active()
+        and gate.shape == up.shape
+        and gate.ndim
+        and gate.flags.c_contiguous
+        and up.flags.c_contiguous
+    ):
+        return kernels.swiglu(gate, up)
     if gate.size <= _SILU_BLOCK or gate.ndim < 2:
         y = silu(gate)
         return np.multiply(y, up, out=y)
@@ -104,6 +114,10 @@ def scaled_silu_mul(r: np.ndarray, z: np.ndarray, bias: np.ndarray | None = None
     """silu(g) * u for g|u = r z + bias, z (..., 2F), r (..., 1): the merged plans' MLP middle,
     scaled block by block (the same float32 operations as scaling z whole, then silu_mul)."""
     F = z.shape[-1] // 2
+    if kernels.active() and z.dtype == F32 and z.flags.c_contiguous and z.ndim and not z.shape[-1] % 2:
+        r = np.ascontiguousarray(np.broadcast_to(np.asarray(r, F32), (*z.shape[:-1], 1)))
+        b = None if bias is None else np.ascontiguousarray(bias, F32)
+        return kernels.swiglu(z, None, r, b)
 
     def block(zb: np.ndarray, rb: np.ndarray) -> np.ndarray:
         y = rb * zb
@@ -261,9 +275,19 @@ def grouped_attention(
     Hkv = k.shape[1]
     G = H // Hkv
     out = np.empty((B, T, Hkv, G, D), F32)
+    native = kernels.active() is not None
     for qb in layout:
         n = qb.stop - qb.start
         qs = np.multiply(q[:, :, qb.start : qb.stop], scale, dtype=F32).reshape(B, Hkv, G * n, D)
+        if native:
+            acc, total = _online_blocks(qs, k, v, qb.keys)
+            dest = out[:, qb.start : qb.stop].transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, Tq, D)
+            if acc is None:
+                dest[...] = 0
+                continue
+            total = np.maximum(total, _ONE, out=total)
+            np.divide(acc.reshape(B, Hkv, G, n, D), total.reshape(B, Hkv, G, n, 1), out=dest)
+            continue
         acc = m = total = None
         for kb in qb.keys:
             s = _q_kt(qs, k[:, :, kb.start : kb.stop])  # (B, Hkv, G Tq, Sk)
@@ -296,6 +320,25 @@ def grouped_attention(
         total = np.maximum(total, _ONE, out=total)
         np.divide(acc.reshape(B, Hkv, G, n, D), total.reshape(B, Hkv, G, n, 1), out=dest)
     return out.reshape(B, T, H * D)
+
+
+def _online_blocks(qs, k, v, keys) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """grouped_attention's loop over the key blocks of one query block with the compiled softmax
+    step (kernels.softmax_step): the block's max, exponentials, sum and rescaling in two passes
+    over the scores instead of numpy's five. Returns the unnormalized output and the sums."""
+    acc = None
+    m = np.empty((*qs.shape[:-1], 1), F32)
+    total, alpha = np.empty_like(m), np.empty_like(m)
+    for kb in keys:
+        s = _q_kt(qs, k[:, :, kb.start : kb.stop])  # (B, Hkv, G Tq, Sk), a new array
+        kernels.softmax_step(s, kb.hidden, m, total, alpha, acc is None)
+        pv = _p_v(s, v[:, :, kb.start : kb.stop])
+        if acc is None:
+            acc = pv
+        else:
+            np.multiply(acc, alpha, out=acc)
+            acc += pv
+    return acc, (None if acc is None else total)
 
 
 # A decode step has G Tq (3 for SmolLM2) rows of queries against thousands of keys: a shape
