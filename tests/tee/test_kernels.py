@@ -174,3 +174,25 @@ def test_an_unknown_choice_in_the_environment_is_refused():
         text=True,
     )
     assert run.returncode == 0 and run.stdout.strip() == "None"
+
+
+@needs_kernels
+@pytest.mark.parametrize("D", [64, 10])  # 10: a half of 5 lanes, all tail
+@pytest.mark.parametrize("scaled", [True, False])
+def test_rope_qkv_matches_numpy_scale_bias_and_rotation(D, scaled):
+    B, T, heads, rest = 2, 7, 5, 2
+    r = np.random.default_rng(D)
+    z = (r.standard_normal((B, T, (heads + rest) * D)) * 4).astype(F32)
+    scale = r.random((B, T, 1)).astype(F32) if scaled else None
+    bias = r.standard_normal((heads + rest + 3) * D).astype(F32) if scaled else None  # longer: cut
+    rope = ops.RotaryEmbedding(D, {"rope_type": "default", "rope_theta": 10000.0}, 4096)
+    cos, sin = rope(np.array([[3 + t for t in range(T)], [900 + t for t in range(T)]]))
+    tables = cos[:, :, None], ops.rope_signed_sin(sin[:, :, None])
+    with kernels.use(False):
+        want_rot, want_rest = ops.rope_qkv(z, tables, heads, scale, bias)
+    got_rot, got_rest = ops.rope_qkv(z, tables, heads, scale, bias)
+    assert got_rot.shape == want_rot.shape == (B, T, heads, D) and got_rest.shape == (B, T, rest * D)
+    np.testing.assert_array_equal(got_rot, want_rot)  # no fused multiply-adds: numpy's bits
+    np.testing.assert_array_equal(got_rest, want_rest)  # the v columns: the same two roundings
+    with pytest.raises(ValueError, match="rope_qkv"):
+        kernels.rope_qkv(z, cos[:, :, None], tables[1], heads + rest + 1)

@@ -1,8 +1,9 @@
 /* Fused float32 loops of the trusted side's attention and MLP (teesplit.tee.kernels wraps them).
 
-numpy runs an online-softmax block as four passes over the scores (max, subtract, exp, sum) and
-silu(g) * u as seven; each pass streams the block through the cache. Here each is one or two
-loops that the compiler vectorizes. The matrix products stay in numpy's BLAS.
+numpy runs an online-softmax block as four passes over the scores (max, subtract, exp, sum),
+silu(g) * u as seven, and the q|k|v row scale and RoPE as five; each pass streams the arrays
+through the cache. Here each is one or two loops over GCC vectors. The matrix products stay in
+numpy's BLAS.
 
 Trusted code: only the C library and Python's buffer protocol. The Python wrapper checks every
 shape, dtype and contiguity before calling; these functions check the buffers' lengths again, so
@@ -196,6 +197,59 @@ KERNEL static void swiglu_impl(float *out, const float *g, const float *u, const
     }
 }
 
+/* out[i, :] = y = r[i] z[i, :] (+ bias), its first `heads` heads of D rotated (RoPE): with
+ * c = cos[i, :] and s = ssin[i, :] = [-sin1, sin2] (ops.rope_signed_sin),
+ * y'[:D/2] = y1 c[:D/2] + y2 s[:D/2], y'[D/2:] = y2 c[D/2:] + y1 s[D/2:], as ops.rope_rotate;
+ * the columns after them (v) only scaled. z, out (rows, W); cos, ssin (rows, D).
+ * No fused multiply-adds: every product and sum rounded as numpy rounds them, so q, k and v
+ * are numpy's bits (and the K/V cache the same whichever path filled it). */
+#if defined(__clang__)
+#define NO_CONTRACT
+#else
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+KERNEL NO_CONTRACT static void rope_qkv_impl(float *out, const float *z, const float *r, const float *bias,
+                                 const float *cos, const float *ssin, Py_ssize_t rows,
+                                 Py_ssize_t W, Py_ssize_t heads, Py_ssize_t D) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    const Py_ssize_t half = D / 2, full = half - half % LANES, tail = half % LANES;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        const float *zi = z + i * W, *ci = cos + i * D, *si = ssin + i * D;
+        float *oi = out + i * W;
+        const float ri = r != NULL ? r[i] : 1.0f;
+        for (Py_ssize_t h = 0; h < heads; h++) {
+            for (Py_ssize_t j = 0; j < half; j += LANES) {
+                Py_ssize_t n = j < full ? LANES : tail, a = h * D + j, b = a + half;
+                vf y1 = n == LANES ? load(zi + a) : load_tail(zi + a, n, 0.0f);
+                vf y2 = n == LANES ? load(zi + b) : load_tail(zi + b, n, 0.0f);
+                if (r != NULL) y1 = y1 * ri, y2 = y2 * ri;
+                if (bias != NULL) {
+                    y1 += n == LANES ? load(bias + a) : load_tail(bias + a, n, 0.0f);
+                    y2 += n == LANES ? load(bias + b) : load_tail(bias + b, n, 0.0f);
+                }
+                vf c1 = n == LANES ? load(ci + j) : load_tail(ci + j, n, 0.0f);
+                vf c2 = n == LANES ? load(ci + j + half) : load_tail(ci + j + half, n, 0.0f);
+                vf s1 = n == LANES ? load(si + j) : load_tail(si + j, n, 0.0f);
+                vf s2 = n == LANES ? load(si + j + half) : load_tail(si + j + half, n, 0.0f);
+                vf o1 = y1 * c1 + y2 * s1, o2 = y2 * c2 + y1 * s2;
+                if (n == LANES) {
+                    store(oi + a, o1);
+                    store(oi + b, o2);
+                } else {
+                    store_tail(oi + a, n, o1);
+                    store_tail(oi + b, n, o2);
+                }
+            }
+        }
+        for (Py_ssize_t j = heads * D; j < W; j++) {
+            float y = r != NULL ? zi[j] * ri : zi[j];
+            oi[j] = bias != NULL ? y + bias[j] : y;
+        }
+    }
+}
+
 /* ---- Python bindings ------------------------------------------------------------------------ */
 
 static int check_usable(void) {
@@ -285,6 +339,44 @@ done:
     return result;
 }
 
+static PyObject *rope_qkv(PyObject *self, PyObject *args) {
+    Py_buffer out, z, cos, ssin, r = {0}, bias = {0};
+    PyObject *r_obj, *bias_obj;
+    Py_ssize_t rows, W, heads, D;
+    if (check_usable() || !PyArg_ParseTuple(args, "w*y*OOy*y*nnnn", &out, &z, &r_obj, &bias_obj,
+                                            &cos, &ssin, &rows, &W, &heads, &D))
+        return NULL;
+    PyObject *result = NULL;
+    int have_r = r_obj != Py_None, have_bias = bias_obj != Py_None;
+    if (have_r && PyObject_GetBuffer(r_obj, &r, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (have_bias && PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (rows < 0 || D <= 0 || D % 2 || heads < 0 || heads * D > W) {
+        PyErr_SetString(PyExc_ValueError, "rope_qkv: inconsistent shape");
+        goto done;
+    }
+    if (check_len(&out, rows * W, sizeof(float), "out") ||
+        check_len(&z, rows * W, sizeof(float), "z") ||
+        check_len(&cos, rows * D, sizeof(float), "cos") ||
+        check_len(&ssin, rows * D, sizeof(float), "ssin") ||
+        (have_r && check_len(&r, rows, sizeof(float), "r")) ||
+        (have_bias && check_len(&bias, W, sizeof(float), "bias")))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    rope_qkv_impl((float *)out.buf, (const float *)z.buf, have_r ? (const float *)r.buf : NULL,
+                  have_bias ? (const float *)bias.buf : NULL, (const float *)cos.buf,
+                  (const float *)ssin.buf, rows, W, heads, D);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&cos);
+    PyBuffer_Release(&ssin);
+    if (have_r && r.obj != NULL) PyBuffer_Release(&r);
+    if (have_bias && bias.obj != NULL) PyBuffer_Release(&bias);
+    return result;
+}
+
 KERNEL static void exp_impl(float *x, Py_ssize_t n) {
     Py_ssize_t j = 0;
     for (; j + LANES <= n; j += LANES) store(x + j, exp_nonpos(load(x + j)));
@@ -305,6 +397,8 @@ static PyMethodDef methods[] = {
     {"softmax_step", softmax_step, METH_VARARGS,
      "softmax_step(s, hidden, m, total, alpha, rows, rows_per_b, Tq, Sk, first)"},
     {"swiglu", swiglu, METH_VARARGS, "swiglu(out, g, u, r, bias, rows, F, stride, u_offset)"},
+    {"rope_qkv", rope_qkv, METH_VARARGS,
+     "rope_qkv(out, z, r, bias, cos, ssin, rows, W, heads, D)"},
     {"exp_nonpos", exp_nonpos_py, METH_VARARGS, "exp_nonpos(x): x = exp(x) in place (x <= 0)"},
     {"vectorized", vectorized, METH_NOARGS, "whether this CPU runs the AVX2 build of the loops"},
     {NULL, NULL, 0, NULL},

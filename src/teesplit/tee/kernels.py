@@ -123,3 +123,32 @@ def swiglu(
     stride = 2 * F if merged else F
     _compiled.swiglu(out, g, u, r, bias, rows, F, stride, F if merged else 0)
     return out
+
+
+def rope_qkv(
+    z: np.ndarray,
+    cos: np.ndarray,
+    ssin: np.ndarray,
+    heads: int,
+    r: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+) -> np.ndarray:
+    """r z + bias for q|k|v rows z (B, T, W), its first `heads` heads of D rotated by RoPE:
+    cos (B, T, 1, D) and the signed sin (B, T, 1, 2, D/2) as ops.rope_rotate takes them; the
+    columns after those heads are only scaled. -> (B, T, W) float32."""
+    _f32_c("z", z)
+    B, T, W = z.shape
+    D = cos.shape[-1]
+    cos = np.ascontiguousarray(cos, F32)
+    ssin = np.ascontiguousarray(ssin, F32)
+    if cos.size != B * T * D or ssin.size != B * T * D or D % 2 or heads * D > W:
+        raise ValueError(f"rope_qkv: cos {cos.shape}, sin {ssin.shape} for {heads} heads of z {z.shape}")
+    if r is not None:
+        r = np.ascontiguousarray(np.broadcast_to(r, (B, T, 1)), F32)
+    if bias is not None:
+        bias = np.ascontiguousarray(bias, F32)
+        if bias.shape != (W,):
+            raise ValueError(f"rope_qkv: bias {bias.shape}, expected ({W},)")
+    out = np.empty_like(z)
+    _compiled.rope_qkv(out, z, r, bias, cos, ssin, B * T, W, heads, D)
+    return out

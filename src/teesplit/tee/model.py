@@ -28,6 +28,7 @@ from teesplit.tee.ops import (
     repeat_kv,
     rms_norm,
     rms_scale,
+    rope_qkv,
     rope_rotate,
     rope_signed_sin,
     scaled_silu_mul,
@@ -350,14 +351,12 @@ class TEELlamaModel:
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         if plan.gpu_kv_cache:  # v stays on the GPU, in the session's cache
             qk = self.gpu.qkv(i, x, cache.sid, pos)  # (B, T, (H + Hkv) D)
-            q, k = self._rotate_qk(qk, rope)
+            q, k, _ = self._rotate_qk(qk, rope)
             scores = self.gpu.attn_scores(cache.sid, i, q, k, pos)  # (B, H, T, S)
             p = self._probs(scores, layout)
             return self.gpu.attn_out(cache.sid, i, p)  # o_proj(P V): (B, T, E)
         if plan.fused:
-            qkv = self.gpu.qkv(i, x)  # (B, T, (H + 2 Hkv) D)
-            q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)
-            v = qkv[..., c.q_dim + c.kv_dim :]
+            q, k, v = self._rotate_qk(self.gpu.qkv(i, x), rope)  # from (B, T, (H + 2 Hkv) D)
         else:
             q = self.gpu.linear(i, "q_proj", x)
             k = self.gpu.linear(i, "k_proj", x)
@@ -376,13 +375,15 @@ class TEELlamaModel:
         out = out.transpose(0, 2, 1, 3).reshape(B, T, c.q_dim)  # (B, T, H*D)
         return self.gpu.linear(i, "o_proj", out)
 
-    def _rotate_qk(self, qk: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
-        """q|k (B, T, (H + Hkv) D) -> RoPE-rotated q (B, H, T, D) and k (B, Hkv, T, D): all heads
-        in one pass (the same element-wise operations as rotating q and k apart)."""
+    def _rotate_qk(
+        self, z: np.ndarray, rope: tuple[np.ndarray, np.ndarray], r: np.ndarray | None = None, bias=None
+    ) -> tuple[np.ndarray, ...]:
+        """q|k|v = r z + bias (B, T, (H + Hkv [+ Hkv]) D), or z itself without r and bias ->
+        RoPE-rotated q (B, H, T, D), k (B, Hkv, T, D) and the v columns (B, T, Hkv D or 0): all
+        heads in one pass (the same element-wise operations as rotating q and k apart)."""
         c = self.config
-        B, T, _ = qk.shape
-        y = rope_rotate(qk.reshape(B, T, c.num_heads + c.num_kv_heads, c.head_dim), *rope)
-        return y[:, :, : c.num_heads].transpose(0, 2, 1, 3), y[:, :, c.num_heads :].transpose(0, 2, 1, 3)
+        y, v = rope_qkv(z, rope, c.num_heads + c.num_kv_heads, r, bias)
+        return y[:, :, : c.num_heads].transpose(0, 2, 1, 3), y[:, :, c.num_heads :].transpose(0, 2, 1, 3), v
 
     def _forward_merged(self, ids, cache, n_new, all_logits, top_k, pos, rope, layout):
         """The merged plans: each call returns a Linear's output and the next Linear's unscaled
@@ -394,13 +395,12 @@ class TEELlamaModel:
         x, z = self.gpu.embed_qkv(ids, sid, pos)  # (B, T, E), (B, T, (H + Hkv [+ Hkv]) D)
         for i in range(c.num_layers):
             r = rms_scale(x, eps)  # (B, T, 1)
-            qkv = self._scale_bias(r, z, "qkv", i)
-            q, k = self._rotate_qk(qkv[..., : c.q_dim + c.kv_dim], rope)  # (B, H, T, D), (B, Hkv, T, D)
+            q, k, v = self._rotate_qk(z, rope, r, self._bias("qkv", i))  # (B, H, T, D), (B, Hkv, T, D)
             if sid is not None:
                 scores = self.gpu.attn_scores(sid, i, q, k, pos, r)  # r turns the pending v into V
                 o, z = self.gpu.attn_out_gate_up(sid, i, self._probs(scores, layout), x)
             else:
-                v = qkv[..., c.q_dim + c.kv_dim :].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+                v = v.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
                 o, z = self.gpu.o_gate_up(i, self._local_attention(i, q, k, v, layout, cache, pos), x)
             x = x + o
             m = scaled_silu_mul(rms_scale(x, eps), z, self._bias("gate_up", i))  # (B, T, F)
@@ -415,14 +415,6 @@ class TEELlamaModel:
         if top_k is None:
             return r * out[1]
         return r * out[1], out[2]  # r > 0 keeps the top-k order
-
-    def _scale_bias(self, r: np.ndarray, z: np.ndarray, name: str, i: int) -> np.ndarray:
-        """r z + b, the bias added in place: for families without biases no second pass."""
-        y = r * z
-        b = self._bias(name, i)
-        if b is not None:
-            y += b[: z.shape[-1]]
-        return y
 
     def _bias(self, name: str, i: int) -> np.ndarray | None:
         b = self.biases.get(name)

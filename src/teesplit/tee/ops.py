@@ -428,6 +428,29 @@ def rope_rotate(x: np.ndarray, cos: np.ndarray, signed_sin: np.ndarray) -> np.nd
     return y
 
 
+def rope_qkv(
+    z: np.ndarray,
+    rope: tuple[np.ndarray, np.ndarray],
+    heads: int,
+    r: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """y = r z + bias for q|k|v rows z (B, T, W) (r (B, T, 1) or None: y = z), its first `heads`
+    heads rotated: -> (rotated (B, T, heads, D), the other columns of y (B, T, W - heads D)).
+    rope = (cos (B, T, 1, D), rope_signed_sin(sin)) as the model's forward makes them. The
+    compiled loop does it in one pass over z; numpy in five."""
+    cos, ssin = rope
+    B, T, W = z.shape
+    D = cos.shape[-1]
+    if kernels.active() and z.dtype == F32 and z.flags.c_contiguous:
+        y = kernels.rope_qkv(z, cos, ssin, heads, r, None if bias is None else bias[:W])
+        return y[..., : heads * D].reshape(B, T, heads, D), y[..., heads * D :]
+    y = z if r is None else r * z
+    if bias is not None:
+        y = y + bias[:W] if y is z else np.add(y, bias[:W], out=y)
+    return rope_rotate(y[..., : heads * D].reshape(B, T, heads, D), cos, ssin), y[..., heads * D :]
+
+
 # --- rotary position embeddings -------------------------------------------------------------------
 
 
