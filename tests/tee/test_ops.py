@@ -373,3 +373,15 @@ def test_silu_mul_by_row_blocks_is_bit_for_bit_the_whole_array_product():
     assert np.array_equal(
         one, ops.silu((r[:1, :1] * z[:1, :1] + b)[..., :F]) * (r[:1, :1] * z[:1, :1] + b)[..., F:]
     )
+
+
+@kernels.use(False)
+def test_unscaled_silu_mul_of_merged_gate_up_is_the_split_product():
+    # The fused plans' gate|up (B, T, 2F) without a row scale: numpy's bits of silu(g) * u.
+    F = 96
+    z = (rng(15).standard_normal((2, 1500, 2 * F)) * 8).astype(np.float32)
+    b = rng(16).standard_normal(2 * F).astype(np.float32)
+    assert np.array_equal(ops.scaled_silu_mul(None, z), ops.silu(z[..., :F]) * z[..., F:])
+    y = z + b
+    assert np.array_equal(ops.scaled_silu_mul(None, z, b), ops.silu(y[..., :F]) * y[..., F:])
+    assert np.array_equal(ops.scaled_silu_mul(None, z[:1, :1]), ops.silu(z[:1, :1, :F]) * z[:1, :1, F:])

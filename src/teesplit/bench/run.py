@@ -76,6 +76,7 @@ from teesplit.bench.common import (
     with_restart,
 )
 from teesplit.blas import blas_threads
+from teesplit.tee import kernels
 from teesplit.tee.client import GPUClient
 from teesplit.tee.generate import Generator, SamplingParams, generate_pipelined
 from teesplit.tee.model import TEELlamaModel
@@ -561,6 +562,8 @@ def machine_info(device: str) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "python": platform.python_version(),
         "numpy": np.__version__,
+        # The trusted side's fused loops (tee/_kernels.c) or numpy's passes: the prefill differs.
+        "tee_loops": "compiled" if kernels.active() is not None else "numpy",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "teesplit": source_version(),
@@ -641,7 +644,7 @@ def md_header(result: dict[str, Any]) -> list[str]:
         [
             "software",
             f"Python {mach['python']}, numpy {mach['numpy']}, torch {mach['torch']}, "
-            f"transformers {mach['transformers']}",
+            f"transformers {mach['transformers']}; trusted loops: {mach.get('tee_loops', 'numpy')}",
         ],
         ["teesplit", mach.get("teesplit") or "-"],
         ["load average (1 min)", load],

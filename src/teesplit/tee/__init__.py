@@ -1,1 +1,2 @@
-"""The TRUSTED side: numpy only. Nothing here imports torch or teesplit.gpu."""
+"""The TRUSTED side: numpy and its own compiled loops (_kernels.c). Nothing here imports torch
+or teesplit.gpu."""

@@ -426,14 +426,13 @@ class TEELlamaModel:
         return grouped_attention(q, k, v, layout, self.scale)
 
     def mlp(self, i: int, x: np.ndarray, plan: Plan) -> np.ndarray:
-        F = self.config.intermediate_size
         if plan.fused:
-            gate_up = self.gpu.gate_up(i, x)  # (B, T, 2F)
-            gate, up = gate_up[..., :F], gate_up[..., F:]
+            m = scaled_silu_mul(None, self.gpu.gate_up(i, x))  # gate|up (B, T, 2F) -> (B, T, F)
         else:
             gate = self.gpu.linear(i, "gate_proj", x)  # (B, T, F)
             up = self.gpu.linear(i, "up_proj", x)  # (B, T, F)
-        return self.gpu.linear(i, "down_proj", silu_mul(gate, up))  # (B, T, E)
+            m = silu_mul(gate, up)
+        return self.gpu.linear(i, "down_proj", m)  # (B, T, E)
 
     def _probs(self, scores: np.ndarray, layout: tuple[QueryBlock, ...]) -> np.ndarray:
         return masked_scaled_softmax(scores, self.scale, layout)  # softmax(scores * scale), masked

@@ -110,24 +110,28 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return _by_row_blocks(lambda g, u: np.multiply(silu(g), u), gate, up)
 
 
-def scaled_silu_mul(r: np.ndarray, z: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """silu(g) * u for g|u = r z + bias, z (..., 2F), r (..., 1): the merged plans' MLP middle,
-    scaled block by block (the same float32 operations as scaling z whole, then silu_mul)."""
+def scaled_silu_mul(r: np.ndarray | None, z: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """silu(g) * u for g|u = r z + bias, z (..., 2F), r (..., 1) or None (g|u = z + bias): the
+    merged plans' MLP middle, scaled block by block (the same float32 operations as scaling z
+    whole, then silu_mul), and the fused plans' gate|up."""
     F = z.shape[-1] // 2
     if kernels.active() and z.dtype == F32 and z.flags.c_contiguous and z.ndim and not z.shape[-1] % 2:
-        r = np.ascontiguousarray(np.broadcast_to(np.asarray(r, F32), (*z.shape[:-1], 1)))
+        if r is not None:
+            r = np.ascontiguousarray(np.broadcast_to(np.asarray(r, F32), (*z.shape[:-1], 1)))
         b = None if bias is None else np.ascontiguousarray(bias, F32)
         return kernels.swiglu(z, None, r, b)
 
-    def block(zb: np.ndarray, rb: np.ndarray) -> np.ndarray:
-        y = rb * zb
+    def block(zb: np.ndarray, rb: np.ndarray | None) -> np.ndarray:
+        y = zb if rb is None else rb * zb
         if bias is not None:
-            y += bias
+            y = y + bias if y is zb else np.add(y, bias, out=y)
         m = silu(y[..., :F])
         return np.multiply(m, y[..., F:], out=m)
 
     if z.size <= 2 * _SILU_BLOCK or z.ndim < 2:
         return block(z, r)
+    if r is None:
+        return _by_row_blocks(lambda zb, _: block(zb, None), z, z[..., :1], width=F)
     return _by_row_blocks(block, z, np.broadcast_to(r, (*z.shape[:-1], 1)), width=F)
 
 
