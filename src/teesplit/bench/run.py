@@ -526,8 +526,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 # ---- machine -------------------------------------------------------------------------------
 def source_version() -> str | None:
     """The git commit of the teesplit checkout being measured, '+dirty' with local changes."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
+    root = next((p for p in Path(__file__).resolve().parents if (p / ".git").exists()), None)
+    if root is None:  # an installed copy, not a checkout
         return None
     git = ["git", "-C", str(root)]
     try:
