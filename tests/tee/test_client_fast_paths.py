@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from teesplit.protocol import DTYPES, PROTOCOL_VERSION, ProtocolError, encode, reply, request, tensor_frame
-from teesplit.tee import ops
+from teesplit.tee import kernels, ops
 from teesplit.tee.client import GPUClient
 
 F32 = np.float32
@@ -148,7 +148,12 @@ def test_silu_and_silu_mul_match_the_plain_expression_bit_for_bit():
     x = read_only(x)
     with np.errstate(invalid="ignore", over="ignore"):
         assert same_bits(ops.silu(x), plain_silu(x))
-        assert same_bits(ops.silu_mul(x, up), plain_silu(x) * up)
+        with kernels.use(False):  # numpy's passes; the compiled loop has its own exp
+            assert same_bits(ops.silu_mul(x, up), plain_silu(x) * up)
+        want = plain_silu(x) * up
+    # The compiled loop (where built): within 1e-6 relative, NaN and infinities where numpy has them.
+    # exp below -87.3 is 0 there (numpy: subnormal), so silu(g) for such g is 0, not |g e^g| < 1e-35.
+    np.testing.assert_allclose(ops.silu_mul(x, up), want, rtol=1e-6, atol=1e-30)
 
 
 def test_silu_raises_no_floating_point_error_on_finite_extremes():

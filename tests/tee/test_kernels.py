@@ -153,7 +153,7 @@ def test_swiglu_matches_numpy_merged_and_separate_with_extremes(F):
     got_plain = kernels.swiglu(z[..., :F].copy(), z[..., F:].copy())
     for g, w in ((got, want), (got_plain, want_plain)):
         assert g.shape == w.shape and g.dtype == F32
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-35)
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-30)  # exp(< -87.3) = 0: subnormals flushed
     special = np.array([[np.nan, np.inf, -np.inf, 2.0, 1.0, 1.0, 1.0, np.nan]], F32)  # g | u
     with kernels.use(False), np.errstate(all="ignore"):
         want = ops.silu_mul(special[:, :4].copy(), special[:, 4:].copy())

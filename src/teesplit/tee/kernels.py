@@ -5,9 +5,10 @@ where it was built and this CPU runs its vectorized build (x86-64 with AVX2 and 
 and they run their numpy passes. TEESPLIT_KERNELS=numpy forces numpy (a comparison, a suspected
 kernel bug); `use(False)` does the same inside a block.
 
-The loops' results are not numpy's bits: their exp is their own (within about 1 ulp) and their
-sums go in another order; both paths are held to transformers by the same tolerances
-(tests/tee/test_kernels.py, the parity tests).
+The softmax and SwiGLU loops' results are not numpy's bits: their exp is their own (within
+about 1 ulp, and 0 below -87.3 where numpy's is subnormal, so silu(g) for g < -87.3 is 0 rather
+than some 1e-36) and their sums go in another order; both paths are held to transformers by the
+same tolerances (tests/tee/test_kernels.py, the parity tests). The RoPE loop gives numpy's bits.
 """
 
 from __future__ import annotations
