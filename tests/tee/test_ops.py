@@ -300,8 +300,9 @@ def loops(request):
         yield request.param
 
 
+@pytest.mark.parametrize("cut", [True, False], ids=["cut-at-diagonal", "blocks-cross-it"])
 @pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
-def test_grouped_attention_blockwise_matches_full_softmax(case, loops):
+def test_grouped_attention_blockwise_matches_full_softmax(case, loops, cut):
     pos, T, window, qb, kbs = ATTENTION_CASES[case]
     B, H, Hkv, D = len(pos), 4, 2, 8
     S = max(pos) + T
@@ -311,7 +312,9 @@ def test_grouped_attention_blockwise_matches_full_softmax(case, loops):
     )  # a view, as the model's
     k = (r.standard_normal((B, Hkv, S, D)) * 3).astype(np.float32)
     v = r.standard_normal((B, Hkv, S, D)).astype(np.float32)
-    layout = ops.attention_layout(np.array(pos), T, window, H // Hkv, query_block=qb, key_block_scores=kbs)
+    layout = ops.attention_layout(
+        np.array(pos), T, window, H // Hkv, query_block=qb, key_block_scores=kbs, cut=cut
+    )
     scale = np.float32(D**-0.5)
     with warnings.catch_warnings(), np.errstate(all="raise", under="ignore"):
         warnings.simplefilter("error")
@@ -341,6 +344,13 @@ def test_attention_layout_skips_hidden_blocks_and_masks_only_cut_ones():
     assert all(kb.stop <= b.stop for b in layout for kb in b.keys)  # nothing above the diagonal
     window = ops.attention_layout(np.array([1000]), 1, 100, group=3)
     assert [(kb.start, kb.stop, kb.hidden) for kb in window[0].keys] == [(901, 1001, None)]
+    # Not cut: one block of up to 32 keys across the diagonal, masked only where it crosses it.
+    whole = ops.attention_layout(
+        np.array([0]), 256, None, group=3, query_block=64, key_block_scores=3 * 64 * 32, cut=False
+    )
+    last = whole[-1]
+    assert [(kb.start, kb.stop) for kb in last.keys] == [(s, min(s + 32, 256)) for s in range(0, 256, 32)]
+    assert [kb.hidden is None for kb in last.keys] == [True] * 6 + [False, False]
 
 
 def test_grouped_attention_sees_nothing_gives_zeros(loops):

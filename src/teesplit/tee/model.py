@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from teesplit.tee import kernels
 from teesplit.tee.ops import (
     QueryBlock,
     RotaryEmbedding,
@@ -260,7 +261,7 @@ class TEELlamaModel:
         # Once per pass, in the (B, T, heads, D) layout the projections come back in: cos
         # (B, T, 1, D) and the signed sin (B, T, 1, 2, D/2) that rope_rotate takes.
         rope = cos[:, :, None], rope_signed_sin(sin[:, :, None])
-        layout = self._layout(pos, T)
+        layout = self._layout(pos, T, cache.plan)
         if cache.plan.merged:
             return self._forward_merged(ids, cache, n_new, all_logits, top_k, pos, rope, layout)
         x = self.gpu.embedding(ids)  # (B, T, E)
@@ -437,9 +438,12 @@ class TEELlamaModel:
     def _probs(self, scores: np.ndarray, layout: tuple[QueryBlock, ...]) -> np.ndarray:
         return masked_scaled_softmax(scores, self.scale, layout)  # softmax(scores * scale), masked
 
-    def _layout(self, pos: np.ndarray, T: int) -> tuple[QueryBlock, ...]:
+    def _layout(self, pos: np.ndarray, T: int, plan: Plan) -> tuple[QueryBlock, ...]:
         """The pass's causal structure, per block: row b's T new tokens start at pos[b]; key s is
         visible to the query at position p when s <= p (and p - s < window for Mistral's sliding
-        window). Made once per forward pass, read by every layer."""
+        window). Made once per forward pass, read by every layer. Where the compiled loop runs
+        attention here, a block may cross the diagonal (it masks as it goes: one product, not
+        two); numpy's passes and v3 placement's full scores mask cheaper in blocks cut there."""
         c = self.config
-        return attention_layout(pos, T, c.sliding_window, c.num_heads // c.num_kv_heads)
+        cut = plan.attention_on_gpu or kernels.active() is None
+        return attention_layout(pos, T, c.sliding_window, c.num_heads // c.num_kv_heads, cut=cut)

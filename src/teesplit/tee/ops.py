@@ -231,9 +231,14 @@ def attention_layout(
     group: int = 1,
     query_block: int = QUERY_BLOCK,
     key_block_scores: int = KEY_BLOCK_SCORES,
+    cut: bool = True,
 ) -> tuple[QueryBlock, ...]:
     """The blocks of a forward pass whose row b's T new tokens start at position pos[b] (B,),
-    over the S = max(pos) + T keys of the cache. `group` (H / Hkv) sizes the key blocks."""
+    over the S = max(pos) + T keys of the cache. `group` (H / Hkv) sizes the key blocks.
+    cut: key blocks end where the keys every query of the block sees end (the diagonal, the
+    window's edge), so only the small blocks past it need a mask; False: blocks only as large
+    as key_block_scores allows, masked where they cross (one product instead of two, for the
+    compiled softmax step, which masks as it reads)."""
     pos = np.asarray(pos, np.int64)
     first, last = int(pos.min()), int(pos.max())
     blocks = []
@@ -245,7 +250,7 @@ def attention_layout(
         # Keys every query sees lie in [w0, d0): before d0 by causality, from w0 by the window.
         d0 = first + t0 + 1
         w0 = 0 if window is None else last + t1 - window
-        cuts = sorted({lo, hi, *(c for c in (d0, w0) if lo < c < hi)})
+        cuts = sorted({lo, hi, *(c for c in (d0, w0) if cut and lo < c < hi)})
         size = max(key_block_scores // (group * (t1 - t0)), 1)
         keys = []
         for a, b in zip(cuts, cuts[1:], strict=False):
