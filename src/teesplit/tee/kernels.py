@@ -111,7 +111,7 @@ def swiglu(
         _f32_c("u", u)
         if u.shape != g.shape:
             raise ValueError(f"swiglu: gate {g.shape} and up {u.shape} differ")
-    rows = g.size // max(g.shape[-1], 1) if g.ndim else 1
+    rows = g.size // max(g.shape[-1], 1)
     if r is not None:
         _f32_c("r", r)
         if r.shape != (*g.shape[:-1], 1):

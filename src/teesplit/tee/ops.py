@@ -130,19 +130,19 @@ def scaled_silu_mul(r: np.ndarray | None, z: np.ndarray, bias: np.ndarray | None
 
     if z.size <= 2 * _SILU_BLOCK or z.ndim < 2:
         return block(z, r)
-    if r is None:
-        return _by_row_blocks(lambda zb, _: block(zb, None), z, z[..., :1], width=F)
-    return _by_row_blocks(block, z, np.broadcast_to(r, (*z.shape[:-1], 1)), width=F)
+    return _by_row_blocks(block, z, None if r is None else np.broadcast_to(r, (*z.shape[:-1], 1)), width=F)
 
 
-def _by_row_blocks(fn, a: np.ndarray, b: np.ndarray, width: int | None = None) -> np.ndarray:
-    """fn over blocks of rows of a and b (..., ·), written into one (..., width) result."""
-    rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # views for prefill slices
+def _by_row_blocks(fn, a: np.ndarray, b: np.ndarray | None, width: int | None = None) -> np.ndarray:
+    """fn over blocks of rows of a and b (..., ·), written into one (..., width) result; with b
+    None, fn gets None in its place."""
+    rows_a = a.reshape(-1, a.shape[-1])  # views for prefill slices
+    rows_b = None if b is None else b.reshape(-1, b.shape[-1])
     width = a.shape[-1] if width is None else width
     out = np.empty((rows_a.shape[0], width), F32)
     step = max(_SILU_BLOCK // max(width, 1), 1)
     for i in range(0, rows_a.shape[0], step):
-        out[i : i + step] = fn(rows_a[i : i + step], rows_b[i : i + step])
+        out[i : i + step] = fn(rows_a[i : i + step], None if rows_b is None else rows_b[i : i + step])
     return out.reshape(*a.shape[:-1], width)
 
 
@@ -290,36 +290,8 @@ def grouped_attention(
         qs = np.multiply(q[:, :, qb.start : qb.stop], scale, dtype=F32).reshape(B, Hkv, G * n, D)
         if native:
             acc, total = _online_blocks(qs, k, v, qb.keys)
-            dest = out[:, qb.start : qb.stop].transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, Tq, D)
-            if acc is None:
-                dest[...] = 0
-                continue
-            total = np.maximum(total, _ONE, out=total)
-            np.divide(acc.reshape(B, Hkv, G, n, D), total.reshape(B, Hkv, G, n, 1), out=dest)
-            continue
-        acc = m = total = None
-        for kb in qb.keys:
-            s = _q_kt(qs, k[:, :, kb.start : kb.stop])  # (B, Hkv, G Tq, Sk)
-            if kb.hidden is not None:  # (B, 1, 1, Tq, Sk) against (B, Hkv, G, Tq, Sk)
-                np.copyto(s.reshape(B, Hkv, G, n, -1), _NEG_INF, where=kb.hidden[:, :, None])
-            m_new = np.maximum.reduce(s, axis=-1, keepdims=True)  # (B, Hkv, G Tq, 1)
-            if m is None:
-                m_new = np.maximum(m_new, _LOWEST, out=m_new)  # a fully hidden row: exp(-inf) = 0
-            else:
-                m_new = np.maximum(m_new, m, out=m_new)
-            np.subtract(s, m_new, out=s)
-            with np.errstate(under="ignore", over="ignore"):  # m_old - m_new may pass the lowest float
-                np.exp(s, out=s)
-                pv = _p_v(s, v[:, :, kb.start : kb.stop])  # (B, Hkv, G Tq, D)
-                if acc is None:
-                    acc, total = pv, np.add.reduce(s, axis=-1, keepdims=True)
-                else:
-                    alpha = np.exp(np.subtract(m, m_new, out=m), out=m)  # rescales what came before
-                    np.multiply(acc, alpha, out=acc)
-                    acc += pv
-                    np.multiply(total, alpha, out=total)
-                    total += np.add.reduce(s, axis=-1, keepdims=True)
-            m = m_new
+        else:
+            acc, total = _online_blocks_numpy(qs, k, v, qb.keys, G)
         dest = out[:, qb.start : qb.stop].transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, Tq, D)
         if acc is None:  # no key visible to any query of the block
             dest[...] = 0
@@ -329,6 +301,36 @@ def grouped_attention(
         total = np.maximum(total, _ONE, out=total)
         np.divide(acc.reshape(B, Hkv, G, n, D), total.reshape(B, Hkv, G, n, 1), out=dest)
     return out.reshape(B, T, H * D)
+
+
+def _online_blocks_numpy(qs, k, v, keys, G: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """grouped_attention's loop over the key blocks of one query block in numpy's passes:
+    qs (B, Hkv, G Tq, D) -> the unnormalized output and the sums (None, None if no block)."""
+    B, Hkv, R, _ = qs.shape
+    acc = m = total = None
+    for kb in keys:
+        s = _q_kt(qs, k[:, :, kb.start : kb.stop])  # (B, Hkv, G Tq, Sk)
+        if kb.hidden is not None:  # (B, 1, 1, Tq, Sk) against (B, Hkv, G, Tq, Sk)
+            np.copyto(s.reshape(B, Hkv, G, R // G, -1), _NEG_INF, where=kb.hidden[:, :, None])
+        m_new = np.maximum.reduce(s, axis=-1, keepdims=True)  # (B, Hkv, G Tq, 1)
+        if m is None:
+            m_new = np.maximum(m_new, _LOWEST, out=m_new)  # a fully hidden row: exp(-inf) = 0
+        else:
+            m_new = np.maximum(m_new, m, out=m_new)
+        np.subtract(s, m_new, out=s)
+        with np.errstate(under="ignore", over="ignore"):  # m_old - m_new may pass the lowest float
+            np.exp(s, out=s)
+            pv = _p_v(s, v[:, :, kb.start : kb.stop])  # (B, Hkv, G Tq, D)
+            if acc is None:
+                acc, total = pv, np.add.reduce(s, axis=-1, keepdims=True)
+            else:
+                alpha = np.exp(np.subtract(m, m_new, out=m), out=m)  # rescales what came before
+                np.multiply(acc, alpha, out=acc)
+                acc += pv
+                np.multiply(total, alpha, out=total)
+                total += np.add.reduce(s, axis=-1, keepdims=True)
+        m = m_new
+    return acc, total
 
 
 def _online_blocks(qs, k, v, keys) -> tuple[np.ndarray | None, np.ndarray | None]:
